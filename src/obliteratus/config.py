@@ -1,0 +1,163 @@
+"""Run settings: one typed model holds every default; presets (TOML) only override it.
+
+Precedence, written down once (see :func:`resolve_settings`):
+CLI overrides > ``OBLITERATUS_*`` environment variables > preset TOML > defaults here.
+
+Environment variables name a nested field with double underscores, e.g.
+``OBLITERATUS_EXCISE__LAM=2`` or ``OBLITERATUS_DATA__N_TEST=32``; values are parsed as TOML
+values when they can be (numbers, booleans) and taken as strings otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Section):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto = float32 on CPU, the checkpoint's dtype (or bfloat16) on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when available (device_map='auto' over several GPUs), else CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+
+
+class DataSettings(Section):
+    harmful: str = Field("builtin:harmful", description="builtin:NAME, a .txt/.jsonl/.csv file, or a HF dataset id.")
+    harmless: str = Field("builtin:harmless", description="Same forms as `harmful`.")
+    column: str = Field("prompt", description="Column holding the prompt in .jsonl/.csv files and datasets.")
+    n_train: int = Field(128, ge=2, description="Prompts per class used to find directions.")
+    n_val: int = Field(32, ge=1, description="Prompts per class used to choose layers (never evaluated on).")
+    n_test: int = Field(64, ge=1, description="Held-out prompts per class used only by VERIFY.")
+    seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
+    chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
+    system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
+
+
+class ProbeSettings(Section):
+    batch_size: int = Field(0, ge=0, description="Prompts per forward pass; 0 = auto (free CUDA memory, 32 on CPU).")
+    positions: int = Field(1, ge=1, description="Keep the last k (post-instruction) token positions.")
+
+
+class DirectionSettings(Section):
+    method: str = Field("diff_means", description="Direction method (see `obliteratus presets`).")
+    n_directions: int = Field(1, ge=1, description="Directions to extract (methods that give one ignore k > 1).")
+
+
+class LayerSettings(Section):
+    method: Literal["arditi", "fixed"] = Field("arditi", description="How the source layer is chosen.")
+    layer: int | None = Field(None, description="fixed: layer index (resid_pre of that layer).")
+    fraction: float = Field(0.6, gt=0.0, lt=1.0, description="fixed: layer = round(fraction * n_layers) if `layer` unset.")
+    kl_threshold: float | None = Field(0.1, description="arditi: drop candidates whose ablation KL exceeds this.")
+    induce_threshold: float | None = Field(0.0, description="arditi: drop candidates whose addition does not induce refusal.")
+    prune_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="arditi: never pick from the last fraction of layers.")
+    min_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="arditi: first candidate layer as a fraction of depth.")
+
+
+class ExciseSettings(Section):
+    method: Literal["project"] = Field("project", description="Weight edit.")
+    lam: float = Field(1.0, gt=0.0, description="lambda: 1 removes the direction, 2 reflects it.")
+    norm_preserve: bool = Field(False, description="Rescale each input column of an edited matrix to its old norm.")
+    biases: bool = Field(True, description="Also project the biases of the residual writers.")
+    embeddings: bool = Field(True, description="Also project the token (and position) embeddings.")
+    attention: bool = Field(True, description="Edit the attention output projections.")
+    mlp: bool = Field(True, description="Edit the MLP down projections.")
+
+
+class EvalSettings(Section):
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test prompt.")
+    kl_tokens: int = Field(16, ge=1, description="KL is averaged over this many teacher-forced tokens.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    perplexity: bool = Field(True, description="Measure perplexity on the built-in held-out text.")
+    ppl_window: int = Field(256, ge=16, description="Tokens per perplexity window.")
+
+
+class Settings(Section):
+    description: str = ""
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    probe: ProbeSettings = ProbeSettings()
+    directions: DirectionSettings = DirectionSettings()
+    layers: LayerSettings = LayerSettings()
+    excise: ExciseSettings = ExciseSettings()
+    evaluate: EvalSettings = EvalSettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        from .directions import direction_methods
+
+        if self.directions.method not in direction_methods():
+            raise ValueError(
+                f"unknown directions.method {self.directions.method!r}; valid: {', '.join(sorted(direction_methods()))}"
+            )
+        if self.layers.min_fraction >= 1.0 - self.layers.prune_fraction:
+            raise ValueError("layers.min_fraction must be below 1 - layers.prune_fraction")
+        return self
+
+
+ENV_PREFIX = "OBLITERATUS_"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value when it parses as one (numbers, booleans, quoted strings), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def nest(dotted: dict[str, Any], sep: str = ".") -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        parts = [p for p in key.split(sep) if p]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    flat = {
+        key[len(ENV_PREFIX):].lower(): parse_value(value)
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX) and "__" in key
+    }
+    return nest(flat, sep="__")
+
+
+def resolve_settings(preset: dict | None = None, cli: dict | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults < preset < environment < CLI. Every field error is reported at once."""
+    merged = deep_merge(deep_merge(preset or {}, env_overrides(environ)), cli or {})
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None

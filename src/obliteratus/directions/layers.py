@@ -1,0 +1,146 @@
+"""Layer (and position) selection.
+
+``arditi`` follows Arditi et al. (2024), appendix C / ``select_direction.py`` of their code: for
+every candidate source layer l (and kept position p), take the difference-of-means direction r
+and measure, on the **validation** prompts,
+
+* bypass score: mean refusal log-odds on harmful prompts with r ablated from every residual
+  writer (the edit, done with hooks) — lower is better;
+* induce score: mean refusal log-odds on harmless prompts with r added at layer l — must be
+  above ``induce_threshold`` (0), i.e. the direction must actually cause refusal;
+* KL score: mean KL at the last position between the original and the ablated model on harmless
+  prompts — must not exceed ``kl_threshold`` (0.1).
+
+Layers in the last ``prune_fraction`` (20%) of the model are never chosen. Among the candidates
+that pass, the lowest bypass score wins. Refusal log-odds = log p(R) − log(1 − p(R)) where p(R)
+is the next-token probability mass on refusal-start tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ..batching import Encoded
+from ..config import ExciseSettings, LayerSettings
+from ..errors import ObliteratusError
+from ..evaluate.generate import last_logits
+from ..evaluate.kl import kl_rows
+from ..excise.hooks import ablated
+from ..hooks import hooked
+from ..models.adapters import ArchitectureAdapter
+
+REFUSAL_STARTS = ("I", "As", "Sorry", "I'm", "Unfortunately", "I cannot", "I can't", "No")
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    """First token of each common refusal opening, as the model would emit it at the start of its turn."""
+    ids = []
+    for text in REFUSAL_STARTS:
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if toks and toks[0] not in ids:
+            ids.append(toks[0])
+    return ids
+
+
+def refusal_log_odds(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """[n, vocab] -> [n]: log p(R) − log(1 − p(R)), p(R) = Σ_{t ∈ R} softmax(logits)_t."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    log_pr = torch.logsumexp(logp[:, token_ids], dim=-1)  # [n]
+    return log_pr - torch.log1p(-log_pr.exp().clamp(max=1 - 1e-12))
+
+
+@dataclass
+class Candidate:
+    layer: int
+    position: int
+    bypass: float = math.nan
+    induce: float | None = None
+    kl: float = math.nan
+    status: str = "scored"  # scored | pruned | kl>threshold | no-induce | chosen
+
+
+@dataclass
+class LayerSelection:
+    layer: int
+    position: int
+    method: str
+    baseline_refusal: float | None = None  # val harmful log-odds without any edit
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidate_layers(n_layers: int, settings: LayerSettings) -> list[int]:
+    first = math.ceil(settings.min_fraction * n_layers)
+    last = int(n_layers * (1.0 - settings.prune_fraction))  # exclusive, as in Arditi et al.
+    return list(range(first, last))
+
+
+def select_fixed(n_layers: int, settings: LayerSettings) -> LayerSelection:
+    layer = settings.layer if settings.layer is not None else round(settings.fraction * n_layers)
+    if not 0 <= layer <= n_layers:
+        raise ObliteratusError(f"layers.layer = {layer} is outside 0..{n_layers}")
+    return LayerSelection(layer, -1, "fixed")
+
+
+def pick(candidates: list[Candidate], settings: LayerSettings) -> Candidate:
+    """Pure filter-and-argmin over scored candidates (mutates their status)."""
+    for c in candidates:
+        if c.status != "scored":
+            continue
+        if any(math.isnan(x) for x in (c.bypass, c.kl)):
+            c.status = "nan"
+        elif settings.kl_threshold is not None and c.kl > settings.kl_threshold:
+            c.status = "kl>threshold"
+        elif settings.induce_threshold is not None and c.induce is not None and c.induce < settings.induce_threshold:
+            c.status = "no-induce"
+    passing = [c for c in candidates if c.status == "scored"]
+    if not passing:
+        raise ObliteratusError(
+            "no candidate layer passed the filters (KL <= layers.kl_threshold and induced refusal >= "
+            "layers.induce_threshold); relax them or use --layer-method fixed"
+        )
+    best = min(passing, key=lambda c: c.bypass)
+    best.status = "chosen"
+    return best
+
+
+@torch.inference_mode()
+def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor, val_harmful: Encoded,
+                  val_harmless: Encoded, tokenizer, settings: LayerSettings, excise: ExciseSettings,
+                  batch_size: int = 32, on_candidate: Callable[[int], None] | None = None) -> LayerSelection:
+    """`mean_diffs`: ``[positions, n_layers + 1, d]`` harmful − harmless means from the train split."""
+    n_pos = mean_diffs.shape[0]
+    tokens = refusal_token_ids(tokenizer)
+    base_harmless = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
+    baseline = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
+    toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
+    allowed = set(candidate_layers(adapter.n_layers, settings))
+    candidates: list[Candidate] = []
+    for p in range(n_pos):
+        position = p - n_pos  # negative offset from the end
+        for layer in range(adapter.n_layers + 1):
+            c = Candidate(layer, position)
+            candidates.append(c)
+            if layer not in allowed:
+                c.status = "pruned"
+                continue
+            r = mean_diffs[p, layer].float()  # [d]
+            q = (r / r.norm())[None, :]  # [1, d]
+            with ablated(adapter, q, excise.lam, **toggles):
+                c.bypass = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
+                now = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
+                c.kl = float(kl_rows(base_harmless, now).mean())
+            if settings.induce_threshold is not None and layer < adapter.n_layers:
+                vec = r.to(next(model.parameters()).device)
+                with hooked(adapter, {f"layers.{layer}.resid_pre": lambda h, v=vec: h + v.to(h.dtype)}):
+                    c.induce = float(refusal_log_odds(last_logits(model, val_harmless, batch_size), tokens).mean())
+            if on_candidate:
+                on_candidate(1)
+    best = pick(candidates, settings)
+    return LayerSelection(best.layer, best.position, "arditi", baseline, candidates)

@@ -1,0 +1,64 @@
+"""VERIFY: refusal on held-out harmful prompts, over-refusal on held-out harmless prompts, KL to
+the original model over several tokens, perplexity on held-out text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..batching import Encoded
+from ..config import EvalSettings
+from ..data.prompts import heldout_text, load_prompts
+from .generate import decode, generate
+from .kl import KLReference, kl_to_reference, reference
+from .perplexity import perplexity
+from .refusal import is_refusal, refusal_rate
+
+Step = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, object]
+    harmful_responses: list[str]
+    harmless_responses: list[str]
+    harmless_continuations: list[list[int]] = field(repr=False, default_factory=list)
+
+
+def _no_progress(label: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmless: tuple[list[str], Encoded],
+                   settings: EvalSettings, ref: KLReference | None = None, step: Step = _no_progress) -> Evaluation:
+    """Run VERIFY. `harmful`/`harmless` are (raw test prompts, their encoded chat-formatted form)."""
+    (raw_harmful, enc_harmful), (raw_harmless, enc_harmless) = harmful, harmless
+    bs, n_new = settings.batch_size, settings.max_new_tokens
+    harmful_ids = generate(model, tokenizer, enc_harmful, n_new, bs, step("generate harmful", len(raw_harmful)))
+    harmless_ids = generate(model, tokenizer, enc_harmless, n_new, bs, step("generate harmless", len(raw_harmless)))
+    harmful_text, harmless_text = decode(tokenizer, harmful_ids), decode(tokenizer, harmless_ids)
+    sensitive = {p.casefold() for p in load_prompts("builtin:benign_sensitive")}
+    flagged = [is_refusal(t) for t in harmless_text]
+    sens = [f for p, f in zip(raw_harmless, flagged) if p.casefold() in sensitive]
+    metrics: dict[str, object] = {
+        "refusal": refusal_rate(harmful_text),
+        "over_refusal": sum(flagged) / max(len(flagged), 1),
+        "over_refusal_sensitive": (sum(sens) / len(sens)) if sens else None,
+        "n_harmful": len(raw_harmful),
+        "n_harmless": len(raw_harmless),
+        "n_sensitive": len(sens),
+        "mean_response_tokens": sum(map(len, harmful_ids + harmless_ids)) / max(len(harmful_ids + harmless_ids), 1),
+    }
+    if ref is not None:
+        advance = step("KL", 1)
+        metrics.update(kl_to_reference(model, ref, bs))
+        advance(1)
+    if settings.perplexity:
+        advance = step("perplexity", 1)
+        metrics["perplexity"] = perplexity(model, tokenizer, heldout_text(), settings.ppl_window)
+        advance(1)
+    return Evaluation(metrics, harmful_text, harmless_text, harmless_ids)
+
+
+__all__ = ["Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",
+           "refusal_rate"]

@@ -1,0 +1,149 @@
+"""SUMMON: load a causal LM (alias, local directory, .gguf file or hub id) with its adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelSettings
+from ..errors import ModelNotFoundError
+from .adapters import ArchitectureAdapter, spec_for
+from .aliases import ALIASES, prepare
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    adapter: ArchitectureAdapter
+    source: str  # what the user asked for
+    path: str  # what was loaded (local dir, gguf file or hub id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def strip_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF-loaded model is already dequantized; make it a plain model that save_pretrained accepts."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint through transformers and save it as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    strip_gguf_quantizer(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None). Raises when a local-looking path is missing."""
+    if source in ALIASES:
+        return str(prepare(source)), None
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {source}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{source} is a directory without config.json, not a Hugging Face model")
+        return str(path), None
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
+    if looks_local:
+        raise ModelNotFoundError(
+            f"model not found: {source!r} is neither an alias ({', '.join(ALIASES)}), a local directory, "
+            "a .gguf file, nor a hub id of the form org/name"
+        )
+    return source, None  # hub id
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def pick_dtype(dtype: str, device: str, config) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device == "cpu":
+        return torch.float32  # bf16/fp16 matmuls are slow or unsupported on most CPUs
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = DTYPES.get(str(stored).replace("torch.", ""), None) if stored is not None else None
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def read_config(where: str, gguf_file: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot load the model config of {where!r}: {str(err).splitlines()[0]}") from None
+
+
+def summon(source: str, settings: ModelSettings | None = None) -> Loaded:
+    """Load `source` for inference (eval mode, no grad) with its architecture adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = settings or ModelSettings()
+    where, gguf_file = resolve_source(source)
+    config = read_config(where, gguf_file, settings.trust_remote_code)
+    spec_for(config.model_type)  # fail before loading any weights
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, config)
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=settings.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load {source!r}: {str(err).splitlines()[0]}") from None
+    if gguf_file:
+        strip_gguf_quantizer(model)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return Loaded(model, tokenizer, ArchitectureAdapter(model), source, gguf_file and str(Path(where) / gguf_file) or where)
+
+
+def describe(loaded: Loaded) -> dict:
+    cfg = loaded.model.config
+    return {
+        "source": loaded.source,
+        "path": loaded.path,
+        "family": loaded.adapter.family,
+        "model_type": cfg.model_type,
+        "n_layers": loaded.adapter.n_layers,
+        "d_model": loaded.adapter.d_model,
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+        "tied_lm_head": loaded.adapter.tied_lm_head,
+        "config": json.loads(cfg.to_json_string()),
+    }

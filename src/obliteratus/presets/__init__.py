@@ -1,0 +1,32 @@
+"""Presets are TOML files that override :class:`obliteratus.config.Settings`; nothing else."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ..config import tomllib
+from ..errors import ConfigError
+
+
+def _dir() -> Path:
+    return Path(str(resources.files("obliteratus.presets")))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in _dir().glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name, or any TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = _dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+    elif not path.is_file():
+        raise ConfigError(f"preset file not found: {name_or_path}")
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from None

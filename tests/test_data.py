@@ -1,0 +1,146 @@
+"""Prompt sets: built-ins, file loaders, deduplication, deterministic splits, chat formatting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from obliteratus.data import builtin_path, dedupe, format_prompts, heldout_text, load_prompts, split_prompts
+from obliteratus.data.prompts import uses_template
+from obliteratus.errors import PromptError
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return {name: load_prompts(f"builtin:{name}") for name in ("harmful", "harmless", "benign_sensitive")}
+
+
+def keys(prompts):
+    return {p.casefold() for p in prompts}
+
+
+def test_builtin_sets(builtin):
+    assert len(builtin["harmful"]) >= 256
+    assert len(builtin["harmless"]) >= 256
+    assert not keys(builtin["harmful"]) & keys(builtin["harmless"])
+    sensitive = keys(builtin["benign_sensitive"])
+    assert sensitive <= keys(builtin["harmless"])
+    assert len(sensitive) >= 0.15 * len(builtin["harmless"])
+    for prompts in builtin.values():
+        assert prompts == dedupe(prompts)  # already clean
+
+
+def test_builtin_unknown_name():
+    with pytest.raises(PromptError, match="harmful"):
+        builtin_path("evil")
+    with pytest.raises(PromptError):
+        load_prompts("builtin:evil")
+
+
+def test_heldout_text():
+    text = heldout_text()
+    assert len(text.split()) > 200
+
+
+def test_dedupe():
+    raw = ["  Hello   world ", "hello world", "HELLO\tWORLD", "", "   ", "Second one", "second  ONE", "Third"]
+    assert dedupe(raw) == ["Hello world", "Second one", "Third"]
+    assert dedupe([]) == []
+
+
+def test_split_is_deterministic_disjoint_and_sized(builtin):
+    prompts = builtin["harmful"]
+    a = split_prompts(prompts, 100, 30, 60, seed=0)
+    b = split_prompts(prompts, 100, 30, 60, seed=0)
+    c = split_prompts(prompts, 100, 30, 60, seed=1)
+    assert a == b
+    assert a.train != c.train and a.test != c.test
+    for s in (a, c):
+        assert (len(s.train), len(s.val), len(s.test)) == (100, 30, 60)
+        parts = [set(s.train), set(s.val), set(s.test)]
+        assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+        assert set().union(*parts) <= set(prompts)
+    # exactly enough prompts is fine
+    n = len(prompts)
+    full = split_prompts(prompts, n - 2, 1, 1, seed=3)
+    assert sorted(full.train + full.val + full.test) == sorted(prompts)
+
+
+def test_split_too_few_prompts():
+    with pytest.raises(PromptError, match="4 distinct prompts"):
+        split_prompts(["a", "b", "c", "d"], 2, 2, 1, seed=0, name="harmful")
+
+
+def test_load_txt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first prompt\n\nsecond prompt\nFIRST   prompt\n", encoding="utf-8")
+    assert load_prompts(str(path)) == ["first prompt", "second prompt"]
+
+
+def test_load_jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "alpha", "x": 1}, {"prompt": "beta"}, {"prompt": "alpha"}, {"text": "no prompt here"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert load_prompts(str(path)) == ["alpha", "beta"]
+    other = tmp_path / "q.jsonl"
+    other.write_text('{"question": "one"}\n{"question": "two"}\n', encoding="utf-8")
+    assert load_prompts(str(other), column="question") == ["one", "two"]
+    broken = tmp_path / "bad.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(PromptError, match="invalid JSON"):
+        load_prompts(str(broken))
+
+
+def test_jsonl_error_names_the_file_line(tmp_path):
+    broken = tmp_path / "bad.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{"prompt": "fine"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(PromptError, match="line 3"):
+        load_prompts(str(broken))
+
+
+def test_load_csv_with_column(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('id,goal,target\n1,"Do the thing, quickly",x\n2,Another goal,y\n3,,z\n', encoding="utf-8")
+    assert load_prompts(str(path), column="goal") == ["Do the thing, quickly", "Another goal"]
+    with pytest.raises(PromptError) as err:
+        load_prompts(str(path), column="prompt")
+    message = str(err.value)
+    assert "'prompt'" in message and "id, goal, target" in message
+
+
+def test_empty_and_single_prompt_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(PromptError, match="empty"):
+        load_prompts(str(empty))
+    one = tmp_path / "one.txt"
+    one.write_text("just one\nJust One\n", encoding="utf-8")
+    with pytest.raises(PromptError, match="one distinct prompt"):
+        load_prompts(str(one))
+    with pytest.raises(PromptError, match="not found"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    other = tmp_path / "prompts.md"
+    other.write_text("a\nb\n", encoding="utf-8")
+    with pytest.raises(PromptError, match="unsupported"):
+        load_prompts(str(other))
+
+
+def test_format_prompts_with_template(tokenizer):
+    out = format_prompts(tokenizer, ["hello", "bye"])
+    assert out == ["<|user|>hello\n<|assistant|>", "<|user|>bye\n<|assistant|>"]
+    with_system = format_prompts(tokenizer, ["hello"], system_prompt="Be brief.")
+    assert with_system == ["<|system|>Be brief.\n<|user|>hello\n<|assistant|>"]
+    assert uses_template(tokenizer, True)
+
+
+def test_format_prompts_raw(tokenizer):
+    assert format_prompts(tokenizer, ["hello", "bye"], chat_template=False) == ["hello", "bye"]
+    assert not uses_template(tokenizer, False)
+
+
+def test_format_prompts_without_template(tokenizer):
+    plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>")
+    plain.chat_template = None
+    assert format_prompts(plain, ["hello"]) == ["hello"]
+    assert not uses_template(plain, True)
