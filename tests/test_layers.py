@@ -176,3 +176,17 @@ def test_select_arditi_induce_scores(tokenizer):
     with pytest.raises(ObliteratusError):
         select_arditi(model, adapter, mean_diffs, harmful, harmless, tokenizer,
                       LayerSettings(kl_threshold=None, induce_threshold=1e9), ExciseSettings())
+
+
+def test_pick_induce_relative_to_harmless_baseline():
+    # Both raise refusal above an un-steered harmless baseline of -3, neither reaches even odds (0).
+    def two():
+        return [Candidate(0, -1, bypass=-2.0, induce=-1.0, kl=0.0), Candidate(1, -1, bypass=-1.0, induce=-2.5, kl=0.0)]
+
+    with pytest.raises(ObliteratusError, match="induce"):
+        pick(two(), LayerSettings())  # absolute bar 0: nothing passes
+    cands = two()
+    assert pick(cands, LayerSettings(induce_relative=True), harmless_baseline=-3.0).layer == 0
+    cands = two()
+    best = pick(cands, LayerSettings(induce_relative=True, induce_threshold=1.0), harmless_baseline=-3.0)
+    assert best.layer == 0 and cands[1].status == "no-induce"  # -2.5 < -3 + 1

@@ -58,6 +58,10 @@ class ProbeSettings(Section):
 class DirectionSettings(Section):
     method: str = Field("diff_means", description="Direction method (see `obliteratus presets`).")
     n_directions: int = Field(1, ge=1, description="Directions to extract (methods that give one ignore k > 1).")
+    project_harmless: bool = Field(
+        False, description="Orthogonalise the directions against the harmless mean at the source layer (grimjim's "
+                           "projected abliteration); layer selection scores the projected directions too."
+    )
 
 
 class LayerSettings(Section):
@@ -66,6 +70,10 @@ class LayerSettings(Section):
     fraction: float = Field(0.6, gt=0.0, lt=1.0, description="fixed: layer = round(fraction * n_layers) if `layer` unset.")
     kl_threshold: float | None = Field(0.1, description="arditi: drop candidates whose ablation KL exceeds this.")
     induce_threshold: float | None = Field(0.0, description="arditi: drop candidates whose addition does not induce refusal.")
+    induce_relative: bool = Field(
+        False, description="arditi: measure the induce score relative to the un-steered harmless prompts' refusal "
+                           "log-odds (the direction must raise refusal by induce_threshold) instead of absolutely."
+    )
     prune_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="arditi: never pick from the last fraction of layers.")
     min_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="arditi: first candidate layer as a fraction of depth.")
 

@@ -18,7 +18,8 @@ from .config import Settings, resolve_settings
 from .data.prompts import Split, format_prompts, load_prompts, split_prompts, uses_template
 from .directions import Directions, get_direction_method
 from .directions.diff_means import mean_difference
-from .directions.layers import LayerSelection, select_arditi, select_fixed
+from .directions.layers import LayerSelection, candidate_layers, select_arditi, select_fixed
+from .directions.project_harmless import orthogonalize_against
 from .errors import PromptError
 from .evaluate import Evaluation, evaluate_model, reference
 from .excise import EditReport, excise
@@ -88,12 +89,13 @@ def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Rep
 def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, settings: Settings,
             reporter: Reporter) -> tuple[Directions, LayerSelection]:
     mean_diffs = mean_difference(cache.harmful, cache.harmless)  # [positions, L+1, d]
+    harmless_means = cache.harmless.double().mean(0).float() if settings.directions.project_harmless else None
     if settings.layers.method == "arditi":
-        n = mean_diffs.shape[0] * (loaded.adapter.n_layers + 1)
+        n = mean_diffs.shape[0] * len(candidate_layers(loaded.adapter.n_layers, settings.layers))
         selection = select_arditi(
             loaded.model, loaded.adapter, mean_diffs, prompts.encoded["harmful.val"], prompts.encoded["harmless.val"],
             loaded.tokenizer, settings.layers, settings.excise, settings.evaluate.batch_size,
-            reporter.task("score layers", n),
+            reporter.task("score layers", n), harmless_means,
         )
     else:
         selection = select_fixed(loaded.adapter.n_layers, settings.layers)
@@ -101,8 +103,10 @@ def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, setting
     k = settings.directions.n_directions if method.max_directions is None else min(
         settings.directions.n_directions, method.max_directions)
     harmful, harmless = cache.at(selection.layer, selection.position)
-    basis = method.fit(harmful, harmless, k)
+    basis = method.fit(harmful, harmless, k)  # [k, d]
     p = selection.position
+    if harmless_means is not None:
+        basis = orthogonalize_against(basis, harmless_means[p, selection.layer])
     directions = Directions(basis, method.name, selection.layer, p, mean_diffs[p, selection.layer],
                             mean_diffs[p].norm(dim=-1).tolist())
     return directions, selection

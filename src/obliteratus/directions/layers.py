@@ -7,7 +7,9 @@ and measure, on the **validation** prompts,
 * bypass score: mean refusal log-odds on harmful prompts with r ablated from every residual
   writer (the edit, done with hooks) — lower is better;
 * induce score: mean refusal log-odds on harmless prompts with r added at layer l — must be
-  above ``induce_threshold`` (0), i.e. the direction must actually cause refusal;
+  above ``induce_threshold`` (0), i.e. the direction must actually cause refusal (with
+  ``induce_relative``: above the un-steered harmless log-odds plus the threshold, for small models
+  where one layer's addition raises refusal but not past even odds);
 * KL score: mean KL at the last position between the original and the ablated model on harmless
   prompts — must not exceed ``kl_threshold`` (0.1).
 
@@ -32,6 +34,7 @@ from ..evaluate.kl import kl_rows
 from ..excise.hooks import ablated
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
+from .project_harmless import orthogonalize_against
 
 REFUSAL_STARTS = ("I", "As", "Sorry", "I'm", "Unfortunately", "I cannot", "I can't", "No")
 
@@ -70,6 +73,7 @@ class LayerSelection:
     method: str
     baseline_refusal: float | None = None  # val harmful log-odds without any edit
     candidates: list[Candidate] = field(default_factory=list)
+    baseline_harmless: float | None = None  # val harmless log-odds without any edit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +92,11 @@ def select_fixed(n_layers: int, settings: LayerSettings) -> LayerSelection:
     return LayerSelection(layer, -1, "fixed")
 
 
-def pick(candidates: list[Candidate], settings: LayerSettings) -> Candidate:
-    """Pure filter-and-argmin over scored candidates (mutates their status)."""
+def pick(candidates: list[Candidate], settings: LayerSettings, harmless_baseline: float = 0.0) -> Candidate:
+    """Pure filter-and-argmin over scored candidates (mutates their status). With
+    ``settings.induce_relative`` the induce threshold is added to `harmless_baseline`."""
+    induce_floor = None if settings.induce_threshold is None else (
+        settings.induce_threshold + (harmless_baseline if settings.induce_relative else 0.0))
     for c in candidates:
         if c.status != "scored":
             continue
@@ -97,13 +104,16 @@ def pick(candidates: list[Candidate], settings: LayerSettings) -> Candidate:
             c.status = "nan"
         elif settings.kl_threshold is not None and c.kl > settings.kl_threshold:
             c.status = "kl>threshold"
-        elif settings.induce_threshold is not None and c.induce is not None and c.induce < settings.induce_threshold:
+        elif induce_floor is not None and c.induce is not None and c.induce < induce_floor:
             c.status = "no-induce"
     passing = [c for c in candidates if c.status == "scored"]
     if not passing:
+        scored = sorted((c for c in candidates if c.status != "pruned"), key=lambda c: c.bypass)[:3]
+        best = "; ".join(f"layer {c.layer}: bypass {c.bypass:.2f}, kl {c.kl:.3f}, induce "
+                         f"{'-' if c.induce is None else f'{c.induce:.2f}'} ({c.status})" for c in scored)
         raise ObliteratusError(
-            "no candidate layer passed the filters (KL <= layers.kl_threshold and induced refusal >= "
-            "layers.induce_threshold); relax them or use --layer-method fixed"
+            f"no candidate layer passed the filters (KL <= layers.kl_threshold = {settings.kl_threshold}, induce "
+            f">= {induce_floor}); lowest bypass: {best}. Relax the thresholds or use --layer N"
         )
     best = min(passing, key=lambda c: c.bypass)
     best.status = "chosen"
@@ -113,12 +123,16 @@ def pick(candidates: list[Candidate], settings: LayerSettings) -> Candidate:
 @torch.inference_mode()
 def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor, val_harmful: Encoded,
                   val_harmless: Encoded, tokenizer, settings: LayerSettings, excise: ExciseSettings,
-                  batch_size: int = 32, on_candidate: Callable[[int], None] | None = None) -> LayerSelection:
-    """`mean_diffs`: ``[positions, n_layers + 1, d]`` harmful − harmless means from the train split."""
+                  batch_size: int = 32, on_candidate: Callable[[int], None] | None = None,
+                  orthogonal_to: torch.Tensor | None = None) -> LayerSelection:
+    """`mean_diffs`: ``[positions, n_layers + 1, d]`` harmful − harmless means from the train split.
+    `orthogonal_to` (same shape, optional): score the ablation of r made orthogonal to these vectors
+    (the harmless means, for projected abliteration); the induce test still adds the raw r."""
     n_pos = mean_diffs.shape[0]
     tokens = refusal_token_ids(tokenizer)
     base_harmless = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
     baseline = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
+    harmless_baseline = float(refusal_log_odds(base_harmless, tokens).mean())
     toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings))
     candidates: list[Candidate] = []
@@ -132,15 +146,18 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                 continue
             r = mean_diffs[p, layer].float()  # [d]
             q = (r / r.norm())[None, :]  # [1, d]
+            if orthogonal_to is not None:
+                q = orthogonalize_against(q, orthogonal_to[p, layer])
             with ablated(adapter, q, excise.lam, **toggles):
                 c.bypass = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
                 now = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
                 c.kl = float(kl_rows(base_harmless, now).mean())
-            if settings.induce_threshold is not None and layer < adapter.n_layers:
+            if settings.induce_threshold is not None and layer < adapter.n_layers and not (
+                    settings.kl_threshold is not None and c.kl > settings.kl_threshold):  # already out: skip
                 vec = r.to(next(model.parameters()).device)
                 with hooked(adapter, {f"layers.{layer}.resid_pre": lambda h, v=vec: h + v.to(h.dtype)}):
                     c.induce = float(refusal_log_odds(last_logits(model, val_harmless, batch_size), tokens).mean())
             if on_candidate:
                 on_candidate(1)
-    best = pick(candidates, settings)
-    return LayerSelection(best.layer, best.position, "arditi", baseline, candidates)
+    best = pick(candidates, settings, harmless_baseline)
+    return LayerSelection(best.layer, best.position, "arditi", baseline, candidates, harmless_baseline)
