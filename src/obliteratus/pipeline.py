@@ -87,17 +87,19 @@ def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Rep
 
 
 def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, settings: Settings,
-            reporter: Reporter) -> tuple[Directions, LayerSelection]:
+            reporter: Reporter, selection: LayerSelection | None = None) -> tuple[Directions, LayerSelection]:
+    """Choose the source layer (unless `selection` is given, e.g. shared by runs with the same
+    layer settings) and fit the direction method there."""
     mean_diffs = mean_difference(cache.harmful, cache.harmless)  # [positions, L+1, d]
     harmless_means = cache.harmless.double().mean(0).float() if settings.directions.project_harmless else None
-    if settings.layers.method == "arditi":
+    if selection is None and settings.layers.method == "arditi":
         n = mean_diffs.shape[0] * len(candidate_layers(loaded.adapter.n_layers, settings.layers))
         selection = select_arditi(
             loaded.model, loaded.adapter, mean_diffs, prompts.encoded["harmful.val"], prompts.encoded["harmless.val"],
             loaded.tokenizer, settings.layers, settings.excise, settings.evaluate.batch_size,
             reporter.task("score layers", n), harmless_means,
         )
-    else:
+    elif selection is None:
         selection = select_fixed(loaded.adapter.n_layers, settings.layers)
     method = get_direction_method(settings.directions.method)
     k = settings.directions.n_directions if method.max_directions is None else min(
