@@ -85,9 +85,6 @@ def metrics_table(before: dict, after: dict | None, title: str) -> Table:
     return table
 
 
-Common = dict  # documentation alias
-
-
 @app.command()
 def obliterate(
     model: str = typer.Argument(..., help="Alias (demo, smollm2-135m), local HF directory, .gguf file or hub id."),
@@ -192,15 +189,13 @@ def probe(
     from .config import resolve_settings
     from .directions.diff_means import mean_difference
     from .models.load import summon
-    from .pipeline import Reporter, prepare_prompts
+    from .pipeline import prepare_prompts
     from .pipeline import probe as run_probe
-    from .save import write_atomically
+    from .save import check_output, write_atomically
 
     settings = resolve_settings(None, gather({"probe.positions": positions, "probe.batch_size": batch_size,
                                               "data.n_train": n_train, "model.dtype": dtype, "model.device": device},
                                              sets))
-    from .save import check_output
-
     check_output(output, overwrite, source=model)
     with RichReporter() as reporter:
         start = time.perf_counter()

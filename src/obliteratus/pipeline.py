@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
 
 from .batching import Encoded, encode_prompts
 from .config import Settings, resolve_settings
