@@ -139,3 +139,18 @@ def test_directions_checks_orthonormal_basis():
     assert d.k == 2
     with pytest.raises(AssertionError):
         Directions(good * 2, "svd", layer=1, position=-1, mean_diff=torch.zeros(D))
+
+
+def test_project_harmless_removes_the_harmless_mean_component():
+    from obliteratus.directions.project_harmless import orthogonalize_against
+
+    torch.manual_seed(0)
+    v = torch.randn(64)
+    basis = orthonormalize(torch.randn(3, 64) + 2.0 * v / v.norm())  # directions leaning on v
+    out = orthogonalize_against(basis, v)
+    assert (out.double() @ (v.double() / v.norm())).abs().max() < 1e-5  # orthogonal to the harmless mean
+    torch.testing.assert_close(out.double() @ out.double().T, torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    # what is left of each direction is its part orthogonal to v, up to re-orthonormalisation
+    u = v / v.norm()
+    first = basis[0] - (basis[0] @ u) * u
+    assert torch.nn.functional.cosine_similarity(out[0], first, dim=0) > 0.999
