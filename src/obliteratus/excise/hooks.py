@@ -36,12 +36,11 @@ def _remove(q: torch.Tensor, lam: float, bias: torch.Tensor | None):
 
 @contextmanager
 def ablated(adapter: ArchitectureAdapter, q: torch.Tensor, lam: float = 1.0, *, attention: bool = True,
-            mlp: bool = True, embeddings: bool = True, biases: bool = True,
-            layers: list[int] | None = None) -> Iterator[None]:
+            mlp: bool = True, embeddings: bool = True, biases: bool = True) -> Iterator[None]:
     """Within the block, every selected writer's output has λ·P removed, exactly as the weight edit would."""
     q = q.detach().float()
     outputs = []
-    for writer in adapter.writers(attention=attention, mlp=mlp, embeddings=embeddings, layers=layers):
+    for writer in adapter.writers(attention=attention, mlp=mlp, embeddings=embeddings):
         bias = None if biases else writer.bias
         project = _remove(q, lam, None if bias is None else bias.detach())
         outputs.append((writer.module, lambda m, a, y, f=project: f(y)))
