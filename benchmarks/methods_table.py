@@ -27,7 +27,7 @@ from obliteratus.config import deep_merge, nest, parse_value, resolve_settings
 from obliteratus.errors import ObliteratusError
 from obliteratus.evaluate import evaluate_model, reference
 from obliteratus.models import summon
-from obliteratus.pipeline import Reporter, distill, edit_model, prepare_prompts, probe
+from obliteratus.pipeline import Reporter, distill, edit_model, prepare_prompts, probe, uses_study
 from obliteratus.presets import load_preset, preset_names
 
 ORDER = ["basic", "advanced", "aggressive", "spectral_cascade", "informed", "surgical", "inverted", "optimized",
@@ -90,6 +90,9 @@ def main() -> None:
         rows.append(row)
         times = row["times"]
         try:
+            if uses_study(s):
+                raise ObliteratusError("searches its edit with the optimizer study: measured by `obliteratus "
+                                       "optimize` (benchmarks/RESULTS.md)")
             data_key = json.dumps(s.data.model_dump(), sort_keys=True)
             if data_key not in prompt_sets:
                 prompt_sets[data_key] = prepare_prompts(loaded.tokenizer, s)

@@ -188,6 +188,21 @@ def test_pruner_abandons_a_ruled_out_trial(monkeypatch):
     assert fresh.trials[0].user_attrs["refusals_lower_bound"] == [0.25, 0.5, 0.75, 1.0]
 
 
+def test_pruner_stops_inside_a_batch(monkeypatch):
+    """One chunk (batches of 4, the scorer's batch size): every row shows its marker at the first
+    token, so the trial is pruned after one generated token per row of the first batch, not after
+    the 4-token budget or the whole batch."""
+    monkeypatch.setattr(refusal, "MARKERS", ("",))
+    objective = make_objective(tiny_model("llama"), StudyOptions(refusal_tokens=4, prune=True))
+    assert objective.options.prune_chunks == 1
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(finished((0.0, 1.0)))
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.PRUNED
+    assert t.user_attrs["refusals_lower_bound"] == [0.5] and t.user_attrs["tokens_generated"] == 4
+
+
 # --- Pareto front and pick ---------------------------------------------------------------------------------
 
 def test_pareto_front_and_pick():

@@ -195,7 +195,7 @@ def test_kernel_grid_picks_an_admissible_trial_without_touching_weights(tiny_dir
     best = choose(trials, tolerance=0.25)
     assert best.kernel == {"a": 1} and [t.admissible for t in trials] == [True, True, False, True]
     grid = {"max_weight": [1.0], "position": [0.5, 1.0], "distance": [0.5], "min_ratio": [0.0], "tolerance": 10.0}
-    r = run(tiny_dir, {"optimize": {"enabled": True, **grid}})
+    r = run(tiny_dir, {"optimize": {"enabled": True, "search": "grid", **grid}})
     assert len(r.search["trials"]) == 3
     assert r.settings.excise.kernel_attn is not None or r.search["best"]["kernel"] is None
     best = r.search["best"]

@@ -9,7 +9,8 @@ import pytest
 from pydantic import BaseModel
 
 from obliteratus.config import resolve_settings
-from obliteratus.pipeline import obliterate
+from obliteratus.optimize.command import run_optimize
+from obliteratus.pipeline import obliterate, uses_study
 from obliteratus.presets import load_preset, preset_names
 
 from conftest import tiny_tokenizer
@@ -23,7 +24,9 @@ PRESETS = preset_names()
 META = {"description", "kind", "source"}
 # Sizes a preset sets that this test overrides to stay fast (their effect is covered elsewhere).
 OVERRIDDEN = {("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("layers", "kl_threshold"),
-              ("layers", "induce_threshold")}
+              ("layers", "induce_threshold"), ("optimize", "study", "n_trials"),
+              ("optimize", "study", "n_startup_trials")}
+STUDY_FAST = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 3}
 RDO_FAST = {"directions": {"rdo": {"max_steps": 1, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}}
 
 
@@ -109,9 +112,13 @@ def field_owner(path: tuple) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_runs_and_reads_every_option_it_sets(moe_dir, name, spy):
+def test_every_preset_runs_and_reads_every_option_it_sets(moe_dir, name, spy, tmp_path):
     overrides = merge(SMALL, RDO_FAST) if name == "rdo" else SMALL
-    result = obliterate(str(moe_dir), name, overrides=overrides)
+    if uses_study(resolve_settings(load_preset(name))):  # optimized, heretic: the optimizer's study picks the edit
+        result = run_optimize(str(moe_dir), name, overrides=overrides, study=STUDY_FAST, run_dir=str(tmp_path))
+        assert result.chosen is not None and len(result.front) >= 1
+    else:
+        result = obliterate(str(moe_dir), name, overrides=overrides)
     assert 0.0 <= result.after.metrics["refusal"] <= 1.0
     unread = []
     for path in leaves(load_preset(name)):

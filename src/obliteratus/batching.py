@@ -13,12 +13,22 @@ class Batch:
     index: list[int]  # positions of these rows in the caller's list
     input_ids: torch.Tensor  # [b, t]
     attention_mask: torch.Tensor  # [b, t]
+    prefix: list[int] | None = None  # tokens every row starts with, left out of input_ids (see Encoded.batches)
 
     @property
     def position_ids(self) -> torch.Tensor:
         """[b, t]: 0 at each row's first real token, so absolute-position models (GPT-2) see the
-        same positions as without padding."""
-        return (self.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        same positions as without padding (continuing after the shared prefix, when there is one)."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp_min(0) + len(self.prefix or ())
+
+    @property
+    def full_mask(self) -> torch.Tensor:
+        """[b, p + t]: the attention mask over the shared prefix (all ones) and this batch's tokens,
+        the mask to pass with a cache that holds the prefix."""
+        if not self.prefix:
+            return self.attention_mask
+        ones = self.attention_mask.new_ones((self.attention_mask.shape[0], len(self.prefix)))
+        return torch.cat([ones, self.attention_mask], 1)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
@@ -42,12 +52,32 @@ class Encoded:
     def n_tokens(self) -> int:
         return sum(len(x) for x in self.ids)
 
+    def common_prefix(self) -> list[int]:
+        """The longest token prefix every row shares (the chat template's system turn, typically),
+        leaving at least one token of every row outside it."""
+        if not self.ids:
+            return []
+        n = min(len(r) for r in self.ids) - 1
+        first = self.ids[0]
+        for row in self.ids[1:]:
+            k = 0
+            while k < n and row[k] == first[k]:
+                k += 1
+            n = k
+        return list(first[:max(n, 0)])
+
     def batches(self, batch_size: int, device: torch.device | str = "cpu",
-                suffix: list[list[int]] | None = None) -> Iterator[Batch]:
-        """Left-padded batches; `suffix[i]` (optional) is appended to row i before padding."""
+                suffix: list[list[int]] | None = None, prefix: list[int] | None = None) -> Iterator[Batch]:
+        """Left-padded batches; `suffix[i]` (optional) is appended to row i before padding. With
+        `prefix` (a prefix of every row, e.g. :meth:`common_prefix`), the rows are given without it:
+        the caller runs it once and passes its cache (evaluate/prefix.py), and the padding sits
+        between the prefix and each row's remaining tokens."""
+        cut = len(prefix or ())
         for start in range(0, len(self.order), batch_size):
             index = self.order[start:start + batch_size]
-            rows = [self.ids[i] + (suffix[i] if suffix is not None else []) for i in index]
+            if cut and any(self.ids[i][:cut] != list(prefix) for i in index):
+                raise ValueError("batches(prefix=...): the prefix is not shared by every row")
+            rows = [self.ids[i][cut:] + (suffix[i] if suffix is not None else []) for i in index]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -55,7 +85,7 @@ class Encoded:
                 if row:
                     input_ids[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
                     mask[j, width - len(row):] = 1
-            yield Batch(index, input_ids.to(device), mask.to(device))
+            yield Batch(index, input_ids.to(device), mask.to(device), list(prefix) if cut else None)
 
 
 def encode_prompts(tokenizer, texts: list[str], templated: bool) -> Encoded:

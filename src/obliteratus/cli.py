@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import parse_value
-from .errors import ObliteratusError
+from .errors import ConfigError, ObliteratusError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Find, study and remove refusal directions in transformer language models.")
@@ -110,8 +110,11 @@ def obliterate(
     lora: Optional[Path] = typer.Option(None, "--lora", help="Also write the edit as a PEFT LoRA adapter here."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Refusal judge: markers | prefix | embedding | llm."),
 ) -> None:
-    """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH."""
-    from .pipeline import obliterate as run
+    """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH. A preset that searches its
+    edit with the optimizer study (optimized, heretic) runs `obliteratus optimize` with its settings."""
+    from .config import resolve_settings
+    from .pipeline import obliterate as run, uses_study
+    from .presets import load_preset
 
     overrides = gather({
         "model.dtype": dtype, "model.device": device, "data.harmful": harmful, "data.harmless": harmless,
@@ -121,6 +124,17 @@ def obliterate(
         "layers.method": "fixed" if layer is not None and layer_method is None else layer_method,
         "evaluate.max_new_tokens": max_new_tokens, "evaluate.judge": judge,
     }, sets)
+    if uses_study(resolve_settings(load_preset(method), overrides)):
+        if lora is not None:
+            raise ConfigError(f"--lora: preset {method!r} bakes an optimizer trial; export from a fixed preset")
+        from .optimize.command import print_result, run_optimize
+
+        out.print(f"preset {method!r} searches its edit with the optimizer study (as `obliteratus optimize`)")
+        with RichReporter() as reporter:
+            study = run_optimize(model, method, str(output) if output else None, overwrite, overrides,
+                                 reporter=reporter)
+        print_result(study, model, method)
+        return
     with RichReporter() as reporter:
         result = run(model, method, str(output) if output else None, overwrite, overrides, reporter,
                      str(lora) if lora else None)

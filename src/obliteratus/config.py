@@ -190,9 +190,14 @@ class ExciseSettings(Section):
 
 
 class OptimizeSettings(Section):
-    """``[optimize]``: the kernel grid of the ``optimized`` preset (optimize/grid.py)."""
+    """``[optimize]``: search the edit on the validation prompts before excising: the multi-objective
+    Optuna study (optimize/study.py, ``[optimize.study]``; the ``optimized`` and ``heretic`` presets)
+    or the small kernel grid (optimize/grid.py)."""
 
-    enabled: bool = Field(False, description="Search the kernel grid on the validation prompts before excising.")
+    enabled: bool = Field(False, description="Search on the validation prompts before excising.")
+    search: Literal["study", "grid"] = Field("study", description="study: the Optuna search over Heretic's "
+                                                                  "parameters (obliteratus optimize); grid: the "
+                                                                  "kernel grid below, scored by refusal log-odds.")
     max_weight: list[float] = Field([0.8, 1.0, 1.2], description="Peak strengths.")
     position: list[float] = Field([0.5, 0.65, 0.8], description="Peak layer as a fraction of the last layer index.")
     distance: list[float] = Field([0.25, 0.5], description="Half-width as a fraction of the number of layers.")

@@ -132,6 +132,11 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
     return report, log
 
 
+def uses_study(settings: Settings) -> bool:
+    """The preset's edit is chosen by the multi-objective study (optimize/command.py), not by this pipeline."""
+    return settings.optimize.enabled and settings.optimize.search == "study"
+
+
 def optimize_kernel(loaded: Loaded, prompts: PromptSets, settings: Settings, directions: Directions,
                     reporter: Reporter) -> tuple[Settings, GridResult]:
     """Grid-search the kernel on the val prompts (hooks only) and return settings with the winner."""
@@ -180,7 +185,7 @@ def edit_model(loaded: Loaded, prompts: PromptSets, settings: Settings, directio
     """OPTIMIZE (when enabled) and EXCISE, in place; in hook mode the hooks are attached and kept in
     ``loaded.steering``. With `lora`, the edit is also written there as a PEFT adapter."""
     grid = None
-    if settings.optimize.enabled:
+    if settings.optimize.enabled and settings.optimize.search == "grid":
         with _timed(timings, "optimize", reporter):
             settings, grid = optimize_kernel(loaded, prompts, settings, directions, reporter)
     steering = None
@@ -272,6 +277,9 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
     the edit as a PEFT LoRA adapter to that directory."""
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), overrides)
+    if uses_study(settings):
+        raise ConfigError(f"preset {preset!r} searches its edit with the optimizer study: run it with "
+                          "`obliteratus obliterate`/`obliteratus optimize` (optimize.command.run_optimize)")
     for target in (output, lora):
         if target is not None:
             check_output(target, overwrite, source=model)  # fail before any work

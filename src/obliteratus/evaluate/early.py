@@ -14,6 +14,11 @@ generation of `tokens` tokens whenever a marker, once present, stays present (ap
 never removes a phrase). Compared with generating every response to full length, a refusing
 sequence costs only the tokens up to its marker, and a batch of refusals ends after a handful of
 steps (Heretic's refusal counting generates a fixed number of tokens for every prompt).
+
+A caller may also stop a whole batch part-way (`abandon`): after every generated token it is told
+how many rows of the batch have already shown a marker. Those rows are refusals whatever comes
+next, so the count is a lower bound of the batch's final count; the optimizer's pruner gives up on
+a trial the moment that bound rules it out, usually a few tokens into the first batch.
 """
 
 from __future__ import annotations
@@ -40,15 +45,27 @@ class EarlyVerdicts:
         return sum(self.refused)
 
 
-def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int):
+class Abandoned(Exception):
+    """Raised out of generation when `abandon` said so: `refused` rows of the batch had shown a
+    marker after `tokens` tokens in all."""
+
+    def __init__(self, refused: int, tokens: int):
+        super().__init__(f"abandoned with {refused} refusals in the batch")
+        self.refused, self.tokens = refused, tokens
+
+
+def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
+               abandon: Callable[[int], bool] | None = None):
     """A transformers StoppingCriteria that marks a row decided once its text contains a marker or
     it ended with EOS (the token budget is max_new_tokens), and records ``ends[row]``: the number
-    of new tokens at the step it was decided (None while undecided)."""
+    of new tokens at the step it was decided (None while undecided). With `abandon`, raises
+    :class:`Abandoned` as soon as ``abandon(rows with a marker)`` is true."""
     from transformers import StoppingCriteria
 
     class MarkerSeen(StoppingCriteria):
         def __init__(self):
             self.ends: list[int | None] = [None] * rows
+            self.marked = 0
 
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             new = input_ids[:, prompt_width:].tolist()  # [b, t]
@@ -56,29 +73,40 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int):
                 if self.ends[i] is not None:
                     continue
                 text = markers.normalise(tokenizer.decode(row, skip_special_tokens=True))
-                if (row and row[-1] in stop) or any(m in text for m in markers.MARKERS):
+                if any(m in text for m in markers.MARKERS):
                     self.ends[i] = len(row)
+                    self.marked += 1
+                elif row and row[-1] in stop:
+                    self.ends[i] = len(row)
+            if abandon is not None and self.marked and abandon(self.marked):
+                raise Abandoned(self.marked, sum(len(row) if e is None else e for row, e in zip(new, self.ends)))
             return torch.tensor([e is not None for e in self.ends], dtype=torch.bool, device=input_ids.device)
 
     return MarkerSeen()
 
 
 @torch.inference_mode()
-def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32,
-                  batch_size: int = 32) -> Iterator[tuple[list[int], list[bool], list[int]]]:
+def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_size: int = 32,
+                  abandon: Callable[[int], bool] | None = None,
+                  share_prefix: bool = False) -> Iterator[tuple[list[int], list[bool], list[int]]]:
     """For each batch (in `encoded`'s length-sorted order): (row indices, refused, tokens generated).
-    A generator, so a caller can stop after any batch (the Optuna pruner does)."""
+    A generator, so a caller can stop after any batch; `abandon(marked rows in this batch)` is
+    asked after every token and raises :class:`Abandoned` out of it when true. With
+    `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
+    from .prefix import generate_inputs
+
     from transformers import GenerationConfig, StoppingCriteriaList
 
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=sorted(stop) or None)
-    for batch in encoded.batches(batch_size, device):
-        width = batch.input_ids.shape[1]
-        seen = _criterion(tokenizer, width, stop, len(batch.index))
-        seqs = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              generation_config=config, stopping_criteria=StoppingCriteriaList([seen]))
+    prefix = encoded.common_prefix() if share_prefix else None
+    for batch in encoded.batches(batch_size, device, prefix=prefix):
+        inputs = generate_inputs(model, batch)
+        width = inputs["input_ids"].shape[1]
+        seen = _criterion(tokenizer, width, stop, len(batch.index), abandon)
+        seqs = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([seen]))
         refused, used = [], []
         for row, end in zip(seqs[:, width:].tolist(), seen.ends):
             row = row if end is None else row[:end]  # a decided row only gets padding afterwards

@@ -49,12 +49,16 @@ def decode(tokenizer, continuations: list[list[int]]) -> list[str]:
 
 
 @torch.inference_mode()
-def last_logits(model, encoded: Encoded, batch_size: int = 32) -> torch.Tensor:
+def last_logits(model, encoded: Encoded, batch_size: int = 32, share_prefix: bool = False) -> torch.Tensor:
     """Float32 logits at the last prompt position, ``[n, vocab]`` on CPU, in input order.
-    Only the last position goes through the lm_head (``logits_to_keep=1``)."""
+    Only the last position goes through the lm_head (``logits_to_keep=1``). With `share_prefix`,
+    the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
+    from .prefix import forward_inputs
+
     device = next(model.parameters()).device
     rows: dict[int, torch.Tensor] = {}
-    for batch in encoded.batches(batch_size, device):
-        logits = model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()  # [b, vocab]
+    prefix = encoded.common_prefix() if share_prefix else None
+    for batch in encoded.batches(batch_size, device, prefix=prefix):
+        logits = model(**forward_inputs(model, batch), logits_to_keep=1).logits[:, -1].float().cpu()  # [b, vocab]
         rows.update(zip(batch.index, logits))
     return torch.stack([rows[i] for i in range(len(encoded.ids))])

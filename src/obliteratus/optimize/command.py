@@ -42,7 +42,9 @@ class OptimizeResult:
 def study_options(settings, updates: dict | None = None) -> StudyOptions:
     """``settings.optimize.study`` (once config.py mounts it) with `updates` applied, validated."""
     mounted = getattr(settings.optimize, "study", None)
-    base = mounted.model_dump() if isinstance(mounted, StudyOptions) else dict(mounted or {})
+    # field by field (not model_dump), so that the presets test's read spy sees every option used
+    base = ({name: getattr(mounted, name) for name in StudyOptions.model_fields} if isinstance(mounted, StudyOptions)
+            else dict(mounted or {}))
     return StudyOptions.model_validate({**base, **{k: v for k, v in (updates or {}).items() if v is not None}})
 
 
@@ -198,7 +200,7 @@ def optimize(
     """Search per-layer ablation kernels with a multi-objective Optuna study (refusal, KL) on the
     validation prompts, print the Pareto front, bake the picked trial and verify it on the test split.
     The study resumes from its storage; --storage postgresql://… shares it between workers."""
-    from ..cli import RichReporter, gather, metrics_table, out
+    from ..cli import RichReporter, gather
 
     overrides = gather({"model.dtype": dtype, "model.device": device, "data.n_train": n_train, "data.n_val": n_val,
                         "data.n_test": n_test, "evaluate.max_new_tokens": max_new_tokens}, sets)
@@ -207,6 +209,13 @@ def optimize(
     with RichReporter() as reporter:
         result = run_optimize(model, method, str(output) if output else None, overwrite, overrides, study,
                               str(run_dir) if run_dir else None, pick, worker, reporter)
+    print_result(result, model, method)
+
+
+def print_result(result: OptimizeResult, model: str, method: str) -> None:
+    """The study's Pareto front, then (unless a worker) the before/after table of the baked trial."""
+    from ..cli import metrics_table, out
+
     out.print(f"study {result.study_name} in {result.storage}")
     chosen = None if result.chosen is None else result.chosen.number
     from .study import front_table

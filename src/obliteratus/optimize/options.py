@@ -48,8 +48,11 @@ class StudyOptions(BaseModel):
     refusal_tokens: int = Field(32, ge=1, description="A response with no refusal marker within this many tokens "
                                                       "counts as answered (generation stops per sequence).")
     prune: bool = Field(True, description="Abandon a trial once its partial refusal count rules it out.")
-    prune_chunks: int = Field(4, ge=1, description="Harmful val prompts are generated in this many chunks; the "
-                                                   "pruner looks after each.")
+    prune_chunks: int = Field(1, ge=1, description="Harmful val prompts are generated in this many chunks (at most "
+                                                   "the evaluate batch size each); the pruner looks after every "
+                                                   "token, so one batch is cheapest.")
+    share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch and share "
+                                                  "its KV cache (evaluate/prefix.py); same scores, fewer tokens.")
     heartbeat_interval: int = Field(30, ge=1, description="Shared storages: a running trial's heartbeat period (s).")
     grace_period: int = Field(120, ge=1, description="Shared storages: a trial without heartbeat for this long "
                                                      "(its worker died) is marked failed and not counted.")
@@ -69,5 +72,5 @@ class StudyOptions(BaseModel):
 
     def space_fingerprint(self) -> dict:
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
-        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage", "study_name", "prune", "prune_chunks",
+        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage", "study_name", "prune", "prune_chunks", "share_prefix",
                                         "heartbeat_interval", "grace_period", "target_refusal"})

@@ -17,23 +17,29 @@ Parameters (names as Heretic's, p-e-w/heretic ``src/heretic/main.py`` ``objectiv
 Objectives, both on the validation split:
 
 * KL: mean over harmless val prompts of KL(p_base ‖ p_edit) at the first answer token, from one
-  batched forward pass; the base log-probs are computed once per process.
+  batched forward pass; the base log-probs are computed once per process. Measured after the
+  refusal count, so a pruned trial skips it.
+* both run the prompts' shared template prefix once per batch (``share_prefix``, evaluate/prefix.py).
 * refusal: fraction of harmful val prompts the marker judge flags, with early-stopping generation
-  (evaluate/early.py), in `prune_chunks` chunks. After chunk j the count so far c_j is a lower
-  bound of the final count (the remaining prompts can add refusals, never remove them), so the
-  final rate is ≥ c_j / n. Optuna's pruners cannot be used with two objectives (Trial.report and
+  (evaluate/early.py), in `prune_chunks` chunks (default one batch). At every generated token the
+  number c of prompts that have already shown a marker is a lower bound of the final count (a
+  marker, once generated, stays; the remaining tokens and prompts can add refusals, never remove
+  them), so the final rate is ≥ c / n. Optuna's pruners cannot be used with two objectives (Trial.report and
   should_prune raise for multi-objective studies), so the rule is ours:
 
-      prune  when  c_j / n > bar,   bar = target_refusal  if some finished trial reached it,
+      prune  when  c / n > bar,   bar = target_refusal  if some finished trial reached it,
                                     else the lowest refusal rate of the finished trials
 
   i.e. when even zero further refusals cannot make the trial one that :func:`study.pick` would
-  choose. The lower bounds are kept in the trial's user attrs (``refusals_lower_bound``).
+  choose. A ruled-out trial therefore stops a few tokens into generation. The lower bounds after
+  each chunk, and at the moment of pruning, are kept in the trial's user attrs
+  (``refusals_lower_bound``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +137,7 @@ class Scorer:
     tokens: int
     batch_size: int
     chunks: int
+    share_prefix: bool = False
 
     @classmethod
     def build(cls, model, tokenizer, harmful: Encoded, harmless: Encoded, options: StudyOptions,
@@ -138,34 +145,54 @@ class Scorer:
         from ..evaluate.generate import last_logits
 
         base = torch.log_softmax(last_logits(model, harmless, batch_size).double(), -1)  # [n, vocab]
+        share = options.share_prefix and bool(harmless.common_prefix()) and bool(harmful.common_prefix())
+        if share:  # check once that this model computes the same thing with the prefix cache
+            shared = torch.log_softmax(last_logits(model, harmless, batch_size, True).double(), -1)
+            gap = float((shared - base).abs().max())
+            if gap > 1e-3:
+                warnings.warn(f"{type(model).__name__}: shared-prefix logits differ from plain batches by {gap:.3g} "
+                              "(log-prob); scoring trials without prefix sharing", stacklevel=2)
+                share = False
+            else:
+                base = shared
         return cls(model, tokenizer, harmful, harmless, base, options.refusal_tokens, batch_size,
-                   options.prune_chunks)
+                   options.prune_chunks, share)
 
     def kl(self) -> float:
         from ..evaluate.generate import last_logits
         from ..evaluate.kl import kl_rows
 
-        now = torch.log_softmax(last_logits(self.model, self.harmless, self.batch_size).double(), -1)
+        now = torch.log_softmax(last_logits(self.model, self.harmless, self.batch_size,
+                                            self.share_prefix).double(), -1)
         return float(kl_rows(self.base, now).mean())
 
     def refusal(self, bar: float | None, record=None) -> tuple[float, int]:
-        """(refusal rate, tokens generated); raises optuna.TrialPruned once `bar` rules it out.
+        """(refusal rate, tokens generated); raises optuna.TrialPruned once `bar` rules it out, which
+        is checked after every generated token (evaluate/early.py ``abandon``) and after every chunk.
         `record(lower_bounds, tokens)` is called once, before returning or pruning."""
         import optuna
 
-        from ..evaluate.early import judge_batches
+        from ..evaluate.early import Abandoned, judge_batches
 
         n = len(self.harmful.ids)
         size = min(self.batch_size, max(1, math.ceil(n / self.chunks)))
         refused, used, bounds = 0, 0, []
-        for _, verdicts, tokens in judge_batches(self.model, self.tokenizer, self.harmful, self.tokens, size):
-            refused += sum(verdicts)
-            used += sum(tokens)
-            bounds.append(refused / n)
-            if ruled_out(refused, n, bar):
-                if record is not None:
-                    record(bounds, used)
-                raise optuna.TrialPruned(f"{refused}/{n} refusals already exceed the bar {bar:.3f}")
+        abandon = None if bar is None else (lambda marked: ruled_out(refused + marked, n, bar))
+        try:
+            for _, verdicts, tokens in judge_batches(self.model, self.tokenizer, self.harmful, self.tokens, size,
+                                                     abandon, self.share_prefix):
+                refused += sum(verdicts)
+                used += sum(tokens)
+                bounds.append(refused / n)
+                if ruled_out(refused, n, bar):
+                    raise Abandoned(0, 0)
+        except Abandoned as stop:
+            refused, used = refused + stop.refused, used + stop.tokens
+            if stop.tokens:
+                bounds.append(refused / n)
+            if record is not None:
+                record(bounds, used)
+            raise optuna.TrialPruned(f"{refused}/{n} refusals already exceed the bar {bar:.3f}") from None
         if record is not None:
             record(bounds, used)
         return refused / n, used
@@ -206,8 +233,9 @@ class Objective:
         try:
             with ablated(self.adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings,
                          biases=ex.biases, plan=plan):
+                refusal, _ = self.scorer.refusal(bar, record)  # first: a pruned trial needs no KL
                 attrs["kl"] = kl = self.scorer.kl()
-                refusal, _ = self.scorer.refusal(bar, record)
+                trial.set_user_attr("kl", kl)
         finally:
             if self.on_trial is not None:
                 self.on_trial(1)

@@ -1,0 +1,93 @@
+"""Shared-prefix batches (evaluate/prefix.py): running the prompts' common template prefix once per
+batch gives the same last-position logits and the same greedy continuations as the plain
+left-padded batch, for every supported family, with and without an edit's hooks attached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import family_params, tiny_model, tiny_tokenizer
+from obliteratus.batching import Encoded, encode_prompts
+from obliteratus.data.prompts import format_prompts
+from obliteratus.evaluate import early
+from obliteratus.evaluate.generate import last_logits
+from obliteratus.evaluate.judges import markers
+from obliteratus.evaluate.prefix import generate_inputs
+from obliteratus.excise.hooks import ablated
+from obliteratus.models.adapters import ArchitectureAdapter
+from obliteratus.optimize.options import StudyOptions
+from obliteratus.optimize.trial import Scorer
+
+PROMPTS = ["Hi", "How do I bake bread?", "Write a poem about the sea.", "What is 2 + 2?", "Tell me about dragons.",
+           "Name a colour."]
+
+
+def templated():
+    tok = tiny_tokenizer()
+    texts = format_prompts(tok, PROMPTS, True, system_prompt="You are a careful assistant.")
+    return tok, encode_prompts(tok, texts, True)
+
+
+def test_common_prefix_leaves_every_row_a_token():
+    enc = Encoded([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3]], [1, 0, 2], 0)
+    assert enc.common_prefix() == [1, 2]  # [1, 2, 3] would leave the last row nothing
+    assert Encoded([[1, 2], [3, 4]], [0, 1], 0).common_prefix() == []
+    (batch,) = enc.batches(3, prefix=[1, 2])
+    assert batch.input_ids.tolist() == [[3, 5, 6], [0, 3, 4], [0, 0, 3]]
+    assert batch.full_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 0, 0, 1]]
+    assert batch.position_ids[:, -1].tolist() == [4, 3, 2]  # positions continue after the prefix
+    with pytest.raises(ValueError, match="not shared"):
+        next(enc.batches(3, prefix=[1, 9]))
+
+
+# Gemma 2 / Gemma 3 build a different mask when a cache is passed with padding after it (their
+# logits differ): the optimizer's Scorer detects that and scores without sharing (test below).
+UNSHARED = ("gemma2", "gemma3_text")
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_shared_prefix_equals_plain_batches(family):
+    tok, enc = templated()
+    assert len(enc.common_prefix()) > 10  # the system turn
+    model = tiny_model(family)
+    scorer = Scorer.build(model, tok, enc, enc, StudyOptions(), 4)
+    assert scorer.share_prefix == (family not in UNSHARED)
+    if family in UNSHARED:
+        return
+    torch.testing.assert_close(last_logits(model, enc, 4, share_prefix=True), last_logits(model, enc, 4),
+                               atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        for plain, shared in zip(enc.batches(4), enc.batches(4, prefix=enc.common_prefix())):
+            kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+            a = model.generate(input_ids=plain.input_ids, attention_mask=plain.attention_mask, **kw)
+            inputs = generate_inputs(model, shared)
+            b = model.generate(**inputs, **kw)
+            assert torch.equal(a[:, plain.input_ids.shape[1]:], b[:, inputs["input_ids"].shape[1]:])
+
+
+def test_shared_prefix_under_an_edit_and_in_the_judge(monkeypatch):
+    """The prefix runs under the hooks too (the embeddings edit changes it), and the early-stopping
+    judge gives the same verdicts and token counts either way."""
+    tok, enc = templated()
+    model = tiny_model("llama")
+    q = torch.nn.functional.normalize(torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(3)), dim=-1)
+    with ablated(ArchitectureAdapter(model), q, 1.0, embeddings=True):
+        edited_shared = last_logits(model, enc, 4, share_prefix=True)
+        edited_plain = last_logits(model, enc, 4)
+    torch.testing.assert_close(edited_shared, edited_plain, atol=1e-4, rtol=1e-4)
+    assert (edited_plain - last_logits(model, enc, 4)).abs().max() > 1e-3  # the edit did change them
+    full = [tok.decode(c, skip_special_tokens=True) for c in
+            __import__("obliteratus.evaluate.generate", fromlist=["generate"]).generate(model, tok, enc, 5, 4)]
+    norms = [markers.normalise(t) for t in full]
+    pairs = {t[i:i + 2] for t in norms for i in range(len(t) - 1)}
+    marker = min(p for p in pairs if 0 < sum(p in n for n in norms) < len(norms))
+    monkeypatch.setattr(markers, "MARKERS", (marker,))
+    plain = early.judge(model, tok, enc, 5, 4)
+    shared = list(early.judge_batches(model, tok, enc, 5, 4, share_prefix=True))
+    refused = [None] * len(PROMPTS)
+    used = [None] * len(PROMPTS)
+    for index, r, u in shared:
+        for i, ri, ui in zip(index, r, u):
+            refused[i], used[i] = ri, ui
+    assert refused == plain.refused and used == plain.tokens and any(refused) and not all(refused)
