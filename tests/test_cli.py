@@ -231,3 +231,18 @@ def test_judge_is_selectable_for_verify(tiny_dir, tmp_path, capsys, monkeypatch)
     assert meta["metrics_after"]["judge"] == "prefix" and meta["settings"]["evaluate"]["judge"] == "prefix"
     code, _, err = run_cli(["obliterate", str(tiny_dir), "--layer", "2", "--judge", "nope", *FAST], capsys, monkeypatch)
     assert_one_error(code, err, "unknown judge")
+
+
+def test_obliterate_with_a_study_preset_runs_the_optimizer(tiny_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["obliterate", str(tiny_dir), "--method", "optimized", "--output", str(out), *FAST,
+                                 "--set", "optimize.study.n_trials=2", "--set", "optimize.study.n_startup_trials=1",
+                                 "--set", "optimize.study.refusal_tokens=3"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "optimizer study" in stdout and "Pareto front" in stdout and "refusal rate" in stdout
+    meta = json.loads((out / "obliteratus.json").read_text())
+    assert meta["preset"] == "optimized" and meta["optimize"]["trial"] in (0, 1)
+    assert (tmp_path / "run.study" / "study.db").is_file()
+    code, _, err = run_cli(["obliterate", str(tiny_dir), "--method", "optimized", "--lora", str(tmp_path / "l"), *FAST],
+                           capsys, monkeypatch)
+    assert_one_error(code, err, "--lora")

@@ -14,7 +14,8 @@ from optuna.trial import TrialState, create_trial
 
 from conftest import params_digest, tiny_model, tiny_tokenizer
 from obliteratus.batching import encode_prompts
-from obliteratus.config import ExciseSettings
+from obliteratus.config import ExciseSettings, resolve_settings
+from obliteratus.presets import load_preset
 from obliteratus.directions.interpolate import direction_at
 from obliteratus.evaluate import early
 from obliteratus.evaluate.judges import markers as refusal
@@ -219,3 +220,18 @@ def test_pareto_front_and_pick():
     assert pick(study, index=5).number == 5
     with pytest.raises(Exception, match="no completed trial"):
         pick(study, index=42)
+
+
+def test_orthogonalized_directions_are_unit_and_orthogonal_to_the_harmless_mean():
+    from obliteratus.optimize.command import orthogonal_to
+
+    g = torch.randn(L + 1, D, generator=torch.Generator().manual_seed(1))
+    r = mean_diffs() + 3 * g  # a large component along the harmless mean
+    out = orthogonal_to(r, g)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(L + 1), atol=1e-6, rtol=0)
+    assert (out * torch.nn.functional.normalize(g, dim=-1)).sum(-1).abs().max() < 1e-6
+    # what is left is r's own component orthogonal to g, up to scale
+    rg = r - (r * g).sum(-1, keepdim=True) / (g * g).sum(-1, keepdim=True) * g
+    torch.testing.assert_close(out, torch.nn.functional.normalize(rg, dim=-1), atol=1e-6, rtol=0)
+    assert StudyOptions().orthogonalize is False
+    assert resolve_settings(load_preset("heretic")).optimize.study.orthogonalize is True

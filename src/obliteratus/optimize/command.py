@@ -48,15 +48,28 @@ def study_options(settings, updates: dict | None = None) -> StudyOptions:
     return StudyOptions.model_validate({**base, **{k: v for k, v in (updates or {}).items() if v is not None}})
 
 
-def mean_differences(loaded, cache, settings, prompts) -> torch.Tensor:
+def mean_differences(loaded, cache, settings, prompts, orthogonalize: bool = False) -> torch.Tensor:
     """[L+1, d]: harmful minus harmless train means at the last position, on the resid_pre axis
-    (the contrast groups of directions/driver.py)."""
+    (the contrast groups of directions/driver.py). With `orthogonalize`, each row is the unit
+    difference with its component along the unit negative-group mean removed, renormalised
+    (Heretic's ``orthogonalize_direction``, after grimjim's projected abliteration)."""
     from ..directions.diff_means import mean_difference
     from ..directions.driver import contrast_groups
 
     train = {cls: prompts.encoded[f"{cls}.train"] for cls in ("harmful", "harmless")}
     contrast = contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
-    return mean_difference(contrast.positive, contrast.negative)[-1]
+    diffs = mean_difference(contrast.positive, contrast.negative)[-1]  # [L+1, d]
+    if not orthogonalize:
+        return diffs
+    return orthogonal_to(diffs, contrast.negative[:, -1].double().mean(0))
+
+
+def orthogonal_to(diffs: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Row-wise: r̂ − (r̂·ĝ)ĝ, renormalised, for r = `diffs` [L+1, d] and g = `means` [L+1, d]."""
+    r = torch.nn.functional.normalize(diffs.double(), dim=-1)
+    g = torch.nn.functional.normalize(means.double(), dim=-1)
+    r = r - (r * g).sum(-1, keepdim=True) * g
+    return torch.nn.functional.normalize(r, dim=-1).to(diffs.dtype)
 
 
 def run_optimize(model: str, preset: str = "optimized", output: str | None = None, overwrite: bool = False,
@@ -89,7 +102,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         prompts = prepare_prompts(loaded.tokenizer, settings)
         cache = probe(loaded, prompts, settings, reporter)
     with _timed(timings, "distill", reporter):
-        mean_diffs = mean_differences(loaded, cache, settings, prompts)  # [L+1, d]
+        mean_diffs = mean_differences(loaded, cache, settings, prompts, options.orthogonalize)  # [L+1, d]
         basis = None
         if options.max_directions > 1:
             wide = settings.model_copy(update={"directions": settings.directions.model_copy(

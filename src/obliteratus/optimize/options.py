@@ -41,6 +41,8 @@ class StudyOptions(BaseModel):
     min_weight_fraction: Range = Field((0.0, 1.0), description="min_weight as a fraction of max_weight.")
     min_weight_distance: Range = Field((1.0, 0.6), description="Kernel half-width: low end in layers, high end as "
                                                                "a fraction of L (Heretic: [1, 0.6 L]; at least 1).")
+    orthogonalize: bool = Field(False, description="Remove from each layer's direction its component along the "
+                                                   "harmless mean (Heretic 1.4.0's orthogonalize_direction).")
     max_directions: int = Field(1, ge=1, description="> 1: also search n_directions in 1..max (the extra "
                                                      "directions are the distilled basis's leading rows).")
     target_refusal: float = Field(0.05, ge=0.0, le=1.0, description="Default pick: the lowest-KL trial whose val "
