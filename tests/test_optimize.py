@@ -25,7 +25,8 @@ from obliteratus.excise.kernels import search_space
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.optimize.options import StudyOptions
 from obliteratus.optimize.study import pareto_front, pick
-from obliteratus.optimize.trial import Objective, Scorer, plan_from_params, prune_bar, ruled_out, suggest
+from obliteratus.optimize.trial import (Objective, Scorer, pareto_bar, plan_from_params, prune_bar, ruled_out,
+                                        suggest)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 L, D = 3, 32
@@ -235,3 +236,32 @@ def test_orthogonalized_directions_are_unit_and_orthogonal_to_the_harmless_mean(
     torch.testing.assert_close(out, torch.nn.functional.normalize(rg, dim=-1), atol=1e-6, rtol=0)
     assert StudyOptions().orthogonalize is False
     assert resolve_settings(load_preset("heretic")).optimize.study.orthogonalize is True
+
+
+def test_pareto_prune_rule():
+    n = 8
+    finished = [(0.25, 0.1), (0.5, 0.02)]
+    assert pareto_bar([], 0.3, 0.05, n) is None
+    # KL 0.3: (0.25, 0.1) has no more KL, so 2 of 8 refusals (0.25) already make the trial dominated
+    bar = pareto_bar(finished, 0.3, 0.05, n)
+    assert ruled_out(2, n, bar) and not ruled_out(1, n, bar)
+    # KL 0.05: only (0.5, 0.02) has no more KL: pruned at 4 refusals, not at 3
+    bar = pareto_bar(finished, 0.05, 0.05, n)
+    assert ruled_out(4, n, bar) and not ruled_out(3, n, bar)
+    assert pareto_bar(finished, 0.01, 0.05, n) is None  # lowest KL so far: it can always join the front
+    # once a trial reached the target, anything above it is pruned whatever its KL
+    assert ruled_out(1, n, pareto_bar([(0.0, 0.9)], 0.01, 0.05, n))
+
+
+def test_pareto_rule_measures_kl_first_and_prunes_a_dominated_trial(monkeypatch):
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal
+    objective = make_objective(tiny_model("llama"), StudyOptions(refusal_tokens=4, prune=True, prune_rule="pareto"))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(finished((0.5, 1e9)))  # more KL than any trial: dominates nothing
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.COMPLETE and t.values[0] == 1.0 and "kl" in t.user_attrs
+    study.add_trial(finished((0.5, 0.0)))  # no KL and half the refusals: every later trial is dominated
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.PRUNED and "kl" in t.user_attrs and t.user_attrs["tokens_generated"] == 4

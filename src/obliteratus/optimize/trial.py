@@ -31,7 +31,14 @@ Objectives, both on the validation split:
                                     else the lowest refusal rate of the finished trials
 
   i.e. when even zero further refusals cannot make the trial one that :func:`study.pick` would
-  choose. A ruled-out trial therefore stops a few tokens into generation. The lower bounds after
+  choose. A ruled-out trial therefore stops a few tokens into generation.
+
+  With ``prune_rule = "pareto"`` the KL is measured first and a trial is pruned only when it is
+  sure to be dominated by a finished one (one with no more KL has a refusal rate at or below the
+  running lower bound), or exceeds the target once some trial has reached it (:func:`pareto_bar`).
+  "best" keeps few trials complete once one trial sets a low bar (the study then learns from few
+  points); "pareto" completes every trial that can still join the front, at the price of a KL
+  pass for the pruned ones. The lower bounds after
   each chunk, and at the moment of pruning, are kept in the trial's user attrs
   (``refusals_lower_bound``).
 """
@@ -117,6 +124,18 @@ def prune_bar(finished_refusals: list[float], target: float) -> float | None:
         return None
     best = min(finished_refusals)
     return target if best <= target else best
+
+
+def pareto_bar(finished: list[tuple[float, float]], kl: float, target: float, n: int) -> float | None:
+    """The ``prune_rule = "pareto"`` bar for a trial whose KL is already measured: prune when the
+    trial is sure to be dominated, i.e. some finished trial has KL <= `kl` and a refusal rate r_t at
+    most the trial's lower bound c / n (so c >= r_t·n: the bar is r_t − 1/(2n) under the strict
+    ``ruled_out`` test), or when some finished trial reached `target` and the bound exceeds it.
+    `finished` holds (refusal, KL) of the complete trials; None (never prune) when neither applies."""
+    bars = [r - 0.5 / n for r, k in finished if k <= kl]
+    if any(r <= target for r, _ in finished):
+        bars.append(target)
+    return min(bars) if bars else None
 
 
 def ruled_out(refused_so_far: int, n_total: int, bar: float | None) -> bool:
@@ -211,10 +230,14 @@ class Objective:
     basis: torch.Tensor | None = None
     on_trial: object = None  # called after every trial (progress)
 
-    def finished_refusals(self, study) -> list[float]:
+    def finished(self, study) -> list[tuple[float, float]]:
+        """(refusal, KL) of every complete trial."""
         from optuna.trial import TrialState
 
-        return [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+    def finished_refusals(self, study) -> list[float]:
+        return [r for r, _ in self.finished(study)]
 
     def __call__(self, trial) -> tuple[float, float]:
         from ..excise.hooks import ablated
@@ -222,7 +245,9 @@ class Objective:
         n_layers, ex = self.adapter.n_layers, self.excise
         params = suggest(trial, n_layers, self.options, self.basis is not None)
         q, plan = plan_from_params(params, self.mean_diffs, n_layers, self.basis)
-        bar = prune_bar(self.finished_refusals(trial.study), self.options.target_refusal) if self.options.prune else None
+        pareto = self.options.prune and self.options.prune_rule == "pareto"
+        bar = (prune_bar(self.finished_refusals(trial.study), self.options.target_refusal)
+               if self.options.prune and not pareto else None)
         attrs = {}
 
         def record(bounds: list[float], tokens: int) -> None:
@@ -233,9 +258,15 @@ class Objective:
         try:
             with ablated(self.adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings,
                          biases=ex.biases, plan=plan):
-                refusal, _ = self.scorer.refusal(bar, record)  # first: a pruned trial needs no KL
-                attrs["kl"] = kl = self.scorer.kl()
-                trial.set_user_attr("kl", kl)
+                if pareto:  # KL first: the bar depends on it
+                    attrs["kl"] = kl = self.scorer.kl()
+                    trial.set_user_attr("kl", kl)
+                    bar = pareto_bar(self.finished(trial.study), kl, self.options.target_refusal,
+                                     len(self.scorer.harmful.ids))
+                refusal, _ = self.scorer.refusal(bar, record)  # "best": first, so a pruned trial needs no KL
+                if not pareto:
+                    attrs["kl"] = kl = self.scorer.kl()
+                    trial.set_user_attr("kl", kl)
         finally:
             if self.on_trial is not None:
                 self.on_trial(1)
