@@ -38,9 +38,10 @@ Objectives, both on the validation split:
   running lower bound), or exceeds the target once some trial has reached it (:func:`pareto_bar`).
   "best" keeps few trials complete once one trial sets a low bar (the study then learns from few
   points); "pareto" completes every trial that can still join the front, at the price of a KL
-  pass for the pruned ones. The lower bounds after
-  each chunk, and at the moment of pruning, are kept in the trial's user attrs
-  (``refusals_lower_bound``).
+  pass for the pruned ones.
+
+  The lower bounds after each chunk, and at the moment of pruning, are kept in the trial's user
+  attrs (``refusals_lower_bound``).
 """
 
 from __future__ import annotations
@@ -248,25 +249,26 @@ class Objective:
         pareto = self.options.prune and self.options.prune_rule == "pareto"
         bar = (prune_bar(self.finished_refusals(trial.study), self.options.target_refusal)
                if self.options.prune and not pareto else None)
-        attrs = {}
 
-        def record(bounds: list[float], tokens: int) -> None:
-            attrs.update(refusals_lower_bound=bounds, tokens_generated=tokens, prune_bar=bar)
-            for key, value in attrs.items():
+        def record(bounds: list[float], tokens: int) -> None:  # reads `bar` when called (pareto sets it late)
+            for key, value in dict(refusals_lower_bound=bounds, tokens_generated=tokens, prune_bar=bar).items():
                 trial.set_user_attr(key, value)
+
+        def measure_kl() -> float:
+            kl = self.scorer.kl()
+            trial.set_user_attr("kl", kl)
+            return kl
 
         try:
             with ablated(self.adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings,
                          biases=ex.biases, plan=plan):
                 if pareto:  # KL first: the bar depends on it
-                    attrs["kl"] = kl = self.scorer.kl()
-                    trial.set_user_attr("kl", kl)
+                    kl = measure_kl()
                     bar = pareto_bar(self.finished(trial.study), kl, self.options.target_refusal,
                                      len(self.scorer.harmful.ids))
                 refusal, _ = self.scorer.refusal(bar, record)  # "best": first, so a pruned trial needs no KL
                 if not pareto:
-                    attrs["kl"] = kl = self.scorer.kl()
-                    trial.set_user_attr("kl", kl)
+                    kl = measure_kl()
         finally:
             if self.on_trial is not None:
                 self.on_trial(1)
