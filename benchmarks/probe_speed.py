@@ -41,7 +41,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 0, reps: int = 10) -> float:
+    n = n or (8192 if device.type == "cuda" else 2048)  # big enough to reach the device's peak
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
