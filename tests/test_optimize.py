@@ -265,3 +265,21 @@ def test_pareto_rule_measures_kl_first_and_prunes_a_dominated_trial(monkeypatch)
     study.optimize(objective, n_trials=1)
     t = study.trials[-1]
     assert t.state == TrialState.PRUNED and "kl" in t.user_attrs and t.user_attrs["tokens_generated"] == 4
+
+
+def test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_trials(monkeypatch):
+    """constrain: every trial carries (refusal or its pruned lower bound) − target as an Optuna
+    constraint, so TPE ranks the infeasible trials, pruned ones included, by how far they missed."""
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal
+    objective = make_objective(tiny_model("llama"), StudyOptions(refusal_tokens=4, prune=True, constrain=True))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.optimize(objective, n_trials=1)  # nothing finished: complete, refusal 1.0
+    study.add_trial(finished((0.0, 1.0)))  # the target is reached: the next trial is pruned at 4/8
+    study.optimize(objective, n_trials=1)
+    complete, pruned = study.trials[0], study.trials[-1]
+    assert complete.state == TrialState.COMPLETE and pruned.state == TrialState.PRUNED
+    for t, rate in ((complete, 1.0), (pruned, pruned.user_attrs["refusals_lower_bound"][-1])):
+        assert t.user_attrs["refusal_excess"] == pytest.approx(rate - 0.05)
+        if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna >= 5: the sampler reads trial.constraints
+            assert t.constraints == {"refusal": pytest.approx(rate - 0.05)}
+    assert pruned.user_attrs["refusals_lower_bound"][-1] == 0.5

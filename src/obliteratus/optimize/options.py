@@ -54,6 +54,10 @@ class StudyOptions(BaseModel):
         "best", description="best: prune once the refusal bound exceeds the target (or, before any trial reached it, "
                             "the best refusal so far); pareto: measure KL first and prune only a trial sure to be "
                             "dominated by a finished one, or above the target once it was reached.")
+    constrain: bool = Field(False, description="Tell the TPE sampler that a val refusal rate above target_refusal is "
+                                                "infeasible (an Optuna constraint, for pruned trials their refusal "
+                                                "lower bound): TPE then first drives refusal under the target, then "
+                                                "minimises KL among the trials that reached it.")
     prune_chunks: int = Field(1, ge=1, description="Harmful val prompts are generated in this many chunks (at most "
                                                    "the evaluate batch size each); the pruner looks after every "
                                                    "token, so one batch is cheapest.")
@@ -78,5 +82,5 @@ class StudyOptions(BaseModel):
 
     def space_fingerprint(self) -> dict:
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
-        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage", "study_name", "prune", "prune_rule", "prune_chunks", "share_prefix",
+        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage", "study_name", "prune", "prune_rule", "constrain", "prune_chunks", "share_prefix",
                                         "heartbeat_interval", "grace_period", "target_refusal"})

@@ -87,8 +87,11 @@ def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: di
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(options, url)
+    legacy = {}  # Optuna < 5 has no Trial.set_constraint: the sampler reads the excess from a user attr
+    if options.constrain and not hasattr(optuna.trial.Trial, "set_constraint"):
+        legacy["constraints_func"] = lambda t: (t.user_attrs.get(EXCESS, 0.0),)
     sampler = TPESampler(n_startup_trials=options.n_startup_trials, n_ei_candidates=options.n_ei_candidates,
-                         multivariate=True, seed=worker_seed(options.seed, url))
+                         multivariate=True, seed=worker_seed(options.seed, url), **legacy)
     study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     mine = json.loads(json.dumps(fingerprint, default=str))  # normalised as stored (tuples -> lists)
@@ -100,6 +103,17 @@ def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: di
         raise ConfigError(f"study {study_name!r} in {redact(url)} was made with different settings ({', '.join(diff)}); "
                           "give another --study-name or the same settings")
     return study
+
+
+EXCESS = "refusal_excess"
+
+
+def constrain_refusal(trial, excess: float) -> None:
+    """Record the trial's refusal rate (or, when pruned, its lower bound) minus the target as an
+    Optuna constraint: > 0 is infeasible, and the TPE sampler ranks infeasible trials by it."""
+    trial.set_user_attr(EXCESS, excess)
+    if hasattr(trial, "set_constraint"):  # Optuna >= 5
+        trial.set_constraint("refusal", excess)
 
 
 def _count(study, states: tuple[str, ...], below: int | None = None) -> int:

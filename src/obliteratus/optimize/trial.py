@@ -42,6 +42,12 @@ Objectives, both on the validation split:
 
   The lower bounds after each chunk, and at the moment of pruning, are kept in the trial's user
   attrs (``refusals_lower_bound``).
+
+  With ``constrain`` the last of these bounds minus ``target_refusal`` is also the trial's Optuna
+  constraint (study.constrain_refusal). Without it the TPE sampler knows a pruned trial only as
+  "pruned" (a multi-objective trial has no intermediate values), so when most trials are pruned it
+  fills its "good" group with arbitrary ones; with it the sampler ranks infeasible trials, pruned
+  ones included, by how far they missed the target, and the feasible ones by refusal and KL.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from ..errors import ConfigError
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
 from .options import StudyOptions
+from .study import constrain_refusal
 
 COMPONENTS = ("attn", "mlp")
 
@@ -253,6 +260,8 @@ class Objective:
         def record(bounds: list[float], tokens: int) -> None:  # reads `bar` when called (pareto sets it late)
             for key, value in dict(refusals_lower_bound=bounds, tokens_generated=tokens, prune_bar=bar).items():
                 trial.set_user_attr(key, value)
+            if self.options.constrain:
+                constrain_refusal(trial, bounds[-1] - self.options.target_refusal)
 
         def measure_kl() -> float:
             kl = self.scorer.kl()
