@@ -118,11 +118,14 @@ def test_report_opens_in_headless_chromium(run_dir):
     import shutil
     import subprocess
 
-    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    names = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+    browser = next((b for b in names if shutil.which(b)), None)
     if browser is None:
-        pytest.skip("no Chromium installed")
+        pytest.skip("no Chromium installed (.ci/run installs chromium-headless-shell)")
     page = run_dir / "report.html"
-    done = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "<img" in done.stdout and "</html>" in done.stdout
+    console_errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "Uncaught" in line]
+    assert not console_errors, console_errors
