@@ -283,3 +283,12 @@ def test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_t
         if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna >= 5: the sampler reads trial.constraints
             assert t.constraints == {"refusal": pytest.approx(rate - 0.05)}
     assert pruned.user_attrs["refusals_lower_bound"][-1] == 0.5
+
+
+def test_extra_directions_need_a_method_that_gives_them(tmp_path):
+    """max_directions > 1 with diff_means (one direction) would search a parameter that does nothing."""
+    from obliteratus.errors import ConfigError
+    from obliteratus.optimize.command import run_optimize
+
+    with pytest.raises(ConfigError, match="max_directions = 3 needs a direction method.*'diff_means' gives 1"):
+        run_optimize(str(tmp_path / "never-loaded"), "optimized", study={"max_directions": 3}, run_dir=str(tmp_path))

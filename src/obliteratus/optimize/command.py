@@ -94,6 +94,15 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     run = Path(run_dir) if run_dir else (Path(output).with_name(Path(output).name + ".study") if output
                                          else Path("obliteratus-runs") / name)
     url = st.storage_url(options, run)
+    if options.max_directions > 1:
+        from ..directions.base import get_direction_method
+        from ..errors import ConfigError
+
+        cap = get_direction_method(settings.directions.method).max_directions
+        if cap is not None and cap < options.max_directions:
+            raise ConfigError(f"optimize.study.max_directions = {options.max_directions} needs a direction method "
+                              f"that gives that many directions; {settings.directions.method!r} gives {cap} "
+                              "(set directions.method, e.g. svd)")
     timings: dict[str, float] = {}
     with _timed(timings, "summon", reporter):
         loaded = summon(model, settings.model)
