@@ -246,3 +246,12 @@ def test_obliterate_with_a_study_preset_runs_the_optimizer(tiny_dir, tmp_path, c
     code, _, err = run_cli(["obliterate", str(tiny_dir), "--method", "optimized", "--lora", str(tmp_path / "l"), *FAST],
                            capsys, monkeypatch)
     assert_one_error(code, err, "--lora")
+
+
+def test_analyze_names_the_layer_it_took_the_direction_from(tiny_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "analysis"
+    code, stdout, err = run_cli(["analyze", str(tiny_dir), "--output", str(out), "--n-train", "8", "--n-test", "6",
+                                 "--patch-prompts", "2"], capsys, monkeypatch)
+    assert code == 0, err
+    layer = json.loads((out / "analysis.json").read_text())["direction"]["layer"]
+    assert f"direction from layer {layer}, chosen by effect_size" in " ".join(stdout.split())

@@ -310,7 +310,9 @@ def analyze(
     result = run(model, str(output), n_train=n_train, n_test=n_test, layers=layers, layer=layer, preset=preset,
                  probe_method=probe_method, patch_prompts=patch_prompts, patch_layers=patch_layers, top_k=top_k,
                  overwrite=overwrite, overrides=gather({}, sets))
-    out.print(f"analysis of {model} (direction from layer {result.get('layer')}) written to {output}/analysis.json")
+    direction = result["direction"]
+    out.print(f"analysis of {model} (direction from layer {direction['layer']}, chosen by {direction['chosen_by']}) "
+              f"written to {output}/analysis.json")
 
 
 def _register() -> None:
