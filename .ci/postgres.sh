@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL on 127.0.0.1 for tests/test_optimize_postgres.py.
-#   .ci/postgres.sh [start]  installs PostgreSQL (apt-get) if missing, starts a fresh cluster with
+#   .ci/postgres.sh [start]  installs PostgreSQL (.ci/apt-install.sh) if missing, starts a fresh cluster with
 #                            user/db "obliteratus" (trust auth, loopback only) and prints its URL;
 #   .ci/postgres.sh stop     stops it and deletes the cluster.
 # The cluster lives in $OBLITERATUS_PG_DIR (default /tmp/obliteratus-pg) on port $OBLITERATUS_PG_PORT
@@ -35,9 +35,7 @@ fi
 
 BIN=$(find_bin || true)
 if [[ -z "$BIN" ]]; then
-    SUDO=$([[ $(id -u) -eq 0 ]] && echo "" || echo "sudo")
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >&2
+    "$(dirname "$0")/apt-install.sh" postgresql
     BIN=$(find_bin)
 fi
 if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
