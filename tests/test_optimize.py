@@ -292,3 +292,19 @@ def test_extra_directions_need_a_method_that_gives_them(tmp_path):
 
     with pytest.raises(ConfigError, match="max_directions = 3 needs a direction method.*'diff_means' gives 1"):
         run_optimize(str(tmp_path / "never-loaded"), "optimized", study={"max_directions": 3}, run_dir=str(tmp_path))
+
+
+def test_constraint_reaches_the_sampler_without_trial_set_constraint(monkeypatch, tmp_path):
+    """Optuna 4 has no Trial.set_constraint: open_study then gives TPE a constraints_func that reads
+    the excess from the user attr, and the trial ends up with the same constraint."""
+    from obliteratus.optimize.study import open_study
+
+    for cls in (optuna.trial.Trial, optuna.trial.BaseTrial):  # Optuna 5 defines it on both
+        monkeypatch.delattr(cls, "set_constraint", raising=False)
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal
+    options = StudyOptions(refusal_tokens=4, prune=True, constrain=True)
+    study = open_study(options, f"sqlite:///{tmp_path / 'study.db'}", "legacy", {"space": 1})
+    study.optimize(make_objective(tiny_model("llama"), options), n_trials=1)
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE and t.user_attrs["refusal_excess"] == pytest.approx(0.95)
+    assert list(t.constraints.values() if isinstance(t.constraints, dict) else t.constraints) == [pytest.approx(0.95)]

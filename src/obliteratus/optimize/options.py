@@ -82,5 +82,6 @@ class StudyOptions(BaseModel):
 
     def space_fingerprint(self) -> dict:
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
-        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage", "study_name", "prune", "prune_rule", "constrain", "prune_chunks", "share_prefix",
-                                        "heartbeat_interval", "grace_period", "target_refusal"})
+        return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage",
+                                        "study_name", "prune", "prune_rule", "constrain", "prune_chunks",
+                                        "share_prefix", "heartbeat_interval", "grace_period", "target_refusal"})

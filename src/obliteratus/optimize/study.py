@@ -80,6 +80,9 @@ def _storage(options: StudyOptions, url: str, attempts: int = 5):
             time.sleep(0.5 * (attempt + 1))
 
 
+EXCESS = "refusal_excess"  # the user attr that carries a trial's refusal constraint (constrain_refusal)
+
+
 def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: dict):
     """Create or load the study; refuse one whose fingerprint differs."""
     import optuna
@@ -103,9 +106,6 @@ def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: di
         raise ConfigError(f"study {study_name!r} in {redact(url)} was made with different settings ({', '.join(diff)}); "
                           "give another --study-name or the same settings")
     return study
-
-
-EXCESS = "refusal_excess"
 
 
 def constrain_refusal(trial, excess: float) -> None:
