@@ -413,3 +413,49 @@ def test_jailbreak_templates(tmp_path):
         jb_mod.load_jailbreak_templates(bad)
     with pytest.raises(PromptError, match="not found"):
         jb_mod.load_jailbreak_templates(tmp_path / "missing.txt")
+
+
+# ---- cone: the concept-cone analysis chooses one direction or a subspace ----
+
+def _cone_data(spread: bool, seed: int = 0, d: int = 48, per: int = 40):
+    """Three harm categories whose refusal directions are e0, e1, e2 (spread) or all e0, plus noise."""
+    g = gen(seed)
+    axes = torch.eye(d)
+    labels, rows = [], []
+    for c, name in enumerate(("cyber", "fraud", "weapons")):
+        v = axes[c] if spread else axes[0]
+        rows.append(4.0 * v + 0.3 * torch.randn(per, d, generator=g))
+        labels += [name] * per
+    harmful = torch.cat(rows)
+    harmless = 0.3 * torch.randn(3 * per, d, generator=g)
+    return harmful, labels, harmless
+
+
+def test_cone_recovers_a_planted_three_dimensional_cone():
+    from obliteratus.directions.cone import cone_basis, cone_size
+
+    harmful, labels, harmless = _cone_data(spread=True)
+    k, dim, _ = cone_size(harmful, labels, harmless, k_max=4)
+    assert dim == pytest.approx(3.0, abs=0.1) and k == 3
+    basis = cone_basis(harmful, harmless, 4, harmful=harmful, labels=labels, harmless=harmless)
+    assert basis.shape == (3, 48)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    span = basis.double().T @ basis.double()  # projector onto the basis
+    for c in range(3):  # every planted category direction lies in the span
+        e = torch.eye(48, dtype=torch.float64)[c]
+        assert float((span @ e).norm()) > 0.99
+    first = diff_means(harmful, harmless)[0]
+    assert float(basis[0] @ first) > 0.999  # the difference of means comes first
+    assert cone_basis(harmful, harmless, 2, harmful=harmful, labels=labels, harmless=harmless).shape == (2, 48)
+
+
+def test_cone_of_one_direction_is_the_difference_of_means():
+    from obliteratus.directions.cone import cone_basis, cone_size
+
+    harmful, labels, harmless = _cone_data(spread=False)
+    k, dim, _ = cone_size(harmful, labels, harmless, k_max=4)
+    assert dim < 1.1 and k == 1
+    basis = cone_basis(harmful, harmless, 4, harmful=harmful, labels=labels, harmless=harmless)
+    torch.testing.assert_close(basis, diff_means(harmful, harmless))
+    with pytest.raises(PromptError, match="category label"):
+        cone_basis(harmful, harmless, 4)

@@ -151,3 +151,17 @@ def test_factors_multiply_to_the_projection_edit():
         a, b = lora_factors(w, q, 1.5, layout)
         delta = b @ a if layout == "out_in" else (b @ a).T
         torch.testing.assert_close(w + delta, project_out(w, q, 1.5, layout))
+
+
+def test_fused_expert_tensors_are_refused_with_a_clear_error(tmp_path):
+    from test_moe import moe_model
+
+    model = moe_model("gpt_oss")
+    adapter = ArchitectureAdapter(model)
+    assert any(w.fused for w in adapter.writers())
+    q = random_unit(adapter.d_model, seed=3)  # [1, d]
+    with pytest.raises(EditError, match="routed expert"):
+        export_lora(model, adapter, q, 1.0, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    export_lora(model, adapter, q, 1.0, tmp_path / "attn", mlp=False)  # attention and embeddings still export
+    assert (tmp_path / "attn" / "adapter_model.safetensors").exists()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from obliteratus.config import resolve_settings
-from obliteratus.pipeline import obliterate
+from obliteratus.errors import ConfigError
+from obliteratus.pipeline import moved_cosine, obliterate
 
 from conftest import save_tiny, tiny_model
 
@@ -94,6 +95,27 @@ def test_per_layer_scope_uses_each_layers_own_direction(tiny_dir):
     assert not torch.allclose(bases[0], bases[2])
 
 
+def test_biprojection_orthogonalises_against_each_layers_harmless_mean(tiny_dir):
+    from obliteratus.models import ArchitectureAdapter
+    from obliteratus.probe import collect
+
+    r = run(tiny_dir, {"directions": {"project_harmless": True, "biproject": True}})
+    d, bases = r.directions, r.directions.layer_bases
+    unedited = ArchitectureAdapter(original())
+    harmless = collect(unedited, r.prompts.encoded["harmless.train"]).double().mean(0)[-1]  # [L+1, d]
+    raw = d.mean_diff.double() / d.mean_diff.double().norm()
+    for i, o, down in writer_weights(r.loaded.model):
+        b = bases[i].double()[0]
+        assert abs(float(b @ harmless[i + 1])) < 1e-4 * float(harmless[i + 1].norm())  # ⟂ this layer's harmless mean
+        mu = harmless[i + 1] / harmless[i + 1].norm()
+        expect = raw - (raw @ mu) * mu
+        torch.testing.assert_close(b, expect / expect.norm(), atol=1e-5, rtol=1e-5)  # the source direction, projected
+        assert (bases[i] @ o).abs().max() < 1e-4 and (bases[i] @ down).abs().max() < 1e-4
+    assert abs(float(d.basis.double()[0] @ harmless[d.layer])) < 1e-4 * float(harmless[d.layer].norm())
+    with pytest.raises(ConfigError, match="biproject"):
+        run(tiny_dir, {"directions": {"biproject": True}})
+
+
 def test_kernels_weight_layers_and_skip_far_ones(tiny_dir):
     kernel = {"max_weight": 1.0, "max_weight_position": 2.0, "min_weight": 0.5, "min_weight_distance": 1.0}
     r = run(tiny_dir, {"excise": {"kernel_attn": kernel, "kernel_mlp": kernel, "embeddings": False}})
@@ -154,10 +176,23 @@ def test_lm_head_option_edits_the_untied_head(tiny_dir):
 
 
 def test_multi_pass_refinement_logs_each_pass(tiny_dir):
-    r = run(tiny_dir, {"excise": {"passes": 3, "refine_cos": 0.99}})
+    r = run(tiny_dir, {"excise": {"passes": 3, "refine_cos": 1.0}})  # a cosine of 1 is never reached: 3 passes
     passes = r.edit.details["passes"]
-    assert passes[0]["pass"] == 1 and 2 <= len(passes) <= 3
-    assert all("cos_to_removed" in p for p in passes[1:])
+    assert [p["pass"] for p in passes] == [1, 2, 3] and not any("stopped" in p for p in passes)
+    assert all("cos_to_removed" in p and 0 < p["moved_cos"] < 1 for p in passes[1:])
+
+
+def test_multi_pass_refinement_stops_once_the_direction_stops_moving(tiny_dir):
+    r = run(tiny_dir, {"excise": {"passes": 3, "refine_cos": 0.01}})  # any leftover turns it by less than this
+    passes = r.edit.details["passes"]
+    assert len(passes) == 2 and "stopped" in passes[1] and passes[1]["moved_cos"] >= 0.01
+
+
+def test_moved_cosine_is_the_turn_of_the_accumulated_direction():
+    total = torch.tensor([3.0, 0.0, 0.0])
+    assert moved_cosine(total, torch.tensor([0.0, 4.0, 0.0])) == pytest.approx(3 / 5)  # (3,4,0) vs (3,0,0)
+    assert moved_cosine(total, torch.tensor([0.0, 0.03, 0.0])) > 0.99  # a small leftover barely turns it
+    assert moved_cosine(total, torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)  # same direction: no turn
 
 
 def test_hook_mode_leaves_weights_and_saves_steering(tiny_dir, tmp_path):
@@ -210,3 +245,11 @@ def test_layer_weights_scale_each_layers_edit(tiny_dir, kind):
     q = r.directions.basis
     for (i, o, _), (_, o0, _) in zip(writer_weights(r.loaded.model), writer_weights(original())):
         torch.testing.assert_close(q @ o, (1.0 - w[i]) * (q @ o0), atol=1e-5, rtol=1e-4)
+
+
+def test_cone_method_through_the_pipeline(tiny_dir):
+    r = run(tiny_dir, {"directions": {"method": "cone", "n_directions": 3}})
+    q = r.directions.basis
+    assert r.directions.method == "cone" and 1 <= q.shape[0] <= 3
+    for _, o, down in writer_weights(r.loaded.model):
+        assert (q @ o).abs().max() < 1e-4 and (q @ down).abs().max() < 1e-4

@@ -121,6 +121,11 @@ class DirectionSettings(Section):
         False, description="Orthogonalise the directions against the harmless mean at the source layer (grimjim's "
                            "projected abliteration); layer selection scores the projected directions too."
     )
+    biproject: bool = Field(
+        False, description="grimjim's biprojected abliteration (needs project_harmless): each layer's writers remove "
+                           "the source direction orthogonalised against that layer's own harmless mean (at its output); "
+                           "the embeddings keep the source-layer projection."
+    )
 
 
 class LayerSettings(Section):
@@ -170,8 +175,9 @@ class ExciseSettings(Section):
     informed_floor: float = Field(0.5, ge=0.0, lt=1.0, description="informed: layers whose direction has a cosine "
                                                                    "below this with the source's are not edited.")
     passes: int = Field(1, ge=1, description="Re-probe and excise again up to this many times (aggressive).")
-    refine_cos: float = Field(0.99, gt=0.0, le=1.0, description="Stop re-probing when every new direction lies within "
-                                                                "this cosine of the span already removed.")
+    refine_cos: float = Field(0.99, gt=0.0, le=1.0, description="Stop re-probing once a pass would turn the refusal "
+                                                                "direction found so far (the sum of the removed mean "
+                                                                "differences) by less than this cosine.")
     householder: HouseholderOptions = Field(default_factory=HouseholderOptions)
     heads: HeadOptions = Field(default_factory=HeadOptions)
     neurons: NeuronOptions | None = Field(None, description="Also zero the MLP neurons that write most along d "

@@ -106,14 +106,26 @@ def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, setting
                               reporter.task, selection)
 
 
+def moved_cosine(total: torch.Tensor, leftover: torch.Tensor) -> float:
+    """Cosine between the refusal direction found so far (`total`, the sum of the mean differences removed
+    by earlier passes) and that direction once this pass's `leftover` mean difference is added. Removing a
+    direction leaves the re-probed mean difference orthogonal to it, so the new unit direction alone always
+    looks new; what tells whether another pass matters is how far it turns the accumulated one."""
+    total, leftover = total.double(), leftover.double()
+    after = total + leftover
+    return float(total @ after / (total.norm() * after.norm()).clamp_min(1e-30))
+
+
 def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Reporter, directions: Directions,
            first: EditReport) -> tuple[EditReport, list[dict]]:
     """Multi-pass excision: re-probe the edited model at the source layer, fit again, and excise the new
-    directions, until every new direction lies within `refine_cos` of the span already removed (it
-    would change nothing) or `passes` is reached. Returns the last pass's report and a per-pass log."""
+    directions, until the refusal direction stops moving (the re-probed mean difference turns the
+    accumulated one by less than `refine_cos`: it would change next to nothing) or `passes` is reached.
+    Returns the last pass's report and a per-pass log."""
     ex = settings.excise
     removed = directions.basis.double()  # [k, d]: span excised so far
-    log = [{"pass": 1, "k": directions.k}]
+    total = directions.mean_diff.double()  # [d]: the refusal direction found so far, unnormalised
+    log = [{"pass": 1, "k": directions.k, "mean_diff_norm": float(total.norm())}]
     report = first
     for n in range(2, ex.passes + 1):
         cache = probe(loaded, prompts, settings, reporter)
@@ -121,14 +133,17 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
         again, _ = distill(loaded, cache, prompts, settings, reporter, selection)
         q = orthonormalize(removed.float())
         within = (again.basis.double() @ q.double().T).norm(dim=-1)  # [k]: |cos| to the removed span
-        log.append({"pass": n, "cos_to_removed": within.tolist()})
-        if bool((within >= ex.refine_cos).all()):
-            log[-1]["stopped"] = "every new direction is within refine_cos of the removed span"
+        cos = moved_cosine(total, again.mean_diff)
+        log.append({"pass": n, "moved_cos": cos, "mean_diff_norm": float(again.mean_diff.norm()),
+                    "cos_to_removed": within.tolist()})
+        if cos >= ex.refine_cos:
+            log[-1]["stopped"] = "the refusal direction moved by less than refine_cos: nothing left to remove"
             break
         report = apply_edit(loaded.adapter, again, ex, harmful=prompts.encoded["harmful.train"],
                             harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size,
                             harmless_mean=again.harmless_mean)
         removed = torch.cat([removed, again.basis.double()])
+        total = total + again.mean_diff.double()
     return report, log
 
 

@@ -29,6 +29,9 @@ Not representable, and refused with an :class:`EditError`:
   embedding LoRA only reaches the lm_head once merged, and peft 0.21's ``ensure_weight_tying``
   ties a second LoRA to the lm_head that makes the merge add ΔE twice. Export with
   ``embeddings=False`` (or per-writer entries without the token embedding), or untie the model.
+* fused MoE expert tensors (one ``[E, ., .]`` parameter for every routed expert, as in gpt-oss and
+  transformers 5's Mixtral/Qwen-MoE): PEFT has no LoRA module for them. Per-module experts (one
+  ``nn.Linear`` each) export like any other writer.
 * other excision variants (neuron masking, head surgery, MoE router refits) are not this map;
   Householder is (the plan with basis v and λ = 2) and is exported as that plan.
 
@@ -110,6 +113,14 @@ def _basis(name: str, basis, d: int) -> torch.Tensor:
     return basis
 
 
+def _exportable(writer) -> None:
+    if writer.fused:
+        raise EditError(
+            f"{writer.name} holds every routed expert in one [E, ., .] parameter, which no PEFT LoRA module "
+            "targets; export with mlp = False (attention and embeddings only) or save the full edited weights"
+        )
+
+
 def _plan(adapter: ArchitectureAdapter, q, lam, plan: EditPlan, attention, mlp, embeddings,
           per_layer) -> list[_Item]:
     """Every module to export, in the adapter's order (the lm_head last)."""
@@ -120,12 +131,14 @@ def _plan(adapter: ArchitectureAdapter, q, lam, plan: EditPlan, attention, mlp, 
         edits, _ = resolve(adapter, None if q is None else q.detach().float(), lam, plan,
                            attention=attention, mlp=mlp, embeddings=embeddings)
         for e in edits:
+            _exportable(e.writer)
             chosen[e.writer.name] = _Item(e.writer.module, e.writer.layout, e.write, e.read, e.lam)
     for name, entry in (per_layer or {}).items():
         if name not in every:
             raise EditError(f"per_layer names unknown writer {name!r}; writers: {', '.join(every)}")
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise EditError(f"per_layer[{name!r}] must be (basis [k, d], weight), got {type(entry).__name__}")
+        _exportable(every[name])
         basis, weight = entry
         if not torch.isfinite(torch.tensor(float(weight))):
             raise EditError(f"weight for {name} is not finite")
