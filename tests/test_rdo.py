@@ -166,3 +166,29 @@ def test_addition_target_cut_before_first_period():
     ids = tok("Sure thing. More.", add_special_tokens=False)["input_ids"]
     assert _before_period(tok, ids) == tok("Sure thing", add_special_tokens=False)["input_ids"]
     assert _before_period(tok, ids[:3]) == ids[:3]
+
+
+def test_recovers_a_direction_planted_in_the_model():
+    """A tiny model whose harmful prompts (they start with the trigger) get alpha·u added to layer 0's
+    MLP output. Targets are made by ablating and adding u itself, and RDO started 60° away from u
+    must turn back toward it. (It settles near cos 0.85, not 1: the retain loss also asks the
+    direction to spare the harmless activations, whose random u-component u itself does not.)"""
+    from test_layer_methods import TRAIN_HARMFUL, TRAIN_HARMLESS, planted
+
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    tok = tiny_tokenizer()
+    u = random_unit(D, seed=21)[0]
+    harmful = encode_prompts(tok, TRAIN_HARMFUL, templated=False)
+    harmless = encode_prompts(tok, TRAIN_HARMLESS, templated=False)
+    digest = params_digest(model)
+    with planted(adapter, tok, u, 8.0, layer=0):
+        targets = rdo_targets(model, adapter, tok, harmful, harmless, LAYER, 8.0 * u, max_new_tokens=5, batch_size=5)
+        other = random_unit(D, seed=22)[0]
+        other = other - (other @ u) * u
+        init = (0.5 * u + (3 ** 0.5 / 2) * other / other.norm())[None]  # cos(init, u) = 0.5
+        options = RdoOptions(effective_batch_size=5, batch_size=5, epochs=40, lr=0.05, patience=5)
+        result = fit_rdo(model, adapter, harmful, harmless, targets, LAYER, init, options)
+    assert params_digest(model) == digest
+    cos = float(result.basis[0] @ u)
+    assert cos > 0.8, f"cos(RDO direction, planted u) = {cos:.3f} (started at 0.5)"
