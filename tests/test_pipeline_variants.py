@@ -168,6 +168,12 @@ def test_neuron_masking_zeroes_columns_scored_before_the_projection(tiny_dir):
         assert int((down.abs().sum(0) == 0).sum()) == 3
 
 
+@pytest.mark.parametrize("method", ["householder", "heads"])
+def test_neuron_masking_with_another_edit_method_is_refused(method):
+    with pytest.raises(ConfigError, match="neurons"):  # at settings time, before any model is loaded
+        resolve_settings(None, {"excise": {"method": method, "neurons": {"count": 3, "per_layer": True}}})
+
+
 def test_lm_head_option_edits_the_untied_head(tiny_dir):
     r = run(tiny_dir, {"excise": {"lm_head": True}})
     head = r.loaded.model.lm_head.weight.detach()
@@ -253,3 +259,9 @@ def test_cone_method_through_the_pipeline(tiny_dir):
     assert r.directions.method == "cone" and 1 <= q.shape[0] <= 3
     for _, o, down in writer_weights(r.loaded.model):
         assert (q @ o).abs().max() < 1e-4 and (q @ down).abs().max() < 1e-4
+
+
+def test_hook_mode_refuses_to_keep_biases_it_would_project(tmp_path):
+    gpt2 = save_tiny(tmp_path / "src", "gpt2")  # GPT-2's writers have biases
+    with pytest.raises(ConfigError, match="biases"):
+        run(gpt2, {"excise": {"mode": "hooks", "biases": False}})

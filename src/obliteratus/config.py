@@ -192,6 +192,9 @@ class ExciseSettings(Section):
             raise ValueError("layer_weights and kernels both set per-layer strengths: choose one")
         if self.passes > 1 and self.mode == "hooks":
             raise ValueError("passes > 1 needs mode = 'weights'")
+        if self.neurons is not None and self.method in ("householder", "heads"):
+            raise ValueError(f"neurons masks MLP neurons alongside the projection edit; method = {self.method!r} is a "
+                             "different edit that would drop the masking: use one or the other")
         return self
 
 

@@ -227,6 +227,9 @@ def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) ->
     if directions.layer_bases is not None or ex.kernel_attn or ex.kernel_mlp or ex.lm_head:
         raise ConfigError("mode = 'hooks' ablates one global basis from every writer; no per-layer scope, kernels "
                           "or lm_head option")
+    if not ex.biases and any(w.bias is not None for w in loaded.adapter.writers(attention=ex.attention, mlp=ex.mlp)):
+        raise ConfigError("mode = 'hooks' ablates the whole writer output, bias included; biases = false (keep the "
+                          "biases' component) needs mode = 'weights'")
     names = []  # the hook point of each writer's output; MoE experts write through their block's mlp_out
     for w in loaded.adapter.writers(attention=ex.attention, mlp=ex.mlp, embeddings=False):
         layer = w.name.split(".")[1]
