@@ -265,3 +265,9 @@ def test_hook_mode_refuses_to_keep_biases_it_would_project(tmp_path):
     gpt2 = save_tiny(tmp_path / "src", "gpt2")  # GPT-2's writers have biases
     with pytest.raises(ConfigError, match="biases"):
         run(gpt2, {"excise": {"mode": "hooks", "biases": False}})
+
+
+def test_leace_edit_refuses_a_direction_method_it_would_replace():
+    with pytest.raises(ConfigError, match="leace"):
+        resolve_settings(None, {"excise": {"method": "leace"}, "directions": {"method": "svd", "n_directions": 2}})
+    resolve_settings(None, {"excise": {"method": "leace"}})  # with diff_means (the default) it is fine

@@ -257,6 +257,10 @@ class Settings(Section):
             )
         if self.layers.min_fraction >= 1.0 - self.layers.prune_fraction:
             raise ValueError("layers.min_fraction must be below 1 - layers.prune_fraction")
+        if self.excise.method == "leace" and self.directions.method not in ("diff_means", "leace"):
+            raise ValueError(f"excise.method = 'leace' fits its own rank-1 eraser at the source layer and would replace "
+                             f"the {self.directions.method!r} directions: use directions.method = 'diff_means' "
+                             "(or 'leace') with it")
         return self
 
 
