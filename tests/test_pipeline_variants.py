@@ -271,3 +271,21 @@ def test_leace_edit_refuses_a_direction_method_it_would_replace():
     with pytest.raises(ConfigError, match="leace"):
         resolve_settings(None, {"excise": {"method": "leace"}, "directions": {"method": "svd", "n_directions": 2}})
     resolve_settings(None, {"excise": {"method": "leace"}})  # with diff_means (the default) it is fine
+
+
+@pytest.mark.parametrize("name", ["failspy", "arditi", "gabliteration", "rdo", "sumandora"])
+def test_baselines_edit_only_the_residual_writers_their_originals_edit(tiny_dir, name):
+    """The original OBLITERATUS's baselines also edited q/k/v, up/gate and the lm_head. Ours touch
+    only o_proj, down_proj and (where the original does) the token embedding; hook-mode baselines none."""
+    fast = {"directions": {"rdo": {"max_steps": 1, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}}
+    r = run(tiny_dir, fast if name == "rdo" else {}, preset=name)
+    before = dict(original().named_parameters())
+    changed = {n for n, p in r.loaded.model.named_parameters() if not torch.equal(p.detach(), before[n].detach())}
+    writers = {f"model.layers.{i}.{m}.weight" for i in range(3) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    ex = r.settings.excise
+    if ex.mode == "hooks":
+        assert changed == set()
+        return
+    assert changed - writers <= {"model.embed_tokens.weight"}, sorted(changed - writers)
+    assert ("model.embed_tokens.weight" in changed) == ex.embeddings
+    assert changed & writers
