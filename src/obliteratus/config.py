@@ -58,7 +58,9 @@ class DataSettings(Section):
 
 class ProbeSettings(Section):
     batch_size: int = Field(0, ge=0, description="Prompts per forward pass; 0 = auto (free CUDA memory, 32 on CPU).")
-    positions: int = Field(1, ge=1, description="Keep the last k (post-instruction) token positions.")
+    positions: int = Field(1, ge=1, description="Keep the last k (post-instruction) token positions; "
+                                                 "arditi and cosmic layer selection choose among them, the other "
+                                                 "layer methods use the last.")
 
 
 class DirectionSettings(Section):
