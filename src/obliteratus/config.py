@@ -91,6 +91,9 @@ class DirectionSettings(Section):
             if name not in methods:
                 raise ValueError(f"[directions.{name}]: no direction method {name!r}; valid: {', '.join(sorted(methods))}")
             methods[name].parse_options(table)
+        if self.biproject and not (self.project_harmless and self.scope == "global"):
+            raise ValueError("biproject projects the source direction against each layer's harmless mean: it needs "
+                             "project_harmless = true and scope = 'global'")
         return self
 
     def options_for(self, name: str) -> BaseModel:

@@ -227,11 +227,11 @@ def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) ->
     if directions.layer_bases is not None or ex.kernel_attn or ex.kernel_mlp or ex.lm_head:
         raise ConfigError("mode = 'hooks' ablates one global basis from every writer; no per-layer scope, kernels "
                           "or lm_head option")
-    if not ex.biases and any(w.bias is not None for w in loaded.adapter.writers(attention=ex.attention, mlp=ex.mlp)):
-        raise ConfigError("mode = 'hooks' ablates the whole writer output, bias included; biases = false (keep the "
-                          "biases' component) needs mode = 'weights'")
     names = []  # the hook point of each writer's output; MoE experts write through their block's mlp_out
     for w in loaded.adapter.writers(attention=ex.attention, mlp=ex.mlp, embeddings=False):
+        if not ex.biases and w.bias is not None:
+            raise ConfigError("mode = 'hooks' ablates the whole writer output, bias included; biases = false (keep "
+                              "the biases' component) needs mode = 'weights'")
         layer = w.name.split(".")[1]
         name = f"layers.{layer}.{'attn_out' if w.kind == 'attn' else 'mlp_out'}"
         if name not in names:

@@ -37,7 +37,7 @@ def cone_size(harmful: torch.Tensor, labels: list[str], harmless: torch.Tensor, 
     _, dirs, _ = category_directions(harmful, labels, harmless, min_count)
     dim = effective_dimension(dirs)
     k = max(1, min(k_max, int(round(dim)), dirs.shape[0]))
-    return k, dim, unit_rows(dirs) if dirs.shape[0] else dirs
+    return k, dim, unit_rows(dirs)
 
 
 def cone_basis(positive: torch.Tensor, negative: torch.Tensor, k: int = 1, options: ConeOptions | None = None, *,

@@ -118,7 +118,7 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs: torch.Tensor, settings: Settings,
               train: dict[str, Encoded], encode: Callable[[list[str]], Encoded], harmful_texts: list[str],
-              task: Progress, cache: ActivationCache | None = None) -> torch.Tensor:
+              task: Progress, cache: ActivationCache) -> torch.Tensor:
     """[k, d] orthonormal basis at the selected layer and position."""
     ds = settings.directions
     method = get_direction_method(ds.method)
@@ -149,8 +149,6 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
     if method.name == "cone":
         from ..analysis.cones import categorise
 
-        if cache is None:
-            raise ConfigError("direction method 'cone' needs the probed activations of every train prompt")
         return method.fit(positive, negative, k, options, harmful=cache.harmful[:, p, layer],
                           labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer])
     if method.needs_model:
@@ -178,10 +176,7 @@ def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, E
     if project is not None:
         basis = orthogonalize_against(basis, harmless_means[p, layer])
     layer_bases = None
-    if ds.biproject:
-        if project is None or ds.scope != "global":
-            raise ConfigError("directions.biproject projects the source direction against each layer's harmless mean: "
-                              "it needs project_harmless = true and scope = 'global'")
+    if ds.biproject:  # the settings guarantee project_harmless and the global scope
         layer_bases = {i: orthogonalize_against(raw, harmless_means[p, i + 1]) for i in range(loaded.adapter.n_layers)}
     if ds.scope == "per_layer":  # layer i's writers use the direction at its output (resid_pre of i + 1)
         if basis.shape[0] != 1:
