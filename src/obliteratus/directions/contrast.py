@@ -19,7 +19,12 @@ refused where their answers refuse 69 times, and the noisier groups give a weake
 harmful prompts against the harmless ones (Arditi's contrast), and says so.
 
 ``filtered`` (Arditi et al.'s own data filter): harmful prompts the model refuses against harmless
-prompts it does not refuse.
+prompts it does not refuse. Arditi et al. filter by the first-token log-odds; with ``label =
+"generate"`` both sides are judged from the model's own answers. This is ``basic``'s contrast. On the
+demo model it keeps what ``prompts`` gets right (the direction of the refusals, not of the answered
+harmful prompts, so it generalises: 1 of 96 AdvBench prompts still refused at layer 17) and drops
+what ``behaviour`` gets wrong (two small groups of borderline harmful prompts give a noisy direction
+that leaves 28 of 96), at about half the KL of ``prompts``' best layer (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
