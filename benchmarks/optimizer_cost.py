@@ -34,7 +34,7 @@ and "model calls" = every call of the model's forward (prefills and decoding ste
 
 Setup as ``obliteratus optimize`` (optimize/command.py): preset ``optimized``, but with
 ``directions.contrast = "prompts"`` (the trial only needs the harmful-minus-harmless mean
-differences; the behaviour labelling is skipped). Only the validation prompts are scored.
+differences; the refusal labelling is skipped). Only the validation prompts are scored.
 """
 
 from __future__ import annotations

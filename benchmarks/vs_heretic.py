@@ -75,7 +75,7 @@ Differences between the two tools that remain (read from heretic-llm 1.4.0's sou
   applied as LoRA adapters to attn.o_proj and mlp.down_proj with row-norm preservation
   (``row_normalization = "full"``, rank-3 approximation), merged at export. Ours (preset
   ``--method``, default ``optimized``): the mean difference with the preset's contrast
-  (``behaviour`` for ``optimized``), not orthogonalised against the harmless mean, scored with
+  (``filtered`` for ``optimized``; ``behaviour`` when the RESULTS.md rows were measured), not orthogonalised against the harmless mean, scored with
   activation hooks and baked as a plain projection (no norm preservation); our MLP peak range is
   [-0.25, 1.5] clamped at 0 (Heretic [0.8, 1.5]).
   Search ranges otherwise match Heretic's: direction_index [0.4, 0.9]·L, max_weight_position
@@ -83,13 +83,13 @@ Differences between the two tools that remain (read from heretic-llm 1.4.0's sou
   [0.8, 1.5], scope global / per layer.
 * Extra work outside the study. Heretic (automatic batch size when ``--batch-size 0``, which
   tries 1, 2, 4, ... 128 with full generations), a common-response-prefix check (greedy answers to
-  up to 200 train prompts), base refusals and log-probs, merge + save. Ours: behaviour labelling of
+  up to 200 train prompts), base refusals and log-probs, merge + save. Ours: refusal labelling of
   the train prompts (preset ``optimized``), base log-probs, its own test-split verification before
   and after the edit (``--eval-tokens`` tokens, KL, no perplexity here), save. "total s" is each
   child's wall time, everything included (process start, imports, model loading); "study s" and
   "s/trial" are the study alone. "directions s": Heretic, its two ``Model.get_residuals_mean``
   calls (train harmless + harmful); ours, the ``probe`` + ``distill`` phases of obliteratus.json
-  (prompt encoding, activations, and for ``optimized`` the behaviour labelling generations).
+  (prompt encoding, activations, and for ``optimized`` the labelling generations).
 * Software: each tool runs with its own environment's packages (Heretic pins transformers ~=5.6,
   peft, accelerate ...), so torch is the same (``--torch-spec``) but transformers may differ.
 * CPU runs: with another busy process on the machine, torch's thread pool can make timings swing
