@@ -94,3 +94,29 @@ def test_generate_labels_come_from_the_judged_answers(monkeypatch, tokenizer):
     c = driver.contrast_groups(adapter, tokenizer, cache, settings, {"harmful": enc, "harmless": enc})
     assert c.labels == "generate" and not c.fallback
     assert torch.equal(c.positive, acts[[0, 2]]) and torch.equal(c.negative, acts[[1, 3]])
+
+
+def test_filtered_generate_labels_judge_both_sides(monkeypatch, tokenizer):
+    """basic's contrast: harmful prompts whose answers refuse vs harmless prompts whose answers do not,
+    each side judged from its own generated answers."""
+    from types import SimpleNamespace
+
+    from obliteratus.config import resolve_settings
+    from obliteratus.directions import driver
+    from obliteratus.evaluate import early
+    from obliteratus.presets import load_preset
+    from obliteratus.probe import ActivationCache
+
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    enc = Encoded.of(tokenizer, PROMPTS, add_special_tokens=False)
+    acts = collect(adapter, enc, positions=1)
+    harmless_acts = acts.flip(0)
+    cache = ActivationCache(acts, harmless_acts)
+    calls = iter([[True, False, True, True], [False, True, False, False]])  # harmful, then harmless answers
+    monkeypatch.setattr(early, "judge", lambda *a, **k: SimpleNamespace(refused=next(calls)))
+    settings = resolve_settings(load_preset("basic"), {"directions": {"min_group": 2}})
+    assert settings.directions.contrast == "filtered" and settings.directions.label == "generate"
+    c = driver.contrast_groups(adapter, tokenizer, cache, settings, {"harmful": enc, "harmless": enc})
+    assert c.kind == "filtered" and c.labels == "generate" and not c.fallback
+    assert torch.equal(c.positive, acts[[0, 2, 3]]) and torch.equal(c.negative, harmless_acts[[0, 2, 3]])
