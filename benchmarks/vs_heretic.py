@@ -75,7 +75,8 @@ Differences between the two tools that remain (read from heretic-llm 1.4.0's sou
   applied as LoRA adapters to attn.o_proj and mlp.down_proj with row-norm preservation
   (``row_normalization = "full"``, rank-3 approximation), merged at export. Ours (preset
   ``--method``, default ``optimized``): the mean difference with the preset's contrast
-  (``filtered`` for ``optimized``; ``behaviour`` when the RESULTS.md rows were measured), not orthogonalised against the harmless mean, scored with
+  (``filtered`` for ``optimized``; ``behaviour`` when the RESULTS.md rows were measured), not
+  orthogonalised against the harmless mean, scored with
   activation hooks and baked as a plain projection (no norm preservation); our MLP peak range is
   [-0.25, 1.5] clamped at 0 (Heretic [0.8, 1.5]).
   Search ranges otherwise match Heretic's: direction_index [0.4, 0.9]·L, max_weight_position

@@ -5,8 +5,9 @@ tokens) <= 0.15.
 
 The sizes (128 train / 12 val / 40 test per class, 40 tokens) and the thread count are those of
 `benchmarks/methods_table.py`, whose `basic` row (benchmarks/RESULTS.md) is this run: refusal
-0.55 -> 0.025, KL 16 = 0.081 (layer 16; at the default 32 val prompts selection picks layer 17). Greedy decoding is deterministic for a fixed thread count, so the test
-runs with the machine's cores (the unit tests' conftest pins one thread)."""
+0.55 -> 0.025, KL 16 = 0.081 (layer 16; at the default 32 val prompts selection picks layer 17).
+Greedy decoding is deterministic for a fixed thread count, so the test runs with the machine's
+cores (the unit tests' conftest pins one thread)."""
 
 from __future__ import annotations
 
