@@ -88,9 +88,8 @@ def test_packaged_presets():
     assert basic.excise.norm_preserve is False and basic.layers.method == "arditi"
     assert basic.description
     advanced = resolve_settings(load_preset("advanced"), environ={})
-    assert advanced.directions.method == "svd"
-    assert advanced.directions.n_directions == 4
-    assert advanced.excise.norm_preserve is True
+    assert advanced.directions.method == "diff_means" and advanced.directions.contrast == "filtered"
+    assert advanced.excise.layer_weights == "through_source"
 
 
 def test_preset_errors(tmp_path):

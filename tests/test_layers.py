@@ -190,3 +190,39 @@ def test_pick_induce_relative_to_harmless_baseline():
     cands = two()
     best = pick(cands, LayerSettings(induce_relative=True, induce_threshold=1.0), harmless_baseline=-3.0)
     assert best.layer == 0 and cands[1].status == "no-induce"  # -2.5 < -3 + 1
+
+
+def test_select_arditi_scores_each_candidate_with_the_source_window(tokenizer):
+    """layer_weights = "through_source": a candidate at resid_pre index l is scored by ablating only
+    the embeddings and layers 0..l, i.e. exactly the weight edit the pipeline then makes."""
+    from obliteratus.excise.window import window_weights
+    from obliteratus.excise.plan import EditPlan, layer_strength
+
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    harmful = Encoded.of(tokenizer, HARMFUL, add_special_tokens=False)
+    harmless = Encoded.of(tokenizer, HARMLESS, add_special_tokens=False)
+    mean_diffs = torch.randn(1, adapter.n_layers + 1, adapter.d_model, generator=torch.Generator().manual_seed(1))
+    settings = LayerSettings(kl_threshold=None, induce_threshold=None, min_fraction=0.0, prune_fraction=0.0)
+    window = ExciseSettings(layer_weights="through_source")
+    full = select_arditi(model, adapter, mean_diffs, harmful, harmless, tokenizer, settings, ExciseSettings())
+    windowed = select_arditi(model, adapter, mean_diffs, harmful, harmless, tokenizer, settings, window)
+    scored = {c.layer: c for c in windowed.candidates if c.status != "pruned"}
+    plain = {c.layer: c for c in full.candidates if c.status != "pruned"}
+    n = adapter.n_layers
+    assert set(scored) == {0, 1, 2}
+    # the last candidate's window covers every layer: same scores as the full edit
+    assert scored[n - 1].kl == pytest.approx(plain[n - 1].kl, rel=1e-6, abs=1e-9)
+    # an early candidate's window leaves later layers alone: it scores what that weight edit does
+    c = scored[1]
+    assert abs(c.kl - plain[1].kl) > 1e-6
+    r = mean_diffs[0, 1]
+    edited = copy.deepcopy(model)
+    strength = layer_strength(window_weights(n, 1), n, attention=True, mlp=True, embeddings=True)
+    excise(ArchitectureAdapter(edited), (r / r.norm())[None], ExciseSettings(), plan=EditPlan(strength=strength))
+    assert torch.equal(edited.model.layers[2].self_attn.o_proj.weight, model.model.layers[2].self_attn.o_proj.weight)
+    kl = float(kl_rows(torch.log_softmax(last_logits(model, harmless).double(), -1),
+                       torch.log_softmax(last_logits(edited, harmless).double(), -1)).mean())
+    bypass = float(refusal_log_odds(last_logits(edited, harmful), refusal_token_ids(tokenizer)).mean())
+    assert c.kl == pytest.approx(kl, abs=1e-5, rel=1e-3)
+    assert c.bypass == pytest.approx(bypass, abs=1e-4)

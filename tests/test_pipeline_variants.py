@@ -253,6 +253,19 @@ def test_layer_weights_scale_each_layers_edit(tiny_dir, kind):
         torch.testing.assert_close(q @ o, (1.0 - w[i]) * (q @ o0), atol=1e-5, rtol=1e-4)
 
 
+def test_through_source_window_edits_only_the_layers_up_to_the_source(tiny_dir):
+    r = run(tiny_dir, {"excise": {"layer_weights": "through_source"}, "layers": {"layer": 1}})
+    assert r.directions.layer == 1 and r.directions.layer_weights == {0: 1.0, 1: 1.0, 2: 0.0}
+    q = r.directions.basis
+    for (i, o, down), (_, o0, down0) in zip(writer_weights(r.loaded.model), writer_weights(original())):
+        if i <= 1:
+            assert (q @ o).abs().max() < 1e-4 and (q @ down).abs().max() < 1e-4
+        else:
+            assert torch.equal(o, o0) and torch.equal(down, down0)
+    emb = r.loaded.model.model.embed_tokens.weight
+    assert (emb @ q.T).abs().max() < 1e-4
+
+
 def test_cone_method_through_the_pipeline(tiny_dir):
     r = run(tiny_dir, {"directions": {"method": "cone", "n_directions": 3}})
     q = r.directions.basis

@@ -171,10 +171,12 @@ class ExciseSettings(Section):
     lm_head: bool = Field(False, description="Also project the lm_head's input side (untied heads only).")
     kernel_attn: KernelOptions | None = Field(None, description="Heretic-style per-layer strength of attention writers.")
     kernel_mlp: KernelOptions | None = Field(None, description="Heretic-style per-layer strength of MLP writers.")
-    layer_weights: Literal["none", "spectral", "informed"] = Field(
+    layer_weights: Literal["none", "spectral", "informed", "through_source"] = Field(
         "none", description="Per-layer strengths from DISTILL's measurements: spectral (DCT-smoothed profile of the "
-                            "refusal signal, excise/spectral.py) or informed (agreement of each layer's direction "
-                            "with the source layer's, analysis/cross_layer.py).")
+                            "refusal signal, excise/spectral.py), informed (agreement of each layer's direction "
+                            "with the source layer's, analysis/cross_layer.py) or through_source (only the "
+                            "embeddings and layers 0..source are edited, excise/window.py; Arditi selection "
+                            "then scores each candidate with the same window).")
     spectral_bands: int = Field(3, ge=1, description="spectral: frequency bands of the layer profile.")
     spectral_decay: float = Field(1.6, ge=0.0, description="spectral: band t is scaled by exp(-decay * t).")
     informed_floor: float = Field(0.5, ge=0.0, lt=1.0, description="informed: layers whose direction has a cosine "

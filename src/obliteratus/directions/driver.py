@@ -94,7 +94,11 @@ def layer_weights(contrast: Contrast, mean_diffs: torch.Tensor, source: int, set
     ex = settings.excise
     if ex.layer_weights == "none":
         return None
-    if ex.layer_weights == "spectral":
+    if ex.layer_weights == "through_source":
+        from ..excise.window import window_weights
+
+        w = window_weights(mean_diffs.shape[0] - 1, source)
+    elif ex.layer_weights == "spectral":
         from ..excise.spectral import cascade_signal, spectral_weights
 
         norms = mean_norms(contrast.positive[:, -1], contrast.negative[:, -1])  # [L+1]

@@ -32,6 +32,8 @@ from ..errors import ObliteratusError
 from ..evaluate.generate import last_logits
 from ..evaluate.kl import kl_rows
 from ..excise.hooks import ablated
+from ..excise.plan import EditPlan, layer_strength
+from ..excise.window import window_weights
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
 from .project_harmless import orthogonalize_against
@@ -121,6 +123,16 @@ def pick(candidates: list[Candidate], settings: LayerSettings, harmless_baseline
     return best
 
 
+def window_plan(n_layers: int, layer: int, excise: ExciseSettings) -> EditPlan | None:
+    """The edit a candidate at resid_pre index `layer` would get: the source window's writers when
+    ``excise.layer_weights = "through_source"`` (excise/window.py), else None (every writer)."""
+    if excise.layer_weights != "through_source":
+        return None
+    weights = window_weights(n_layers, layer)
+    return EditPlan(strength=layer_strength(weights, n_layers, attention=excise.attention, mlp=excise.mlp,
+                                            embeddings=excise.embeddings))
+
+
 @torch.inference_mode()
 def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor, val_harmful: Encoded,
                   val_harmless: Encoded, tokenizer, settings: LayerSettings, excise: ExciseSettings,
@@ -154,7 +166,7 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
             q = (r / r.norm())[None, :]  # [1, d]
             if orthogonal_to is not None:
                 q = orthogonalize_against(q, orthogonal_to[p, layer])
-            with ablated(adapter, q, excise.lam, **toggles):
+            with ablated(adapter, q, excise.lam, **toggles, plan=window_plan(adapter.n_layers, layer, excise)):
                 c.bypass = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
                 now = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
                 c.kl = float(kl_rows(base_harmless, now).mean())

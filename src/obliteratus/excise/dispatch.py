@@ -23,7 +23,7 @@ from .kernels import kernel_strength
 from .moe import (collect_routing, excise_experts, expert_directions, router_inputs, stabilise_routers,
                   transplant_experts)
 from .neurons import excise_and_mask
-from .plan import EditPlan
+from .plan import EditPlan, layer_strength
 
 if TYPE_CHECKING:
     from ..config import ExciseSettings
@@ -42,13 +42,8 @@ def build_plan(adapter: ArchitectureAdapter, directions: Directions, settings: E
         if settings.embeddings:
             strength[("embed", None)] = 1.0
     if directions.layer_weights is not None:
-        w = directions.layer_weights
-        strength = {}
-        for kind, on in (("attn", settings.attention), ("mlp", settings.mlp)):
-            if on:
-                strength.update({(kind, i): w[i] for i in range(adapter.n_layers) if w.get(i, 0.0) > 0.0})
-        if settings.embeddings:
-            strength[("embed", None)] = w.get(0, 1.0)  # the embeddings share the first layer's strength
+        strength = layer_strength(directions.layer_weights, adapter.n_layers, attention=settings.attention,
+                                  mlp=settings.mlp, embeddings=settings.embeddings)
     read = directions.read if settings.method == "leace" else None
     if settings.method == "leace" and read is None:
         raise ConfigError("excise.method = 'leace' needs the LEACE read basis from DISTILL")

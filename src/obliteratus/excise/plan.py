@@ -133,6 +133,19 @@ class WriterEdit:
     strength: float  # s
 
 
+def layer_strength(weights, n_layers: int, *, attention: bool, mlp: bool, embeddings: bool) -> dict:
+    """StrengthTable from per-layer weights {layer: w} (or a [n_layers] tensor): layer i's selected
+    writers get w_i (w_i = 0 leaves them out); the embeddings share layer 0's weight."""
+    w = {i: float(v) for i, v in enumerate(weights.tolist())} if isinstance(weights, torch.Tensor) else dict(weights)
+    table = {}
+    for kind, on in (("attn", attention), ("mlp", mlp)):
+        if on:
+            table.update({(kind, i): w[i] for i in range(n_layers) if w.get(i, 0.0) > 0.0})
+    if embeddings:
+        table[("embed", None)] = w.get(0, 1.0)
+    return table
+
+
 def resolve(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float, plan: EditPlan, *,
             attention: bool, mlp: bool, embeddings: bool,
             experts: bool | None = None) -> tuple[list[WriterEdit], list[str]]:
