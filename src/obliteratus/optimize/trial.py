@@ -196,9 +196,9 @@ class Scorer:
     def refusal(self, bar: float | None, record=None) -> tuple[float, int]:
         """(refusal rate, tokens generated); raises optuna.TrialPruned once `bar` rules it out, which
         is checked after every generated token (evaluate/early.py ``abandon``) and after every chunk.
-        `record(lower_bounds, tokens)` is called once, before returning or pruning."""
-        import optuna
-
+        `record(lower_bounds, tokens)` is called once, before returning or pruning. Optuna is only
+        imported to prune, so an unpruned trial (bar None, e.g. benchmarks/optimizer_cost.py) runs
+        without it."""
         from ..evaluate.early import Abandoned, judge_batches
 
         n = len(self.harmful.ids)
@@ -219,6 +219,8 @@ class Scorer:
                 bounds.append(refused / n)
             if record is not None:
                 record(bounds, used)
+            import optuna
+
             raise optuna.TrialPruned(f"{refused}/{n} refusals already exceed the bar {bar:.3f}") from None
         if record is not None:
             record(bounds, used)
