@@ -154,3 +154,14 @@ def test_test_split_does_not_depend_on_training_size():
     b = split_prompts(prompts, 30, 2, 8, seed=3)
     assert a.test == b.test and a.train != b.train
     assert split_prompts(prompts, 10, 5, 8, seed=4).test != a.test
+
+
+def test_split_spare_is_the_rest_and_in_no_part(builtin):
+    prompts = builtin["harmful"]
+    s = split_prompts(prompts, 100, 30, 60, seed=0)
+    assert len(s.spare) == len(prompts) - 190
+    assert not set(s.spare) & (set(s.train) | set(s.val) | set(s.test))
+    assert set(s.spare) | set(s.train) | set(s.val) | set(s.test) == set(prompts)
+    # a larger train part takes its extra prompts from the front of the spare ones; the rest stay spare
+    wider = split_prompts(prompts, 110, 30, 60, seed=0)
+    assert wider.test == s.test and wider.val == s.val and wider.spare == s.spare[10:]

@@ -308,3 +308,65 @@ def test_constraint_reaches_the_sampler_without_trial_set_constraint(monkeypatch
     t = study.trials[0]
     assert t.state == TrialState.COMPLETE and t.user_attrs["refusal_excess"] == pytest.approx(0.95)
     assert list(t.constraints.values() if isinstance(t.constraints, dict) else t.constraints) == [pytest.approx(0.95)]
+
+
+# --- the pick, confirmed on spare prompts -------------------------------------------------------------
+
+def test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order():
+    from obliteratus.optimize.study import pick_confirmed
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in [(0.03, 0.10), (0.0, 0.12), (0.03, 0.11), (0.2, 0.01), (0.0, 0.30)]:
+        study.add_trial(finished(values))  # numbers 0..4: KL order within the target 0, 2, 1, 4 (3 misses it)
+    seen = []
+
+    def confirm(rates):
+        return lambda t: seen.append(t.number) or rates[t.number]
+
+    chosen, checks = pick_confirmed(study, confirm({0: 0.15, 2: 0.06, 1: 0.04}), 0.05, 8)
+    assert seen == [0, 2, 1] and chosen.number == 1  # 0 (pick()'s choice) and 2 fail their confirmation
+    assert [c["passed"] for c in checks] == [False, False, True] and checks[0]["confirm_refusal"] == 0.15
+    assert checks[2] == {"number": 1, "val_refusal": 0.0, "kl": 0.12, "confirm_refusal": 0.04, "passed": True}
+    seen.clear()  # a first candidate that passes is pick()'s choice
+    chosen, checks = pick_confirmed(study, confirm({0: 0.0, 1: 0.0}), 0.05, 8)
+    assert seen == [0] and chosen.number == pick(study, None, 0.05).number == 0
+    seen.clear()  # none passes: the checked trial with the fewest confirmation refusals
+    chosen, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1, 1: 0.3, 4: 0.25}), 0.05, 8)
+    assert seen == [0, 2, 1, 4] and chosen.number == 2 and not any(c["passed"] for c in checks)
+    seen.clear()  # at most max_checks confirmations
+    chosen, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1}), 0.05, 1)
+    assert seen == [0] and chosen.number == 0
+    empty = optuna.create_study(directions=["minimize", "minimize"])  # nothing within the target
+    empty.add_trial(finished((0.5, 0.1)))
+    chosen, checks = pick_confirmed(empty, confirm({}), 0.05, 8)
+    assert chosen.number == 0 and checks == []
+
+
+def test_confirm_refusal_scores_other_prompts_under_the_trials_hooks(monkeypatch):
+    """The confirmation counts refusals on its own prompts with the trial's edit attached (and the
+    model untouched after), and stops once the count exceeds the target."""
+    from obliteratus.optimize.trial import confirm_refusal
+
+    model = tiny_model("llama")
+    before = params_digest(model)
+    objective = make_objective(model, StudyOptions(refusal_tokens=3, prune=False))
+    tok, other = encoded(PROMPTS[:6])
+    p, md = params(), mean_diffs()
+    rate = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 1.0)
+    q, plan = plan_from_params(p, md, L)
+    with ablated(objective.adapter, q, 1.0, plan=plan, biases=False):
+        verdicts = early.judge(model, tok, other, 3, 4)
+    assert rate == sum(verdicts.refused) / 6 and params_digest(model) == before
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal: stopped above the target
+    rate = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 0.05)
+    assert 0.05 < rate <= 1.0 and params_digest(model) == before
+
+
+def test_confirmation_needs_enough_spare_prompts(tmp_path):
+    """Checked before any model is loaded (the model path does not exist)."""
+    from obliteratus.errors import ConfigError
+    from obliteratus.optimize.command import run_optimize
+
+    sizes = {"data": {"n_train": 200, "n_val": 32, "n_test": 64}}  # 332 built-in harmful prompts: 36 spare
+    with pytest.raises(ConfigError, match="confirm_prompts = 64, but only 36 harmful prompts are left"):
+        run_optimize(str(tmp_path / "never-loaded"), "optimized", overrides=sizes, run_dir=str(tmp_path))

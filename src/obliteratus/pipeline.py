@@ -72,13 +72,16 @@ def prepare_prompts(tokenizer, settings: Settings) -> PromptSets:
     k = settings.directions.n_directions
     if settings.directions.method != "diff_means" and d.n_train < k:
         raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than n_directions = {k}")
-    templated = uses_template(tokenizer, d.chat_template)
-    encoded = {}
-    for cls, split in splits.items():
-        for part in ("train", "val", "test"):
-            texts = format_prompts(tokenizer, getattr(split, part), d.chat_template, d.system_prompt)
-            encoded[f"{cls}.{part}"] = encode_prompts(tokenizer, texts, templated)
+    encoded = {f"{cls}.{part}": encode_texts(tokenizer, settings, getattr(split, part))
+               for cls, split in splits.items() for part in ("train", "val", "test")}
     return PromptSets(splits["harmful"], splits["harmless"], encoded)
+
+
+def encode_texts(tokenizer, settings: Settings, prompts: list[str]) -> Encoded:
+    """Raw prompts -> chat-formatted (when the data settings ask for it), tokenized prompts."""
+    d = settings.data
+    texts = format_prompts(tokenizer, prompts, d.chat_template, d.system_prompt)
+    return encode_prompts(tokenizer, texts, uses_template(tokenizer, d.chat_template))
 
 
 def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Reporter) -> ActivationCache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -100,12 +100,15 @@ class Split:
     train: list[str]
     val: list[str]
     test: list[str]
+    spare: list[str] = field(default_factory=list)  # the rest, in shuffled order: in no part (see split_prompts)
 
 
 def split_prompts(prompts: list[str], n_train: int, n_val: int, n_test: int, seed: int, name: str = "prompts") -> Split:
     """Deterministic (seeded) disjoint split. The test part is for VERIFY only. Test prompts are taken
     first from the shuffled order, then validation, then train, so the held-out set depends only on
-    the seed and n_test: runs with different training sizes are scored on the same prompts."""
+    the seed and n_test: runs with different training sizes are scored on the same prompts. The
+    prompts left over after train (``spare``) belong to no part; the optimizer may confirm its pick
+    on them."""
     need = n_train + n_val + n_test
     if len(prompts) < need:
         raise PromptError(
@@ -115,7 +118,7 @@ def split_prompts(prompts: list[str], n_train: int, n_val: int, n_test: int, see
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     picked = [prompts[i] for i in order]
-    return Split(picked[n_test + n_val:need], picked[n_test:n_test + n_val], picked[:n_test])
+    return Split(picked[n_test + n_val:need], picked[n_test:n_test + n_val], picked[:n_test], picked[need:])
 
 
 def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None) -> list[str]:

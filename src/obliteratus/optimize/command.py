@@ -36,7 +36,8 @@ class OptimizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     output: str | None = None
     n_harmful_val: int = 0
-    picked_by: str = ""  # "index" (--pick) or "target"
+    picked_by: str = ""  # "index" (--pick), "target", "confirmed" or "fewest confirmed refusals"
+    checks: list = field(default_factory=list)  # confirmation of the pick (study.pick_confirmed), one dict each
 
 
 def study_options(settings, updates: dict | None = None) -> StudyOptions:
@@ -76,14 +77,15 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                  overrides: dict | None = None, study: dict | None = None, run_dir: str | None = None,
                  pick_index: int | None = None, worker: bool = False, reporter=None) -> OptimizeResult:
     from ..config import resolve_settings
+    from ..errors import ConfigError
     from ..evaluate import evaluate_model, reference
     from ..excise.apply import excise
     from ..models.load import summon
-    from ..pipeline import Reporter, _timed, distill, prepare_prompts, probe
+    from ..pipeline import Reporter, _timed, distill, encode_texts, prepare_prompts, probe
     from ..presets import load_preset
     from ..save import check_output
     from . import study as st
-    from .trial import Objective, Scorer, plan_from_params
+    from .trial import Objective, Scorer, confirm_refusal, plan_from_params
 
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), overrides)
@@ -94,9 +96,17 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     run = Path(run_dir) if run_dir else (Path(output).with_name(Path(output).name + ".study") if output
                                          else Path("obliteratus-runs") / name)
     url = st.storage_url(options, run)
+    if options.confirm_prompts and pick_index is None and not worker:  # before any model is loaded
+        from ..data.prompts import load_prompts
+
+        d = settings.data
+        spare = len(load_prompts(d.harmful, d.column)) - (d.n_train + d.n_val + d.n_test)
+        if spare < options.confirm_prompts:
+            raise ConfigError(f"optimize.study.confirm_prompts = {options.confirm_prompts}, but only {max(spare, 0)} "
+                              "harmful prompts are left outside the train/val/test parts; lower it (0 = off), lower "
+                              "--n-train/--n-val/--n-test or add prompts")
     if options.max_directions > 1:
         from ..directions.base import get_direction_method
-        from ..errors import ConfigError
 
         cap = get_direction_method(settings.directions.method).max_directions
         if cap is not None and cap < options.max_directions:
@@ -133,8 +143,18 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                             n_harmful_val=len(prompts.harmful.val))
     if worker:
         return result
-    chosen = st.pick(study_, pick_index, options.target_refusal)
-    result.chosen, result.picked_by = chosen, "target" if pick_index is None else "index"
+    if pick_index is None and options.confirm_prompts > 0:
+        confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
+        with _timed(timings, "confirm", reporter):
+            chosen, result.checks = st.pick_confirmed(
+                study_, lambda t: confirm_refusal(adapter, scorer, confirm_set, ev.max_new_tokens, t.params,
+                                                  mean_diffs, ex, options.target_refusal, basis),
+                options.target_refusal, options.confirm_trials)
+        result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
+    else:
+        chosen = st.pick(study_, pick_index, options.target_refusal)
+        result.picked_by = "target" if pick_index is None else "index"
+    result.chosen = chosen
     step = reporter.task
     with _timed(timings, "verify_before", reporter):
         before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
@@ -180,6 +200,7 @@ def _save(result: OptimizeResult, loaded, prompts, preset: str, output: str, ove
             "optimize": {"study_name": result.study_name, "storage": result.storage, "trial": chosen.number,
                          "params": chosen.params, "val_refusal": chosen.values[0], "val_kl_first": chosen.values[1],
                          "picked_by": result.picked_by,
+                         "confirm": {"prompts": options.confirm_prompts, "checks": result.checks},
                          "target_refusal": options.target_refusal,
                          "options": {**options.model_dump(), "storage": result.storage},
                          "trials": {s: states.count(s) for s in sorted(set(states))},
@@ -245,6 +266,11 @@ def print_result(result: OptimizeResult, model: str, method: str) -> None:
     out.print(front_table(result.front, chosen, result.n_harmful_val))
     if result.chosen is None:
         return
+    for c in result.checks:
+        out.print(f"confirm trial {c['number']} (val refusal {c['val_refusal']:.3f}, KL {c['kl']:.3f}) on "
+                  f"{result.options.confirm_prompts} spare harmful prompts: refusal "
+                  f"{'' if c['passed'] else '>= '}{c['confirm_refusal']:.3f} -> {'pass' if c['passed'] else 'fail'}")
+    out.print(f"picked trial {chosen} ({result.picked_by})")
     out.print(metrics_table(result.before.metrics, result.after.metrics, f"{model} · {method} · trial {chosen}"))
     if result.output:
         out.print(f"saved to {result.output}")

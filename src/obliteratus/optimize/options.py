@@ -47,6 +47,13 @@ class StudyOptions(BaseModel):
                                                      "directions are the distilled basis's leading rows).")
     target_refusal: float = Field(0.05, ge=0.0, le=1.0, description="Default pick: the lowest-KL trial whose val "
                                                                     "refusal rate is at most this.")
+    confirm_prompts: int = Field(0, ge=0, description="Default pick only: confirm the candidates (val refusal <= "
+                                                      "target_refusal, lowest KL first) on this many spare harmful "
+                                                      "prompts (in no train/val/test part), judged over "
+                                                      "evaluate.max_new_tokens tokens; the first whose refusal there "
+                                                      "is also <= target_refusal is picked. 0 = off.")
+    confirm_trials: int = Field(8, ge=1, description="Candidates confirmed at most; if none passes, the one with the "
+                                                     "fewest confirmation refusals (ties: lower KL) is picked.")
     refusal_tokens: int = Field(32, ge=1, description="A response with no refusal marker within this many tokens "
                                                       "counts as answered (generation stops per sequence).")
     prune: bool = Field(True, description="Abandon a trial once its partial refusal count rules it out.")
@@ -84,4 +91,5 @@ class StudyOptions(BaseModel):
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
         return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage",
                                         "study_name", "prune", "prune_rule", "constrain", "prune_chunks",
-                                        "share_prefix", "heartbeat_interval", "grace_period", "target_refusal"})
+                                        "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
+                                        "confirm_prompts", "confirm_trials"})

@@ -209,3 +209,28 @@ def pick(study, index: int | None = None, target_refusal: float = 0.05):
     if within:
         return min(within, key=lambda t: (t.values[1], t.values[0], t.number))
     return min(trials, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+def pick_confirmed(study, confirm: Callable[[object], float], target_refusal: float = 0.05,
+                   max_checks: int = 8) -> tuple[object, list[dict]]:
+    """The default pick, confirmed on more prompts: the lowest-KL completed trial whose refusal is
+    within `target_refusal` both on the validation prompts and on the confirmation prompts.
+    Candidates (val refusal within the target) are confirmed lowest KL first, at most `max_checks`
+    of them; ``confirm(trial)`` gives a candidate's refusal rate on the confirmation prompts (a
+    lower bound above the target when it stopped early). If none of those checked passes, the
+    checked one with the fewest confirmation refusals (ties: lower KL). Without candidates,
+    :func:`pick`'s fallback (lowest val refusal). Returns (trial, checks), one {"number",
+    "val_refusal", "kl", "confirm_refusal", "passed"} row per check."""
+    within = sorted((t for t in completed(study) if t.values[0] <= target_refusal),
+                    key=lambda t: (t.values[1], t.values[0], t.number))
+    if not within:
+        return pick(study, None, target_refusal), []
+    checks = []
+    for t in within[:max_checks]:
+        rate = float(confirm(t))
+        checks.append({"number": t.number, "val_refusal": t.values[0], "kl": t.values[1], "confirm_refusal": rate,
+                       "passed": rate <= target_refusal})
+        if rate <= target_refusal:
+            return t, checks
+    best = min(range(len(checks)), key=lambda i: (checks[i]["confirm_refusal"], checks[i]["kl"], i))
+    return within[best], checks

@@ -284,3 +284,26 @@ class Objective:
             if self.on_trial is not None:
                 self.on_trial(1)
         return refusal, kl
+
+
+def confirm_refusal(adapter, scorer: Scorer, harmful: Encoded, tokens: int, params: dict, mean_diffs: torch.Tensor,
+                    excise, target: float, basis: torch.Tensor | None = None) -> float:
+    """A finished trial's refusal rate on other harmful prompts (`harmful`, judged over `tokens`
+    tokens) under the same hooks as the trial; generation stops as soon as the count exceeds
+    `target`, and the lower bound reached then (> target) is returned. Weights are only read."""
+    import dataclasses
+
+    import optuna
+
+    from ..excise.hooks import ablated
+
+    q, plan = plan_from_params(params, mean_diffs, adapter.n_layers, basis)
+    checker = dataclasses.replace(scorer, harmful=harmful, tokens=tokens)
+    reached: list[float] = []
+    with ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
+                 biases=excise.biases, plan=plan):
+        try:
+            rate, _ = checker.refusal(target, lambda bounds, _tokens: reached.extend(bounds[-1:]))
+        except optuna.TrialPruned:
+            rate = reached[-1]
+    return rate
