@@ -32,7 +32,9 @@ What runs
 4. Ours: ``obliteratus optimize MODEL --trials N --startup-trials K --study-seed S --refusal-tokens R
    --target T --n-train/--n-val/--n-test --set data.seed=S ...`` as a subprocess; its
    ``obliteratus.json`` gives the phase timings (directions = probe + distill), its SQLite study the
-   per-trial times.
+   per-trial times. The ``optimized`` preset confirms its pick on 64 spare built-in harmful prompts
+   (in no split; Heretic has no counterpart; ``--set optimize.study.confirm_prompts=0`` turns it
+   off); the RESULTS.md rows were measured before it existed.
 5. Each tool runs as a child process reaped with ``os.wait4``, whose rusage is that child's own
    (peak RSS = ``ru_maxrss``, including any processes it waited for).
 6. The common evaluator (this process, our code): the unedited model and both saved models loaded
