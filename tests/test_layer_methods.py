@@ -307,3 +307,21 @@ def test_select_cosmic_default_eval_layers_and_kl(tokenizer):
     assert sum(c.status == "chosen" for c in sel.candidates) == 1
     with pytest.raises(ObliteratusError, match="positions"):
         select_cosmic(model, adapter, mean_diffs[0], enc(HARMFUL), enc(HARMLESS), LayerSettings(), ExciseSettings())
+
+
+def test_select_cosmic_scores_each_candidate_with_the_source_window(tokenizer):
+    """layer_weights = "through_source": COSMIC's ablation (and its KL) edits only the embeddings and
+    layers 0..candidate, as the pipeline's edit then does; a window covering every layer scores alike."""
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    enc = lambda texts: Encoded.of(tokenizer, texts, add_special_tokens=False)  # noqa: E731
+    mean_diffs = torch.randn(1, adapter.n_layers + 1, adapter.d_model, generator=torch.Generator().manual_seed(3))
+    settings = LayerSettings(kl_threshold=1e9, min_fraction=0.0, prune_fraction=0.0)
+    args = (model, adapter, mean_diffs, enc(HARMFUL), enc(HARMLESS), settings)
+    full = {c.layer: c for c in select_cosmic(*args, ExciseSettings(), batch_size=4).candidates if c.status != "pruned"}
+    window = {c.layer: c for c in select_cosmic(*args, ExciseSettings(layer_weights="through_source"),
+                                                batch_size=4).candidates if c.status != "pruned"}
+    last = adapter.n_layers - 1  # its window is every layer
+    assert window[last].kl == pytest.approx(full[last].kl, rel=1e-6, abs=1e-9)
+    assert window[last].ablation_cos == pytest.approx(full[last].ablation_cos, abs=1e-6)
+    assert abs(window[1].kl - full[1].kl) > 1e-6  # layer 2 left alone changes what the ablation does

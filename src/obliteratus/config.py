@@ -175,8 +175,8 @@ class ExciseSettings(Section):
         "none", description="Per-layer strengths from DISTILL's measurements: spectral (DCT-smoothed profile of the "
                             "refusal signal, excise/spectral.py), informed (agreement of each layer's direction "
                             "with the source layer's, analysis/cross_layer.py) or through_source (only the "
-                            "embeddings and layers 0..source are edited, excise/window.py; Arditi selection "
-                            "then scores each candidate with the same window).")
+                            "embeddings and layers 0..source are edited, excise/window.py; Arditi and COSMIC "
+                            "selection then score each candidate with the same window).")
     spectral_bands: int = Field(3, ge=1, description="spectral: frequency bands of the layer profile.")
     spectral_decay: float = Field(1.6, ge=0.0, description="spectral: band t is scaled by exp(-decay * t).")
     informed_floor: float = Field(0.5, ge=0.0, lt=1.0, description="informed: layers whose direction has a cosine "

@@ -44,7 +44,7 @@ from ..evaluate.kl import kl_rows
 from ..excise.hooks import ablated
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
-from .layers import Candidate, LayerSelection, candidate_layers
+from .layers import Candidate, LayerSelection, candidate_layers, window_plan
 from .project_harmless import orthogonalize_against
 
 # --- pure math --------------------------------------------------------------------------------
@@ -181,7 +181,8 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
             q = (r / norm)[None, :]  # [1, d]
             if orthogonal_to is not None:
                 q = orthogonalize_against(q, orthogonal_to[p, layer])
-            ablate = lambda: ablated(adapter, q, excise.lam, **toggles)  # noqa: E731
+            plan = window_plan(adapter.n_layers, layer, excise)  # None unless layer_weights = through_source
+            ablate = lambda: ablated(adapter, q, excise.lam, **toggles, plan=plan)  # noqa: E731
             add = lambda v=r.to(device): hooked(  # noqa: E731
                 adapter, {f"layers.{layer}.resid_pre": lambda x: x + v.to(x.dtype)})
             c.ablation_cos = concept_cosine(last_position_acts(adapter, val_harmful, eval_layers, batch_size, ablate),
