@@ -160,11 +160,10 @@ def digest(model) -> str:
 
 def ours(loaded, scorer, q, plan, ex) -> dict:
     """One trial as Objective.__call__ runs it (no pruning)."""
-    from obliteratus.excise.hooks import ablated
+    from obliteratus.optimize.trial import trial_hooks
 
     times = {}
-    with ablated(loaded.adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings,
-                 biases=ex.biases, plan=plan):
+    with trial_hooks(loaded.adapter, q, plan, ex):
         t0 = time.perf_counter()
         kl = scorer.kl()
         t1 = time.perf_counter()

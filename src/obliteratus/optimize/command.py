@@ -97,12 +97,13 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                                          else Path("obliteratus-runs") / name)
     url = st.storage_url(options, run)
     if options.confirm_prompts and pick_index is None and not worker:  # before any model is loaded
-        from ..data.prompts import load_prompts
+        from ..data.prompts import load_prompts, split_prompts
 
         d = settings.data
-        spare = len(load_prompts(d.harmful, d.column)) - (d.n_train + d.n_val + d.n_test)
+        spare = len(split_prompts(load_prompts(d.harmful, d.column), d.n_train, d.n_val, d.n_test, d.seed,
+                                  "harmful prompts").spare)
         if spare < options.confirm_prompts:
-            raise ConfigError(f"optimize.study.confirm_prompts = {options.confirm_prompts}, but only {max(spare, 0)} "
+            raise ConfigError(f"optimize.study.confirm_prompts = {options.confirm_prompts}, but only {spare} "
                               "harmful prompts are left outside the train/val/test parts; lower it (0 = off), lower "
                               "--n-train/--n-val/--n-test or add prompts")
     if options.max_directions > 1:

@@ -205,10 +205,17 @@ def pick(study, index: int | None = None, target_refusal: float = 0.05):
                 return t
         raise ConfigError(f"--pick {index}: no completed trial has that number; completed: "
                           f"{', '.join(str(t.number) for t in trials)}")
-    within = [t for t in trials if t.values[0] <= target_refusal]
+    within = candidates(trials, target_refusal)
     if within:
-        return min(within, key=lambda t: (t.values[1], t.values[0], t.number))
+        return within[0]
     return min(trials, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+def candidates(trials: list, target_refusal: float) -> list:
+    """The trials whose val refusal is within `target_refusal`, lowest KL first (ties: lower
+    refusal, then lower number): the order in which the default pick considers them."""
+    return sorted((t for t in trials if t.values[0] <= target_refusal),
+                  key=lambda t: (t.values[1], t.values[0], t.number))
 
 
 def pick_confirmed(study, confirm: Callable[[object], float], target_refusal: float = 0.05,
@@ -221,8 +228,7 @@ def pick_confirmed(study, confirm: Callable[[object], float], target_refusal: fl
     checked one with the fewest confirmation refusals (ties: lower KL). Without candidates,
     :func:`pick`'s fallback (lowest val refusal). Returns (trial, checks), one {"number",
     "val_refusal", "kl", "confirm_refusal", "passed"} row per check."""
-    within = sorted((t for t in completed(study) if t.values[0] <= target_refusal),
-                    key=lambda t: (t.values[1], t.values[0], t.number))
+    within = candidates(completed(study), target_refusal)
     if not within:
         return pick(study, None, target_refusal), []
     checks = []

@@ -227,6 +227,15 @@ class Scorer:
         return refused / n, used
 
 
+def trial_hooks(adapter, q: torch.Tensor | None, plan: EditPlan, excise):
+    """The activation hooks that score a trial's edit: the writers and λ of `excise` (the same
+    settings the bake uses), the trial's plan. A context manager; weights are only read."""
+    from ..excise.hooks import ablated
+
+    return ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
+                   biases=excise.biases, plan=plan)
+
+
 @dataclass
 class Objective:
     """The study's objective: sample, build the plan, score under hooks -> (refusal, KL). The
@@ -250,8 +259,6 @@ class Objective:
         return [r for r, _ in self.finished(study)]
 
     def __call__(self, trial) -> tuple[float, float]:
-        from ..excise.hooks import ablated
-
         n_layers, ex = self.adapter.n_layers, self.excise
         params = suggest(trial, n_layers, self.options, self.basis is not None)
         q, plan = plan_from_params(params, self.mean_diffs, n_layers, self.basis)
@@ -271,8 +278,7 @@ class Objective:
             return kl
 
         try:
-            with ablated(self.adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings,
-                         biases=ex.biases, plan=plan):
+            with trial_hooks(self.adapter, q, plan, ex):
                 if pareto:  # KL first: the bar depends on it
                     kl = measure_kl()
                     bar = pareto_bar(self.finished(trial.study), kl, self.options.target_refusal,
@@ -295,13 +301,10 @@ def confirm_refusal(adapter, scorer: Scorer, harmful: Encoded, tokens: int, para
 
     import optuna
 
-    from ..excise.hooks import ablated
-
     q, plan = plan_from_params(params, mean_diffs, adapter.n_layers, basis)
     checker = dataclasses.replace(scorer, harmful=harmful, tokens=tokens)
     reached: list[float] = []
-    with ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
-                 biases=excise.biases, plan=plan):
+    with trial_hooks(adapter, q, plan, excise):
         try:
             rate, _ = checker.refusal(target, lambda bounds, _tokens: reached.extend(bounds[-1:]))
         except optuna.TrialPruned:
