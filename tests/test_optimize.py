@@ -370,3 +370,17 @@ def test_confirmation_needs_enough_spare_prompts(tmp_path):
     sizes = {"data": {"n_train": 200, "n_val": 32, "n_test": 64}}  # 332 built-in harmful prompts: 36 spare
     with pytest.raises(ConfigError, match="confirm_prompts = 64, but only 36 harmful prompts are left"):
         run_optimize(str(tmp_path / "never-loaded"), "optimized", overrides=sizes, run_dir=str(tmp_path))
+
+
+def test_an_unpruned_trial_needs_no_optuna(monkeypatch):
+    """Scorer.refusal imports Optuna only to prune, so benchmarks/optimizer_cost.py runs where Optuna
+    is not installed (the lent GPU machine); pruning still raises Optuna's TrialPruned."""
+    import sys
+
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal
+    model = tiny_model("llama")
+    objective = make_objective(model, StudyOptions(refusal_tokens=2, prune=False))
+    monkeypatch.setitem(sys.modules, "optuna", None)  # any `import optuna` now fails
+    assert objective.scorer.refusal(None)[0] == 1.0
+    with pytest.raises(ImportError):
+        objective.scorer.refusal(0.0)  # pruning is the only path that needs Optuna
