@@ -76,6 +76,16 @@ def test_cross_check_min_fraction():
         resolve_settings({"layers": {"min_fraction": 0.9, "prune_fraction": 0.2}}, environ={})
 
 
+def test_the_study_refuses_to_ignore_the_embeddings():
+    """The optimizer's trial plans (Heretic's kernels) never edit the embeddings: asking for them (the default
+    excise.embeddings = true) is an error, not a setting silently dropped. The kernel grid and fixed kernels
+    do edit them, so they accept it."""
+    with pytest.raises(ConfigError, match="embeddings"):
+        resolve_settings({"optimize": {"enabled": True}}, environ={})
+    resolve_settings({"optimize": {"enabled": True}, "excise": {"embeddings": False}}, environ={})
+    resolve_settings({"optimize": {"enabled": True, "search": "grid"}}, environ={})
+
+
 def test_literal_fields_rejected():
     with pytest.raises(ConfigError, match="layers.method"):
         resolve_settings(cli={"layers": {"method": "best"}}, environ={})

@@ -40,12 +40,13 @@ def _config(family: str):
     raise ValueError(family)
 
 
-def moe_model(family: str, seed: int = 0) -> nn.Module:
-    """Tiny random MoE LM: every weight (fused experts and routers included) ~ N(0, 0.2²), biases ~ N(0, 0.1²)."""
+def moe_model(family: str, seed: int = 0, config=None) -> nn.Module:
+    """Tiny random MoE LM: every weight (fused experts and routers included) ~ N(0, 0.2²), biases ~ N(0, 0.1²).
+    `config` replaces ``_config(family)``."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(_config(family)).float()
+    model = tf.AutoModelForCausalLM.from_config(config or _config(family)).float()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

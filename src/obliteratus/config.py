@@ -262,6 +262,10 @@ class Settings(Section):
             raise ValueError(
                 f"unknown directions.method {self.directions.method!r}; valid: {', '.join(sorted(direction_methods()))}"
             )
+        if self.optimize.enabled and self.optimize.search == "study" and self.excise.embeddings:
+            raise ValueError("the optimizer's trials (optimize.search = 'study') edit the writers of layers 0..L-1 "
+                             "through Heretic's kernels and never the embeddings: set excise.embeddings = false "
+                             "(true would be silently ignored)")
         if self.layers.min_fraction >= 1.0 - self.layers.prune_fraction:
             raise ValueError("layers.min_fraction must be below 1 - layers.prune_fraction")
         if self.excise.method == "leace" and self.directions.method not in ("diff_means", "leace"):
