@@ -10,6 +10,12 @@ directions, optimise/excise, VERIFY-after, restore the weights from a snapshot. 
 its own n_train (Sumandora 32, Arditi 128); everything else uses --n-train. A method that fails
 (e.g. no layer passes Arditi's filters) gets its error in the table instead of numbers.
 
+The presets that search their edit with the optimizer study (`optimized`, `heretic`) run through
+`obliteratus optimize`'s own code (optimize/command.py: a second copy of the model, a fresh study in
+a temporary directory, its own VERIFY on the same seeded splits, so the same held-out prompts) with
+`--study-trials N` trials (default: the preset's own, 50 and 200; about 20 s per trial here), or are
+left out of the table with `--study-trials 0`.
+
 Prints a markdown table: refusal on held-out harmful prompts, over-refusal on held-out harmless
 prompts, KL first token / mean over 16 tokens, perplexity, and the time of each method-specific
 stage (shared stages are printed once above the table).
@@ -42,6 +48,22 @@ def selection_key(s) -> str:
                        e.lam, e.attention, e.mlp, e.embeddings, e.biases], sort_keys=True)
 
 
+def run_study(args, preset: str, overrides: dict, row: dict, prompts0) -> None:
+    """A preset that runs the optimizer study, as `obliteratus optimize` runs it, into `row`."""
+    import tempfile
+
+    from obliteratus.optimize.command import run_optimize
+
+    study = None if args.study_trials is None else {"n_trials": args.study_trials}
+    with tempfile.TemporaryDirectory(prefix="methods-table-study-") as run_dir:
+        result = run_optimize(args.model, preset, overrides=overrides, study=study, run_dir=run_dir)
+    assert result.before.metrics["n_harmful"] == len(prompts0.harmful.test)
+    row["times"].update({k: v for k, v in result.timings.items() if k != "summon"})
+    row.update(metrics=result.after.metrics, layer="kernel", k=1, selection="optuna",
+               trial={"number": result.chosen.number, "params": result.chosen.params, "strength": result.strength,
+                      "picked_by": result.picked_by, "checks": result.checks, "n_trials": result.options.n_trials})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -51,6 +73,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--json", default=None, help="also write every row (with metadata) to this file")
+    parser.add_argument("--study-trials", type=int, default=None,
+                        help="trials for the presets that run the optimizer study (default: the preset's; 0: skip them)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="PRESET KEY=VALUE",
                         help="an extra row: a preset with overrides, e.g. --variant basic excise.lam=1.2")
     args = parser.parse_args()
@@ -59,13 +83,14 @@ def main() -> None:
     for preset, *pairs in args.variant:
         runs.append((f"{preset} ({', '.join(pairs)})", preset, nest({k: parse_value(v) for k, v in
                                                                       (pair.split("=", 1) for pair in pairs)})))
-    settings = {}
+    settings, overrides = {}, {}
     for label, name, extra in runs:
         preset = load_preset(name)
         n_train = preset.get("data", {}).get("n_train", args.n_train) if preset.get("kind") == "baseline" else args.n_train
         cli = {"data": {"n_train": n_train, "n_val": args.n_val, "n_test": args.n_test},
                "evaluate": {"max_new_tokens": args.tokens, "batch_size": args.n_test}}
         settings[label] = resolve_settings(preset, deep_merge(cli, extra))
+        overrides[label] = (name, deep_merge(cli, extra))
     first = next(iter(settings.values()))
     reporter = Reporter()
     torch.manual_seed(0)
@@ -91,31 +116,33 @@ def main() -> None:
         times = row["times"]
         try:
             if uses_study(s):
-                raise ObliteratusError("searches its edit with the optimizer study: measured by `obliteratus "
-                                       "optimize` (benchmarks/RESULTS.md)")
-            data_key = json.dumps(s.data.model_dump(), sort_keys=True)
-            if data_key not in prompt_sets:
-                prompt_sets[data_key] = prepare_prompts(loaded.tokenizer, s)
-            prompts = prompt_sets[data_key]
-            assert prompts.harmful.test == prompts0.harmful.test, "held-out split differs between methods"
-            cache_key = (data_key, s.probe.positions)
-            if cache_key not in caches:
+                if args.study_trials == 0:
+                    raise ObliteratusError("searches its edit with the optimizer study: left out (--study-trials 0)")
+                run_study(args, *overrides[name], row, prompts0)
+            else:
+                data_key = json.dumps(s.data.model_dump(), sort_keys=True)
+                if data_key not in prompt_sets:
+                    prompt_sets[data_key] = prepare_prompts(loaded.tokenizer, s)
+                prompts = prompt_sets[data_key]
+                assert prompts.harmful.test == prompts0.harmful.test, "held-out split differs between methods"
+                cache_key = (data_key, s.probe.positions)
+                if cache_key not in caches:
+                    start = time.perf_counter()
+                    caches[cache_key] = probe(loaded, prompts, s, reporter)
+                    times["probe (shared)"] = time.perf_counter() - start
+                key = selection_key(s)
                 start = time.perf_counter()
-                caches[cache_key] = probe(loaded, prompts, s, reporter)
-                times["probe (shared)"] = time.perf_counter() - start
-            key = selection_key(s)
-            start = time.perf_counter()
-            directions, selection = distill(loaded, caches[cache_key], prompts, s, reporter, selections.get(key))
-            times["distill" if key not in selections else "fit"] = time.perf_counter() - start
-            selections[key] = selection
-            used, edit, grid, _ = edit_model(loaded, prompts, s, directions, reporter, times)
-            start = time.perf_counter()
-            after = evaluate_model(loaded.model, loaded.tokenizer, harmful, harmless, ev, ref)
-            times["verify_after"] = time.perf_counter() - start
-            row.update(metrics=after.metrics, layer=selection.layer, position=selection.position,
-                       selection=selection.method, k=directions.k, contrast=directions.contrast,
-                       edit={k: v for k, v in edit.to_dict().items() if k not in ("edited", "writer_weights")},
-                       grid=None if grid is None else grid.to_dict()["best"])
+                directions, selection = distill(loaded, caches[cache_key], prompts, s, reporter, selections.get(key))
+                times["distill" if key not in selections else "fit"] = time.perf_counter() - start
+                selections[key] = selection
+                used, edit, grid, _ = edit_model(loaded, prompts, s, directions, reporter, times)
+                start = time.perf_counter()
+                after = evaluate_model(loaded.model, loaded.tokenizer, harmful, harmless, ev, ref)
+                times["verify_after"] = time.perf_counter() - start
+                row.update(metrics=after.metrics, layer=selection.layer, position=selection.position,
+                           selection=selection.method, k=directions.k, contrast=directions.contrast,
+                           edit={k: v for k, v in edit.to_dict().items() if k not in ("edited", "writer_weights")},
+                           grid=None if grid is None else grid.to_dict()["best"])
         except ObliteratusError as err:
             row["error"] = str(err)
         finally:

@@ -124,19 +124,27 @@ def test_trials_leave_the_model_bit_identical():
     assert {t.params["direction_scope"] for t in study.trials} == {"global", "per_layer"}
 
 
-@pytest.mark.parametrize("scope", ["global", "per_layer"])
-def test_scored_kl_equals_kl_of_the_baked_model(scope):
+@pytest.mark.parametrize("scope,strength", [("global", 1.0), ("per_layer", 1.0), ("global", 1.5), ("per_layer", 1.5)])
+def test_scored_kl_equals_kl_of_the_baked_model(scope, strength):
+    """The hooks a trial (or a confirmation at a strength multiplier) is scored with equal the bake."""
+    from obliteratus.optimize.trial import scaled_plan, trial_hooks
+
     model = tiny_model("llama")
     objective = make_objective(model, StudyOptions(refusal_tokens=2, prune=False))
-    q, plan = plan_from_params(params(scope), objective.mean_diffs, L)
-    with ablated(objective.adapter, q, 1.0, biases=False, plan=plan):
+    q, plan = scaled_plan(params(scope), objective.mean_diffs, L, objective.excise.lam, strength)
+    assert plan.lam == (None if strength == 1.0 else strength)
+    with trial_hooks(objective.adapter, q, plan, objective.excise):
         hooked = objective.scorer.kl()
     baked = copy.deepcopy(model)
-    excise(ArchitectureAdapter(baked), q, ExciseSettings(biases=False), plan)
-    assert hooked > 1e-3
+    report = excise(ArchitectureAdapter(baked), q, objective.excise, plan)
+    assert hooked > 1e-3 and report.lam == strength
     assert objective.scorer.__class__(baked, *[getattr(objective.scorer, f) for f in
                                                ("tokenizer", "harmful", "harmless", "base", "tokens", "batch_size",
                                                 "chunks")]).kl() == pytest.approx(hooked, rel=1e-3)
+    if strength != 1.0:  # the multiplier acts: a stronger edit moves the model further
+        q1, plan1 = plan_from_params(params(scope), objective.mean_diffs, L)
+        with trial_hooks(objective.adapter, q1, plan1, objective.excise):
+            assert objective.scorer.kl() < hooked
 
 
 # --- early-stopping refusal judge ----------------------------------------------------------------------
@@ -321,25 +329,54 @@ def test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order():
     seen = []
 
     def confirm(rates):
-        return lambda t: seen.append(t.number) or rates[t.number]
+        return lambda t, strength: seen.append(t.number) or rates[t.number]
 
-    chosen, checks = pick_confirmed(study, confirm({0: 0.15, 2: 0.06, 1: 0.04}), 0.05, 8)
-    assert seen == [0, 2, 1] and chosen.number == 1  # 0 (pick()'s choice) and 2 fail their confirmation
+    chosen, strength, checks = pick_confirmed(study, confirm({0: 0.15, 2: 0.06, 1: 0.04}), 0.05, 8)
+    assert seen == [0, 2, 1] and chosen.number == 1 and strength == 1.0  # 0 (pick()'s choice) and 2 fail
     assert [c["passed"] for c in checks] == [False, False, True] and checks[0]["confirm_refusal"] == 0.15
-    assert checks[2] == {"number": 1, "val_refusal": 0.0, "kl": 0.12, "confirm_refusal": 0.04, "passed": True}
+    assert checks[2] == {"number": 1, "strength": 1.0, "val_refusal": 0.0, "kl": 0.12, "confirm_refusal": 0.04,
+                         "passed": True}
     seen.clear()  # a first candidate that passes is pick()'s choice
-    chosen, checks = pick_confirmed(study, confirm({0: 0.0, 1: 0.0}), 0.05, 8)
+    chosen, _, checks = pick_confirmed(study, confirm({0: 0.0, 1: 0.0}), 0.05, 8)
     assert seen == [0] and chosen.number == pick(study, None, 0.05).number == 0
     seen.clear()  # none passes: the checked trial with the fewest confirmation refusals
-    chosen, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1, 1: 0.3, 4: 0.25}), 0.05, 8)
+    chosen, _, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1, 1: 0.3, 4: 0.25}), 0.05, 8)
     assert seen == [0, 2, 1, 4] and chosen.number == 2 and not any(c["passed"] for c in checks)
     seen.clear()  # at most max_checks confirmations
-    chosen, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1}), 0.05, 1)
+    chosen, _, checks = pick_confirmed(study, confirm({0: 0.2, 2: 0.1}), 0.05, 1)
     assert seen == [0] and chosen.number == 0
+    seen.clear()  # a confirmation target below the validation target: 0.04 no longer passes
+    chosen, _, checks = pick_confirmed(study, confirm({0: 0.15, 2: 0.06, 1: 0.04, 4: 0.0}), 0.05, 8, 0.02)
+    assert seen == [0, 2, 1, 4] and chosen.number == 4 and checks[2]["passed"] is False
     empty = optuna.create_study(directions=["minimize", "minimize"])  # nothing within the target
     empty.add_trial(finished((0.5, 0.1)))
-    chosen, checks = pick_confirmed(empty, confirm({}), 0.05, 8)
-    assert chosen.number == 0 and checks == []
+    chosen, strength, checks = pick_confirmed(empty, confirm({}), 0.05, 8)
+    assert chosen.number == 0 and strength == 1.0 and checks == []
+
+
+def test_pick_confirmed_tries_each_candidate_at_rising_strength_before_the_next():
+    from obliteratus.optimize.study import pick_confirmed
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in [(0.03, 0.10), (0.0, 0.12)]:
+        study.add_trial(finished(values))
+    seen = []
+    rates = {(0, 1.0): 0.06, (0, 1.25): 0.03, (0, 1.5): 0.0, (1, 1.0): 0.0}
+
+    def confirm(t, strength):
+        seen.append((t.number, strength))
+        return rates[(t.number, strength)]
+
+    chosen, strength, checks = pick_confirmed(study, confirm, 0.05, 8, 0.025, (1.0, 1.25, 1.5))
+    assert seen == [(0, 1.0), (0, 1.25), (0, 1.5)] and (chosen.number, strength) == (0, 1.5)
+    assert [c["strength"] for c in checks] == [1.0, 1.25, 1.5] and checks[-1]["passed"]
+    seen.clear()  # the budget runs out on the ladder: the fewest refusals among those checked
+    chosen, strength, checks = pick_confirmed(study, confirm, 0.05, 2, 0.025, (1.0, 1.25, 1.5))
+    assert seen == [(0, 1.0), (0, 1.25)] and (chosen.number, strength) == (0, 1.25) and not checks[-1]["passed"]
+    seen.clear()  # the next candidate after the ladder of the first
+    rates[(0, 1.5)] = 0.04
+    chosen, strength, _ = pick_confirmed(study, confirm, 0.05, 8, 0.025, (1.0, 1.25, 1.5))
+    assert seen == [(0, 1.0), (0, 1.25), (0, 1.5), (1, 1.0)] and (chosen.number, strength) == (1, 1.0)
 
 
 def test_confirm_refusal_scores_other_prompts_under_the_trials_hooks(monkeypatch):
@@ -357,6 +394,10 @@ def test_confirm_refusal_scores_other_prompts_under_the_trials_hooks(monkeypatch
     with ablated(objective.adapter, q, 1.0, plan=plan, biases=False):
         verdicts = early.judge(model, tok, other, 3, 4)
     assert rate == sum(verdicts.refused) / 6 and params_digest(model) == before
+    strong = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 1.0,
+                             strength=1.5)  # under the trial's hooks at λ = 1.5
+    with ablated(objective.adapter, q, 1.5, plan=plan, biases=False):
+        assert strong == sum(early.judge(model, tok, other, 3, 4).refused) / 6
     monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal: stopped above the target
     rate = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 0.05)
     assert 0.05 < rate <= 1.0 and params_digest(model) == before

@@ -174,8 +174,13 @@ NO_EFFECT_ON_A_RANDOM_MODEL = {
     # The cap on confirmations only shows when more candidates fail than the preset checks; a few tiny
     # trials leave two candidates: test_optimize.py checks the cap on a study with more.
     ("optimize", "study", "confirm_trials"): "test_optimize.py::test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order",
+    # Execution only: a batch size must not change what is computed (batched generation and probing are
+    # checked against one prompt at a time).
+    ("evaluate", "batch_size"): "test_evaluate.py::test_generate_batched_equals_one_by_one",
 }
-STUDY_DIFF = {"n_trials": 6, "n_startup_trials": 2, "refusal_tokens": 3}
+# A validation target above the tiny model's confirmation rates (0.1-0.19), so that a confirmation
+# target below them (the optimized preset's) changes the pick.
+STUDY_DIFF = {"n_trials": 6, "n_startup_trials": 2, "refusal_tokens": 3, "target_refusal": 0.2}
 # The cone needs at least 3 harmful train prompts in several categories before it can be wider than
 # one direction (below that it is exactly the difference of means, by design).
 SIZES = {"informed": {"data": {"n_train": 64}}, "rdo": RDO_FAST}

@@ -38,6 +38,7 @@ class OptimizeResult:
     n_harmful_val: int = 0
     picked_by: str = ""  # "index" (--pick), "target", "confirmed" or "fewest confirmed refusals"
     checks: list = field(default_factory=list)  # confirmation of the pick (study.pick_confirmed), one dict each
+    strength: float = 1.0  # the confirmed strength multiplier the pick is baked at
 
 
 def study_options(settings, updates: dict | None = None) -> StudyOptions:
@@ -85,7 +86,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     from ..presets import load_preset
     from ..save import check_output
     from . import study as st
-    from .trial import Objective, Scorer, confirm_refusal, plan_from_params
+    from .trial import Objective, Scorer, confirm_refusal, scaled_plan
 
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), overrides)
@@ -146,11 +147,12 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         return result
     if pick_index is None and options.confirm_prompts > 0:
         confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
+        bar = options.target_refusal if options.confirm_target is None else options.confirm_target
         with _timed(timings, "confirm", reporter):
-            chosen, result.checks = st.pick_confirmed(
-                study_, lambda t: confirm_refusal(adapter, scorer, confirm_set, ev.max_new_tokens, t.params,
-                                                  mean_diffs, ex, options.target_refusal, basis),
-                options.target_refusal, options.confirm_trials)
+            chosen, result.strength, result.checks = st.pick_confirmed(
+                study_, lambda t, strength: confirm_refusal(adapter, scorer, confirm_set, ev.max_new_tokens, t.params,
+                                                            mean_diffs, ex, bar, basis, strength),
+                options.target_refusal, options.confirm_trials, bar, options.confirm_strengths)
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:
         chosen = st.pick(study_, pick_index, options.target_refusal)
@@ -163,9 +165,9 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         ref = reference(loaded.model, prompts.encoded["harmless.test"], before.harmless_continuations,
                         ev.kl_tokens, ev.batch_size)
     with _timed(timings, "excise", reporter):
-        q, plan = plan_from_params(chosen.params, mean_diffs, n_layers, basis)
+        q, plan = scaled_plan(chosen.params, mean_diffs, n_layers, ex.lam, result.strength, basis)
         edit = excise(adapter, q, ex, plan=plan)
-        edit.details["trial"] = chosen.number
+        edit.details.update(trial=chosen.number, strength=result.strength)
     with _timed(timings, "verify_after", reporter):
         after = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
                                prompts.part("harmless", "test"), ev, ref, step)
@@ -201,7 +203,9 @@ def _save(result: OptimizeResult, loaded, prompts, preset: str, output: str, ove
             "optimize": {"study_name": result.study_name, "storage": result.storage, "trial": chosen.number,
                          "params": chosen.params, "val_refusal": chosen.values[0], "val_kl_first": chosen.values[1],
                          "picked_by": result.picked_by,
-                         "confirm": {"prompts": options.confirm_prompts, "checks": result.checks},
+                         "confirm": {"prompts": options.confirm_prompts, "checks": result.checks,
+                                     "target": (options.target_refusal if options.confirm_target is None
+                                                else options.confirm_target), "strength": result.strength},
                          "target_refusal": options.target_refusal,
                          "options": {**options.model_dump(), "storage": result.storage},
                          "trials": {s: states.count(s) for s in sorted(set(states))},
@@ -267,11 +271,15 @@ def print_result(result: OptimizeResult, model: str, method: str) -> None:
     out.print(front_table(result.front, chosen, result.n_harmful_val))
     if result.chosen is None:
         return
+    options = result.options
+    bar = options.target_refusal if options.confirm_target is None else options.confirm_target
     for c in result.checks:
-        out.print(f"confirm trial {c['number']} (val refusal {c['val_refusal']:.3f}, KL {c['kl']:.3f}) on "
-                  f"{result.options.confirm_prompts} spare harmful prompts: refusal "
-                  f"{'' if c['passed'] else '>= '}{c['confirm_refusal']:.3f} -> {'pass' if c['passed'] else 'fail'}")
-    out.print(f"picked trial {chosen} ({result.picked_by})")
+        out.print(f"confirm trial {c['number']} at strength {c.get('strength', 1.0):g} (val refusal "
+                  f"{c['val_refusal']:.3f}, KL {c['kl']:.3f}) on {options.confirm_prompts} spare harmful prompts: "
+                  f"refusal {'' if c['passed'] else '>= '}{c['confirm_refusal']:.3f} "
+                  f"-> {'pass' if c['passed'] else 'fail'} (<= {bar:g})")
+    at = "" if result.strength == 1.0 else f" at strength {result.strength:g}"
+    out.print(f"picked trial {chosen}{at} ({result.picked_by})")
     out.print(metrics_table(result.before.metrics, result.after.metrics, f"{model} · {method} · trial {chosen}"))
     if result.output:
         out.print(f"saved to {result.output}")

@@ -52,8 +52,18 @@ class StudyOptions(BaseModel):
                                                       "prompts (in no train/val/test part), judged over "
                                                       "evaluate.max_new_tokens tokens; the first whose refusal there "
                                                       "is also <= target_refusal is picked. 0 = off.")
-    confirm_trials: int = Field(8, ge=1, description="Candidates confirmed at most; if none passes, the one with the "
-                                                     "fewest confirmation refusals (ties: lower KL) is picked.")
+    confirm_trials: int = Field(8, ge=1, description="Confirmations at most (one per candidate and strength); if "
+                                                     "none passes, the checked one with the fewest confirmation "
+                                                     "refusals (ties: lower strength, lower KL) is picked.")
+    confirm_target: float | None = Field(None, ge=0.0, le=1.0,
+                                         description="Refusal rate a candidate must reach on the confirmation "
+                                                     "prompts (None: target_refusal). Below the target it leaves a "
+                                                     "margin for the held-out rate, which runs above the rate the "
+                                                     "pick was chosen by.")
+    confirm_strengths: list[float] = Field([1.0], min_length=1,
+                                           description="Strength multipliers tried in turn for each candidate before "
+                                                       "the next one (λ times every writer's kernel weight); the "
+                                                       "pick is baked at the first strength that passes.")
     refusal_tokens: int = Field(32, ge=1, description="A response with no refusal marker within this many tokens "
                                                       "counts as answered (generation stops per sequence).")
     prune: bool = Field(True, description="Abandon a trial once its partial refusal count rules it out.")
@@ -83,6 +93,8 @@ class StudyOptions(BaseModel):
                 raise ValueError(f"{name}: low {low} is above high {high}")
         if not (0.0 <= self.direction_index[0] and self.direction_index[1] <= 1.0):
             raise ValueError("direction_index must lie within [0, 1] (fractions of the last layer index)")
+        if not all(0.0 < s < 10.0 for s in self.confirm_strengths):
+            raise ValueError(f"confirm_strengths must lie in (0, 10), got {self.confirm_strengths}")
         if self.attn_max_weight[1] < 0 or self.min_weight_distance[0] <= 0:
             raise ValueError("attn_max_weight must reach above 0 and min_weight_distance must start above 0")
         return self
@@ -92,4 +104,5 @@ class StudyOptions(BaseModel):
         return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage",
                                         "study_name", "prune", "prune_rule", "constrain", "prune_chunks",
                                         "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
-                                        "confirm_prompts", "confirm_trials"})
+                                        "confirm_prompts", "confirm_trials", "confirm_target",
+                                        "confirm_strengths"})

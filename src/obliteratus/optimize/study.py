@@ -25,7 +25,7 @@ import socket
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from .options import StudyOptions
@@ -218,25 +218,36 @@ def candidates(trials: list, target_refusal: float) -> list:
                   key=lambda t: (t.values[1], t.values[0], t.number))
 
 
-def pick_confirmed(study, confirm: Callable[[object], float], target_refusal: float = 0.05,
-                   max_checks: int = 8) -> tuple[object, list[dict]]:
+def pick_confirmed(study, confirm: Callable[[object, float], float], target_refusal: float = 0.05,
+                   max_checks: int = 8, confirm_target: float | None = None,
+                   strengths: Sequence[float] = (1.0,)) -> tuple[object, float, list[dict]]:
     """The default pick, confirmed on more prompts: the lowest-KL completed trial whose refusal is
-    within `target_refusal` both on the validation prompts and on the confirmation prompts.
-    Candidates (val refusal within the target) are confirmed lowest KL first, at most `max_checks`
-    of them; ``confirm(trial)`` gives a candidate's refusal rate on the confirmation prompts (a
-    lower bound above the target when it stopped early). If none of those checked passes, the
-    checked one with the fewest confirmation refusals (ties: lower KL). Without candidates,
-    :func:`pick`'s fallback (lowest val refusal). Returns (trial, checks), one {"number",
-    "val_refusal", "kl", "confirm_refusal", "passed"} row per check."""
+    within `target_refusal` on the validation prompts and within `confirm_target` (default: the same
+    target) on the confirmation prompts. Candidates (val refusal within the target) are taken lowest
+    KL first, and each is tried at every strength multiplier of `strengths` in turn (λ times every
+    writer's kernel weight, lowest first) before the next candidate, at most `max_checks`
+    confirmations in all; ``confirm(trial, strength)`` gives the refusal rate on the confirmation
+    prompts (a lower bound above `confirm_target` when it stopped early). If none of those checked
+    passes, the checked (trial, strength) with the fewest confirmation refusals (ties: lower strength,
+    lower KL). Without candidates, :func:`pick`'s fallback (lowest val refusal) at strength 1.
+    Returns (trial, strength, checks), one {"number", "strength", "val_refusal", "kl",
+    "confirm_refusal", "passed"} row per check."""
+    bar = target_refusal if confirm_target is None else confirm_target
     within = candidates(completed(study), target_refusal)
     if not within:
-        return pick(study, None, target_refusal), []
-    checks = []
-    for t in within[:max_checks]:
-        rate = float(confirm(t))
-        checks.append({"number": t.number, "val_refusal": t.values[0], "kl": t.values[1], "confirm_refusal": rate,
-                       "passed": rate <= target_refusal})
-        if rate <= target_refusal:
-            return t, checks
-    best = min(range(len(checks)), key=lambda i: (checks[i]["confirm_refusal"], checks[i]["kl"], i))
-    return within[best], checks
+        return pick(study, None, target_refusal), 1.0, []
+    checks: list[dict] = []
+    tried: list[tuple[object, float]] = []
+    for t in within:
+        for strength in strengths:
+            if len(checks) >= max_checks:
+                break
+            rate = float(confirm(t, strength))
+            checks.append({"number": t.number, "strength": strength, "val_refusal": t.values[0], "kl": t.values[1],
+                           "confirm_refusal": rate, "passed": rate <= bar})
+            tried.append((t, strength))
+            if rate <= bar:
+                return t, strength, checks
+    best = min(range(len(checks)), key=lambda i: (checks[i]["confirm_refusal"], checks[i]["strength"],
+                                                  checks[i]["kl"], i))
+    return tried[best][0], tried[best][1], checks

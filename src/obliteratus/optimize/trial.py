@@ -125,6 +125,19 @@ def plan_from_params(params: dict, mean_diffs: torch.Tensor, n_layers: int,
                                                                                   norm_preserve=False)
 
 
+def scaled_plan(params: dict, mean_diffs: torch.Tensor, n_layers: int, lam: float, strength: float = 1.0,
+                basis: torch.Tensor | None = None) -> tuple[torch.Tensor | None, EditPlan]:
+    """:func:`plan_from_params` with every writer's λ·w multiplied by `strength` (the plan's own λ
+    set to strength·`lam`); strength 1 is the trial as scored. The confirmation's strength ladder
+    (study.pick_confirmed) and the bake of its pick both use it."""
+    import dataclasses
+
+    q, plan = plan_from_params(params, mean_diffs, n_layers, basis)
+    if strength != 1.0:
+        plan = dataclasses.replace(plan, lam=strength * lam)
+    return q, plan
+
+
 def prune_bar(finished_refusals: list[float], target: float) -> float | None:
     """The refusal rate a trial must be able to reach to be worth finishing (see the module
     docstring); None (never prune) before any trial has finished."""
@@ -293,15 +306,16 @@ class Objective:
 
 
 def confirm_refusal(adapter, scorer: Scorer, harmful: Encoded, tokens: int, params: dict, mean_diffs: torch.Tensor,
-                    excise, target: float, basis: torch.Tensor | None = None) -> float:
+                    excise, target: float, basis: torch.Tensor | None = None, strength: float = 1.0) -> float:
     """A finished trial's refusal rate on other harmful prompts (`harmful`, judged over `tokens`
-    tokens) under the same hooks as the trial; generation stops as soon as the count exceeds
-    `target`, and the lower bound reached then (> target) is returned. Weights are only read."""
+    tokens) under the same hooks as the trial, every writer's weight multiplied by `strength`
+    (:func:`scaled_plan`); generation stops as soon as the count exceeds `target`, and the lower
+    bound reached then (> target) is returned. Weights are only read."""
     import dataclasses
 
     import optuna
 
-    q, plan = plan_from_params(params, mean_diffs, adapter.n_layers, basis)
+    q, plan = scaled_plan(params, mean_diffs, adapter.n_layers, excise.lam, strength, basis)
     checker = dataclasses.replace(scorer, harmful=harmful, tokens=tokens)
     reached: list[float] = []
     with trial_hooks(adapter, q, plan, excise):
