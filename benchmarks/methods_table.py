@@ -89,8 +89,8 @@ def main() -> None:
         n_train = preset.get("data", {}).get("n_train", args.n_train) if preset.get("kind") == "baseline" else args.n_train
         cli = {"data": {"n_train": n_train, "n_val": args.n_val, "n_test": args.n_test},
                "evaluate": {"max_new_tokens": args.tokens, "batch_size": args.n_test}}
-        settings[label] = resolve_settings(preset, deep_merge(cli, extra))
         overrides[label] = (name, deep_merge(cli, extra))
+        settings[label] = resolve_settings(preset, overrides[label][1])
     first = next(iter(settings.values()))
     reporter = Reporter()
     torch.manual_seed(0)

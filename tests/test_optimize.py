@@ -403,6 +403,38 @@ def test_confirm_refusal_scores_other_prompts_under_the_trials_hooks(monkeypatch
     assert 0.05 < rate <= 1.0 and params_digest(model) == before
 
 
+def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
+    """run_optimize bakes the pick at the strength its confirmation passed at (here the only one, 2):
+    the saved weights equal the trial's plan applied at λ = 2, and the metadata and result say so."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny
+    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.trial import scaled_plan
+
+    src = save_tiny(tmp_path, "llama")
+    sizes = {"data": {"n_train": 8, "n_val": 4, "n_test": 4},
+             "evaluate": {"max_new_tokens": 3, "kl_tokens": 2, "perplexity": False}}
+    study = {"n_trials": 3, "n_startup_trials": 1, "refusal_tokens": 3, "confirm_prompts": 6,
+             "confirm_strengths": [2.0], "confirm_target": 1.0}
+    out = tmp_path / "out"
+    result = run_optimize(str(src), "optimized", str(out), overrides=sizes, study=study, run_dir=str(tmp_path / "st"))
+    assert result.strength == 2.0 and result.edit.lam == 2.0 and result.checks[0]["strength"] == 2.0
+    meta = json.loads((out / "obliteratus.json").read_text())
+    assert meta["optimize"]["confirm"]["strength"] == 2.0 and meta["optimize"]["confirm"]["target"] == 1.0
+    assert meta["edit"]["details"]["strength"] == 2.0
+    expected = AutoModelForCausalLM.from_pretrained(src).float()
+    md = load_file(str(out / "directions.safetensors"))["mean_diffs"]
+    q, plan = scaled_plan(result.chosen.params, md, L, result.settings.excise.lam, 2.0)
+    excise(ArchitectureAdapter(expected), q, result.settings.excise, plan)
+    saved = AutoModelForCausalLM.from_pretrained(out).float()
+    for (name, a), b in zip(saved.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_confirmation_needs_enough_spare_prompts(tmp_path):
     """Checked before any model is loaded (the model path does not exist)."""
     from obliteratus.errors import ConfigError

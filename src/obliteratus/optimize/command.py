@@ -147,7 +147,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         return result
     if pick_index is None and options.confirm_prompts > 0:
         confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
-        bar = options.target_refusal if options.confirm_target is None else options.confirm_target
+        bar = options.confirm_bar
         with _timed(timings, "confirm", reporter):
             chosen, result.strength, result.checks = st.pick_confirmed(
                 study_, lambda t, strength: confirm_refusal(adapter, scorer, confirm_set, ev.max_new_tokens, t.params,
@@ -204,8 +204,7 @@ def _save(result: OptimizeResult, loaded, prompts, preset: str, output: str, ove
                          "params": chosen.params, "val_refusal": chosen.values[0], "val_kl_first": chosen.values[1],
                          "picked_by": result.picked_by,
                          "confirm": {"prompts": options.confirm_prompts, "checks": result.checks,
-                                     "target": (options.target_refusal if options.confirm_target is None
-                                                else options.confirm_target), "strength": result.strength},
+                                     "target": options.confirm_bar, "strength": result.strength},
                          "target_refusal": options.target_refusal,
                          "options": {**options.model_dump(), "storage": result.storage},
                          "trials": {s: states.count(s) for s in sorted(set(states))},
@@ -272,12 +271,11 @@ def print_result(result: OptimizeResult, model: str, method: str) -> None:
     if result.chosen is None:
         return
     options = result.options
-    bar = options.target_refusal if options.confirm_target is None else options.confirm_target
     for c in result.checks:
         out.print(f"confirm trial {c['number']} at strength {c.get('strength', 1.0):g} (val refusal "
                   f"{c['val_refusal']:.3f}, KL {c['kl']:.3f}) on {options.confirm_prompts} spare harmful prompts: "
                   f"refusal {'' if c['passed'] else '>= '}{c['confirm_refusal']:.3f} "
-                  f"-> {'pass' if c['passed'] else 'fail'} (<= {bar:g})")
+                  f"-> {'pass' if c['passed'] else 'fail'} (<= {options.confirm_bar:g})")
     at = "" if result.strength == 1.0 else f" at strength {result.strength:g}"
     out.print(f"picked trial {chosen}{at} ({result.picked_by})")
     out.print(metrics_table(result.before.metrics, result.after.metrics, f"{model} · {method} · trial {chosen}"))

@@ -51,7 +51,7 @@ class StudyOptions(BaseModel):
                                                       "target_refusal, lowest KL first) on this many spare harmful "
                                                       "prompts (in no train/val/test part), judged over "
                                                       "evaluate.max_new_tokens tokens; the first whose refusal there "
-                                                      "is also <= target_refusal is picked. 0 = off.")
+                                                      "is also <= confirm_target is picked. 0 = off.")
     confirm_trials: int = Field(8, ge=1, description="Confirmations at most (one per candidate and strength); if "
                                                      "none passes, the checked one with the fewest confirmation "
                                                      "refusals (ties: lower strength, lower KL) is picked.")
@@ -98,6 +98,11 @@ class StudyOptions(BaseModel):
         if self.attn_max_weight[1] < 0 or self.min_weight_distance[0] <= 0:
             raise ValueError("attn_max_weight must reach above 0 and min_weight_distance must start above 0")
         return self
+
+    @property
+    def confirm_bar(self) -> float:
+        """The refusal rate a candidate must reach on the confirmation prompts."""
+        return self.target_refusal if self.confirm_target is None else self.confirm_target
 
     def space_fingerprint(self) -> dict:
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
