@@ -182,6 +182,8 @@ def test_kl_zero_for_same_model_and_positive_after_edit(tokenizer):
     assert after["kl_first"] > 1e-4 and after["kl_mean"] > 1e-4
     assert all(x > 0 for x in after["kl_per_position"])
     # kl_first is the mean over prompts of the KL at the first continuation token
+    short = reference(model, enc, [c[:2] for c in conts], n_tokens=4, batch_size=3)  # no data at positions 2, 3
+    assert len(kl_to_reference(edited, short, batch_size=5)["kl_per_position"]) == 2
     first = [float(kl_rows(ref.logprobs[i][:1], torch.log_softmax(
         edited(torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])).logits[0, -1:].detach(), -1))[0])
         for i, t in enumerate(long_prompts())]

@@ -100,6 +100,47 @@ def test_default_ranges_are_heretics():
             assert (d.low, d.high) == pytest.approx(space[key]), (c, name)
 
 
+def test_a_seed_window_is_the_source_window_edit():
+    """window_params(f) is the advanced edit without the embeddings: the global direction at resid_pre
+    f·L + 1, every attention and MLP writer of layers 0 .. f·L + 1 at weight 1, nothing after."""
+    from obliteratus.errors import ConfigError
+    from obliteratus.excise.window import window_weights
+    from obliteratus.optimize.command import study_options
+    from obliteratus.optimize.trial import window_params
+
+    n = 24
+    md = torch.randn(n + 1, 8, generator=torch.Generator().manual_seed(1))
+    options = study_options(resolve_settings(load_preset("optimized")))
+    assert options.seed_windows  # the preset seeds its study
+    for f in options.seed_windows:  # every seed of the preset lies inside its space on the demo shape
+        window_params(f, n, options)
+    q, plan = plan_from_params(window_params(16 / 23, n, options), md, n)
+    expected = window_weights(n, 17)
+    assert plan.strength == {(c, i): 1.0 for c in ("attn", "mlp") for i in range(n) if expected[i] == 1.0}
+    assert max(i for _, i in plan.strength) == 17
+    torch.testing.assert_close(q[0], direction_at(md, 17.0))
+    with pytest.raises(ConfigError, match="max_weight_position"):  # Heretic's ranges keep early layers out
+        window_params(0.7, n, StudyOptions())
+
+
+def test_seed_windows_run_first_in_a_new_study_only():
+    from obliteratus.optimize.study import seed
+    from obliteratus.optimize.trial import window_params
+
+    options = StudyOptions(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(1.0, 1.0),
+                           n_startup_trials=1,
+                           refusal_tokens=2, prune=False)
+    points = [window_params(f, L, options) for f in (0.5, 1.0)]
+    objective = make_objective(tiny_model("llama"), options)
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1, multivariate=True))
+    seed(study, points)
+    study.optimize(objective, n_trials=3)
+    assert [t.params for t in study.trials[:2]] == points and study.trials[2].params not in points
+    seed(study, points)  # a study with trials (resumed) is not seeded again
+    assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
 # --- trials copy no weights; hook scoring equals the bake ---------------------------------------------
 
 def make_objective(model, options: StudyOptions, md=None):
@@ -379,28 +420,68 @@ def test_pick_confirmed_tries_each_candidate_at_rising_strength_before_the_next(
     assert seen == [(0, 1.0), (0, 1.25), (0, 1.5), (1, 1.0)] and (chosen.number, strength) == (1, 1.0)
 
 
-def test_confirm_refusal_scores_other_prompts_under_the_trials_hooks(monkeypatch):
+def test_confirmation_scores_other_prompts_under_the_trials_hooks(monkeypatch):
     """The confirmation counts refusals on its own prompts with the trial's edit attached (and the
     model untouched after), and stops once the count exceeds the target."""
-    from obliteratus.optimize.trial import confirm_refusal
+    from obliteratus.optimize.trial import Confirmation
 
     model = tiny_model("llama")
     before = params_digest(model)
     objective = make_objective(model, StudyOptions(refusal_tokens=3, prune=False))
     tok, other = encoded(PROMPTS[:6])
     p, md = params(), mean_diffs()
-    rate = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 1.0)
+
+    def confirmation(target):
+        return Confirmation(objective.adapter, objective.scorer, other, 3, md, objective.excise, target)
+
+    rate = confirmation(1.0)(p)
     q, plan = plan_from_params(p, md, L)
     with ablated(objective.adapter, q, 1.0, plan=plan, biases=False):
         verdicts = early.judge(model, tok, other, 3, 4)
     assert rate == sum(verdicts.refused) / 6 and params_digest(model) == before
-    strong = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 1.0,
-                             strength=1.5)  # under the trial's hooks at λ = 1.5
+    strong = confirmation(1.0)(p, strength=1.5)  # under the trial's hooks at λ = 1.5
     with ablated(objective.adapter, q, 1.5, plan=plan, biases=False):
         assert strong == sum(early.judge(model, tok, other, 3, 4).refused) / 6
     monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal: stopped above the target
-    rate = confirm_refusal(objective.adapter, objective.scorer, other, 3, p, md, objective.excise, 0.05)
+    rate = confirmation(0.05)(p)
     assert 0.05 < rate <= 1.0 and params_digest(model) == before
+
+
+def test_confirmation_generates_the_prompts_an_earlier_check_refused_first(monkeypatch):
+    """Prompts found refusing by one check are generated first, in their own batch, by the next: a
+    candidate failing on them is given up after that small batch. The rate does not depend on it."""
+    from obliteratus.optimize.trial import Confirmation
+
+    model = tiny_model("llama")
+    objective = make_objective(model, StudyOptions(refusal_tokens=4, prune=False))
+    tok, other = encoded()
+    p, md = params(), mean_diffs()
+    q, plan = plan_from_params(p, md, L)
+    with ablated(objective.adapter, q, 1.0, plan=plan, biases=False):
+        full = decode(tok, generate(model, tok, other, 4, 8))
+    norms = [refusal.normalise(t) for t in full]
+    letters = {c for n in norms for c in n if c.isascii() and c.isalpha()}
+    marker = min(letters, key=lambda c: (abs(sum(c in n for n in norms) - 2), c))  # in about 2 of the 8
+    monkeypatch.setattr(refusal, "MARKERS", (marker,))
+    refusing = {i for i, n in enumerate(norms) if marker in n}
+    assert 0 < len(refusing) < len(PROMPTS)
+
+    groups = []
+    real = early.judge_batches
+
+    def spy(model_, tokenizer, encoded_, *args, **kwargs):
+        groups.append(len(encoded_.ids))
+        yield from real(model_, tokenizer, encoded_, *args, **kwargs)
+
+    monkeypatch.setattr(early, "judge_batches", spy)
+    check = Confirmation(objective.adapter, objective.scorer, other, 4, md, objective.excise, target=1.0)
+    assert check(p) == len(refusing) / 8 and set(check.suspects) == refusing and groups == [8]
+    groups.clear()
+    assert check(p) == len(refusing) / 8 and groups == [len(refusing), 8 - len(refusing)]  # suspects first
+    groups.clear()
+    strict = Confirmation(objective.adapter, objective.scorer, other, 4, md, objective.excise, target=0.0,
+                          suspects=list(check.suspects))
+    assert strict(p) > 0.0 and groups == [len(refusing)]  # failed on the suspects; the rest never generated
 
 
 def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):

@@ -30,7 +30,7 @@ OVERRIDDEN = {("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("laye
               ("layers", "induce_threshold"), ("optimize", "study", "n_trials"),
               ("optimize", "study", "n_startup_trials")}
 STUDY_FAST = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 3}
-RDO_FAST = {"directions": {"rdo": {"max_steps": 1, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}}
+RDO_FAST = {"directions": {"rdo": {"max_steps": 6, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}}
 
 
 def test_the_catalogue_is_complete():
@@ -180,7 +180,7 @@ NO_EFFECT_ON_A_RANDOM_MODEL = {
 }
 # A validation target above the tiny model's confirmation rates (0.1-0.19), so that a confirmation
 # target below them (the optimized preset's) changes the pick.
-STUDY_DIFF = {"n_trials": 6, "n_startup_trials": 2, "refusal_tokens": 3, "target_refusal": 0.2}
+STUDY_DIFF = {"n_trials": 8, "n_startup_trials": 2, "refusal_tokens": 3, "target_refusal": 0.2}
 # The cone needs at least 3 harmful train prompts in several categories before it can be wider than
 # one direction (below that it is exactly the difference of means, by design).
 SIZES = {"informed": {"data": {"n_train": 64}}, "rdo": RDO_FAST}

@@ -48,6 +48,11 @@ class Encoded:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         return cls(ids, order, tokenizer.pad_token_id)
 
+    def subset(self, rows: list[int]) -> "Encoded":
+        """The prompts `rows` (indices into this set), in that order (sorted longest first as usual)."""
+        ids = [self.ids[i] for i in rows]
+        return Encoded(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), self.pad_id)
+
     @property
     def n_tokens(self) -> int:
         return sum(len(x) for x in self.ids)

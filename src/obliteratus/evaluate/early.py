@@ -47,11 +47,12 @@ class EarlyVerdicts:
 
 class Abandoned(Exception):
     """Raised out of generation when `abandon` said so: `refused` rows of the batch had shown a
-    marker after `tokens` tokens in all."""
+    marker after `tokens` tokens in all. :func:`judge_batches` fills in `rows`, the indices (into
+    the encoded prompts) of those rows."""
 
-    def __init__(self, refused: int, tokens: int):
+    def __init__(self, refused: int, tokens: int, rows: list[int] | None = None):
         super().__init__(f"abandoned with {refused} refusals in the batch")
-        self.refused, self.tokens = refused, tokens
+        self.refused, self.tokens, self.rows = refused, tokens, list(rows or [])
 
 
 def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
@@ -65,6 +66,7 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
     class MarkerSeen(StoppingCriteria):
         def __init__(self):
             self.ends: list[int | None] = [None] * rows
+            self.hit = [False] * rows  # the row's text contains a marker
             self.marked = 0
 
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -75,6 +77,7 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
                 text = markers.normalise(tokenizer.decode(row, skip_special_tokens=True))
                 if any(m in text for m in markers.MARKERS):
                     self.ends[i] = len(row)
+                    self.hit[i] = True
                     self.marked += 1
                 elif row and row[-1] in stop:
                     self.ends[i] = len(row)
@@ -106,7 +109,11 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
         inputs = generate_inputs(model, batch)
         width = inputs["input_ids"].shape[1]
         seen = _criterion(tokenizer, width, stop, len(batch.index), abandon)
-        seqs = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([seen]))
+        try:
+            seqs = model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([seen]))
+        except Abandoned as stop:
+            stop.rows = [i for i, hit in zip(batch.index, seen.hit) if hit]
+            raise
         refused, used = [], []
         for row, end in zip(seqs[:, width:].tolist(), seen.ends):
             row = row if end is None else row[:end]  # a decided row only gets padding afterwards

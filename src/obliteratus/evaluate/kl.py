@@ -53,7 +53,8 @@ def kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 
 def kl_to_reference(model, ref: KLReference, batch_size: int = 32) -> dict[str, object]:
     """{"kl_first": mean KL at the first token, "kl_mean": mean over prompts of the mean KL over
-    each prompt's (up to n) tokens, "kl_per_position": mean KL at each position}."""
+    each prompt's (up to n) tokens, "kl_per_position": mean KL at each position, over the prompts
+    whose continuation reaches it; it ends at the longest continuation (no position without data)}."""
     now = _teacher_forced_logprobs(model, ref.encoded, ref.continuations, ref.n_tokens, batch_size)
     per_prompt = [kl_rows(p, q) for p, q in zip(ref.logprobs, now)]  # each [c_i]
     sums = torch.zeros(ref.n_tokens, dtype=torch.float64)
@@ -64,5 +65,5 @@ def kl_to_reference(model, ref: KLReference, batch_size: int = 32) -> dict[str, 
     return {
         "kl_first": float(torch.stack([kl[0] for kl in per_prompt]).mean()),
         "kl_mean": float(torch.stack([kl.mean() for kl in per_prompt]).mean()),
-        "kl_per_position": (sums / counts.clamp_min(1)).tolist(),
+        "kl_per_position": (sums / counts)[counts > 0].tolist(),  # counts fall with position: a suffix is cut
     }

@@ -86,7 +86,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     from ..presets import load_preset
     from ..save import check_output
     from . import study as st
-    from .trial import Objective, Scorer, confirm_refusal, scaled_plan
+    from .trial import Confirmation, Objective, Scorer, scaled_plan, window_params
 
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), overrides)
@@ -136,6 +136,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                    "probe": settings.probe.model_dump(), "contrast": settings.directions.contrast,
                    "excise": {k: getattr(ex, k) for k in ("lam", "attention", "mlp", "embeddings", "biases")}}
     study_ = st.open_study(options, url, name, fingerprint)
+    st.seed(study_, [window_params(f, n_layers, options) for f in options.seed_windows])
     scorer = Scorer.build(loaded.model, loaded.tokenizer, prompts.encoded["harmful.val"],
                           prompts.encoded["harmless.val"], options, ev.batch_size)
     objective = Objective(adapter, scorer, mean_diffs, options, ex, basis, reporter.task("trials", options.n_trials))
@@ -148,10 +149,10 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     if pick_index is None and options.confirm_prompts > 0:
         confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
         bar = options.confirm_bar
+        confirm = Confirmation(adapter, scorer, confirm_set, ev.max_new_tokens, mean_diffs, ex, bar, basis)
         with _timed(timings, "confirm", reporter):
             chosen, result.strength, result.checks = st.pick_confirmed(
-                study_, lambda t, strength: confirm_refusal(adapter, scorer, confirm_set, ev.max_new_tokens, t.params,
-                                                            mean_diffs, ex, bar, basis, strength),
+                study_, lambda t, strength: confirm(t.params, strength),
                 options.target_refusal, options.confirm_trials, bar, options.confirm_strengths)
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:

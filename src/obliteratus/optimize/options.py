@@ -64,6 +64,12 @@ class StudyOptions(BaseModel):
                                            description="Strength multipliers tried in turn for each candidate before "
                                                        "the next one (λ times every writer's kernel weight); the "
                                                        "pick is baked at the first strength that passes.")
+    seed_windows: list[float] = Field([], description="Trials run first (Optuna enqueue_trial, on a new study): for "
+                                                       "each fraction f, the source window at Heretic index f·L (one "
+                                                       "global direction; attention and MLP at weight 1 on layers "
+                                                       "0 .. f·L + 1 and nowhere else: the advanced edit without the "
+                                                       "embeddings), so the study starts from an edit known to "
+                                                       "generalise. They count as start-up trials. [] = none.")
     refusal_tokens: int = Field(32, ge=1, description="A response with no refusal marker within this many tokens "
                                                       "counts as answered (generation stops per sequence).")
     prune: bool = Field(True, description="Abandon a trial once its partial refusal count rules it out.")
@@ -93,6 +99,8 @@ class StudyOptions(BaseModel):
                 raise ValueError(f"{name}: low {low} is above high {high}")
         if not (0.0 <= self.direction_index[0] and self.direction_index[1] <= 1.0):
             raise ValueError("direction_index must lie within [0, 1] (fractions of the last layer index)")
+        if not all(0.0 <= f <= 1.0 for f in self.seed_windows):
+            raise ValueError(f"seed_windows are fractions of the last layer index in [0, 1], got {self.seed_windows}")
         if not all(0.0 < s < 10.0 for s in self.confirm_strengths):
             raise ValueError(f"confirm_strengths must lie in (0, 10), got {self.confirm_strengths}")
         if self.attn_max_weight[1] < 0 or self.min_weight_distance[0] <= 0:
@@ -110,4 +118,4 @@ class StudyOptions(BaseModel):
                                         "study_name", "prune", "prune_rule", "constrain", "prune_chunks",
                                         "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
                                         "confirm_prompts", "confirm_trials", "confirm_target",
-                                        "confirm_strengths"})
+                                        "confirm_strengths", "seed_windows"})

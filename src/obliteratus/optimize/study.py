@@ -108,6 +108,16 @@ def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: di
     return study
 
 
+def seed(study, points: list[dict]) -> None:
+    """Enqueue `points` (full parameter dicts) as the first trials of a new study; a study that
+    already has trials (resumed, or another worker's) is left alone, and Optuna skips a point that
+    some trial already has, so racing workers enqueue each point at most about once."""
+    if not points or study.get_trials(deepcopy=False):
+        return
+    for params in points:
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
 def constrain_refusal(trial, excess: float) -> None:
     """Record the trial's refusal rate (or, when pruned, its lower bound) minus the target as an
     Optuna constraint: > 0 is infeasible, and the TPE sampler ranks infeasible trials by it."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -87,6 +87,39 @@ def suggest(trial, n_layers: int, options: StudyOptions, can_add_directions: boo
     if options.max_directions > 1 and can_add_directions:
         trial.suggest_int("n_directions", 1, options.max_directions)
     return dict(trial.params)
+
+
+def window_params(fraction: float, n_layers: int, options: StudyOptions) -> dict:
+    """The point of the space that is a source window (excise/window.py, the ``advanced`` edit
+    without the embeddings): one global direction at Heretic index f = `fraction`·L, i.e. our
+    resid_pre s = f + 1, and attention and MLP kernels flat at weight 1 over layers 0 … s (peak
+    position s/2, half-width s/2, min_weight = max_weight). Raises ConfigError if that point lies
+    outside the search ranges of `options`, where Optuna would not treat it as part of the space."""
+    last = n_layers - 1
+    index = fraction * last
+    half = (index + 1.0) / 2
+    params = {"direction_scope": "global", "direction_index": index}
+    for c in COMPONENTS:
+        params.update({f"{c}.max_weight": 1.0, f"{c}.max_weight_position": half, f"{c}.min_weight": 1.0,
+                       f"{c}.min_weight_distance": half})
+    ranges = {"direction_index": options.direction_index, "attn.max_weight": options.attn_max_weight,
+              "mlp.max_weight": options.mlp_max_weight}
+    if "global" not in options.direction_scopes:
+        raise ConfigError("optimize.study.seed_windows needs 'global' in direction_scopes")
+    for c in COMPONENTS:
+        ranges[f"{c}.max_weight_position"] = options.max_weight_position
+        ranges[f"{c}.min_weight"] = options.min_weight_fraction
+    for name, (low, high) in ranges.items():
+        value = params[name] / (last if name == "direction_index" or name.endswith("position") else 1.0)
+        if not low - 1e-9 <= value <= high + 1e-9:
+            raise ConfigError(f"optimize.study.seed_windows: the window at {fraction:g}·L needs {name} = "
+                              f"{params[name]:.3g}, outside the search range [{low:g}, {high:g}]"
+                              f"{' (fractions of L)' if name.endswith(('index', 'position')) else ''}")
+    low, high = options.min_weight_distance
+    if not low <= half <= max(high * last, low):
+        raise ConfigError(f"optimize.study.seed_windows: the window at {fraction:g}·L needs a half-width of "
+                          f"{half:.3g} layers, outside min_weight_distance [{low:g}, {high:g}·L]")
+    return params
 
 
 def kernel(params: dict, component: str) -> KernelOptions | None:
@@ -305,22 +338,56 @@ class Objective:
         return refusal, kl
 
 
-def confirm_refusal(adapter, scorer: Scorer, harmful: Encoded, tokens: int, params: dict, mean_diffs: torch.Tensor,
-                    excise, target: float, basis: torch.Tensor | None = None, strength: float = 1.0) -> float:
+@dataclass
+class Confirmation:
     """A finished trial's refusal rate on other harmful prompts (`harmful`, judged over `tokens`
-    tokens) under the same hooks as the trial, every writer's weight multiplied by `strength`
-    (:func:`scaled_plan`); generation stops as soon as the count exceeds `target`, and the lower
-    bound reached then (> target) is returned. Weights are only read."""
-    import dataclasses
+    tokens), under the same hooks as the trial with every writer's weight multiplied by `strength`
+    (:func:`scaled_plan`). Generation stops as soon as the count exceeds `target`, and the lower
+    bound reached then (> target) is returned. Weights are only read.
 
-    import optuna
+    One object serves every check of a pick (study.pick_confirmed): the prompts that refused an
+    earlier check (`suspects`, found in full batches or among the rows marked when a batch was
+    abandoned) are generated first, in a batch of their own, then the rest. Candidates of one study
+    tend to fail on the same few prompts, so a failing candidate is usually given up after a small
+    batch and a few tokens, and a long walk down the candidates costs little more than the check
+    that passes. The order changes what is generated together, not what is counted: the verdict is
+    the count over the whole set (or a bound above `target`) either way."""
 
-    q, plan = scaled_plan(params, mean_diffs, adapter.n_layers, excise.lam, strength, basis)
-    checker = dataclasses.replace(scorer, harmful=harmful, tokens=tokens)
-    reached: list[float] = []
-    with trial_hooks(adapter, q, plan, excise):
-        try:
-            rate, _ = checker.refusal(target, lambda bounds, _tokens: reached.extend(bounds[-1:]))
-        except optuna.TrialPruned:
-            rate = reached[-1]
-    return rate
+    adapter: object
+    scorer: Scorer
+    harmful: Encoded
+    tokens: int
+    mean_diffs: torch.Tensor
+    excise: object
+    target: float
+    basis: torch.Tensor | None = None
+    suspects: list[int] = field(default_factory=list)
+
+    def _suspect(self, rows) -> None:
+        self.suspects.extend(i for i in rows if i not in self.suspects)
+
+    def __call__(self, params: dict, strength: float = 1.0) -> float:
+        from ..evaluate.early import Abandoned, judge_batches
+
+        s = self.scorer
+        q, plan = scaled_plan(params, self.mean_diffs, self.adapter.n_layers, self.excise.lam, strength, self.basis)
+        n = len(self.harmful.ids)
+        first = list(self.suspects)
+        groups = [g for g in (first, [i for i in range(n) if i not in set(first)]) if g]
+        refused = 0
+        with trial_hooks(self.adapter, q, plan, self.excise):
+            for group in groups:
+                try:
+                    for index, verdicts, _ in judge_batches(s.model, s.tokenizer, self.harmful.subset(group),
+                                                            self.tokens, s.batch_size,
+                                                            lambda marked: ruled_out(refused + marked, n, self.target),
+                                                            s.share_prefix):
+                        hits = [group[i] for i, v in zip(index, verdicts) if v]
+                        refused += len(hits)
+                        self._suspect(hits)
+                        if ruled_out(refused, n, self.target):
+                            return refused / n
+                except Abandoned as stop:
+                    self._suspect(group[i] for i in stop.rows)
+                    return (refused + stop.refused) / n
+        return refused / n
