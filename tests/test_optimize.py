@@ -482,6 +482,8 @@ def test_confirmation_generates_the_prompts_an_earlier_check_refused_first(monke
     strict = Confirmation(objective.adapter, objective.scorer, other, 4, md, objective.excise, target=0.0,
                           suspects=list(check.suspects))
     assert strict(p) > 0.0 and groups == [len(refusing)]  # failed on the suspects; the rest never generated
+    fresh = Confirmation(objective.adapter, objective.scorer, other, 4, md, objective.excise, target=0.0)
+    assert fresh(p) > 0.0 and fresh.suspects and set(fresh.suspects) <= refusing  # rows marked when abandoned
 
 
 def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):

@@ -50,9 +50,10 @@ class Abandoned(Exception):
     marker after `tokens` tokens in all. :func:`judge_batches` fills in `rows`, the indices (into
     the encoded prompts) of those rows."""
 
-    def __init__(self, refused: int, tokens: int, rows: list[int] | None = None):
+    def __init__(self, refused: int, tokens: int):
         super().__init__(f"abandoned with {refused} refusals in the batch")
-        self.refused, self.tokens, self.rows = refused, tokens, list(rows or [])
+        self.refused, self.tokens = refused, tokens
+        self.rows: list[int] = []
 
 
 def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
@@ -67,7 +68,6 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
         def __init__(self):
             self.ends: list[int | None] = [None] * rows
             self.hit = [False] * rows  # the row's text contains a marker
-            self.marked = 0
 
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             new = input_ids[:, prompt_width:].tolist()  # [b, t]
@@ -78,11 +78,11 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
                 if any(m in text for m in markers.MARKERS):
                     self.ends[i] = len(row)
                     self.hit[i] = True
-                    self.marked += 1
                 elif row and row[-1] in stop:
                     self.ends[i] = len(row)
-            if abandon is not None and self.marked and abandon(self.marked):
-                raise Abandoned(self.marked, sum(len(row) if e is None else e for row, e in zip(new, self.ends)))
+            marked = sum(self.hit)
+            if abandon is not None and marked and abandon(marked):
+                raise Abandoned(marked, sum(len(row) if e is None else e for row, e in zip(new, self.ends)))
             return torch.tensor([e is not None for e in self.ends], dtype=torch.bool, device=input_ids.device)
 
     return MarkerSeen()

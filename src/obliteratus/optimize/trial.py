@@ -373,7 +373,8 @@ class Confirmation:
         q, plan = scaled_plan(params, self.mean_diffs, self.adapter.n_layers, self.excise.lam, strength, self.basis)
         n = len(self.harmful.ids)
         first = list(self.suspects)
-        groups = [g for g in (first, [i for i in range(n) if i not in set(first)]) if g]
+        known = set(first)
+        groups = [g for g in (first, [i for i in range(n) if i not in known]) if g]
         refused = 0
         with trial_hooks(self.adapter, q, plan, self.excise):
             for group in groups:
