@@ -31,7 +31,7 @@ import torch
 
 from obliteratus.config import deep_merge, nest, parse_value, resolve_settings
 from obliteratus.errors import ObliteratusError
-from obliteratus.evaluate import evaluate_model, reference
+from obliteratus.evaluate import evaluate_model
 from obliteratus.models import summon
 from obliteratus.pipeline import Reporter, distill, edit_model, prepare_prompts, probe, uses_study
 from obliteratus.presets import load_preset, preset_names
@@ -104,9 +104,8 @@ def main() -> None:
     prompts0 = prepare_prompts(loaded.tokenizer, first)
     ev = first.evaluate
     harmful, harmless = prompts0.part("harmful", "test"), prompts0.part("harmless", "test")
-    before = evaluate_model(loaded.model, loaded.tokenizer, harmful, harmless, ev)
-    ref = reference(loaded.model, prompts0.encoded["harmless.test"], before.harmless_continuations, ev.kl_tokens,
-                    ev.batch_size)
+    before = evaluate_model(loaded.model, loaded.tokenizer, harmful, harmless, ev, make_reference=True)
+    ref = before.reference
     t_before = time.perf_counter() - t0
     rows = [{"method": "unedited", "metrics": before.metrics}]
     print(f"unedited: {before.metrics}", flush=True)

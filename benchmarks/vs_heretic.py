@@ -390,7 +390,7 @@ def common_evaluation(args, models: dict[str, str]) -> dict[str, dict]:
 
     import torch
 
-    from obliteratus.evaluate import evaluate_model, reference
+    from obliteratus.evaluate import evaluate_model
     from obliteratus.models.load import summon
     from obliteratus.pipeline import prepare_prompts
 
@@ -403,9 +403,8 @@ def common_evaluation(args, models: dict[str, str]) -> dict[str, dict]:
     orig = summon(str(Path(args.model).resolve()), settings.model, steering=False)
     prompts = prepare_prompts(orig.tokenizer, settings)
     harmful, harmless = prompts.part("harmful", "test"), prompts.part("harmless", "test")
-    before = evaluate_model(orig.model, orig.tokenizer, harmful, harmless, ev)
-    ref = reference(orig.model, prompts.encoded["harmless.test"], before.harmless_continuations, ev.kl_tokens,
-                    ev.batch_size)
+    before = evaluate_model(orig.model, orig.tokenizer, harmful, harmless, ev, make_reference=True)
+    ref = before.reference
     vocab = orig.tokenizer.get_vocab()
     out = {"original": before.metrics}
     del orig

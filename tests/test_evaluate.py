@@ -259,3 +259,42 @@ def test_lm_eval_is_optional_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ObliteratusError, match="pip install lm-eval"):
         run_lm_eval(None, None, ["arc_easy"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_recorded_reference_equals_teacher_forced(tokenizer, family):
+    """The log-probs kept while the original generates its answers (VERIFY before the edit) are the
+    teacher-forced reference's, row by row, including answers that end before n tokens; KL of the
+    unedited model to them is ~0."""
+    from obliteratus.config import EvalSettings
+    from obliteratus.evaluate import evaluate_model
+    from obliteratus.evaluate.kl import recorded_reference
+
+    model = tiny_model(family)
+    texts = long_prompts()
+    enc = encode(tokenizer, texts)
+    conts = generate(model, tokenizer, enc, max_new_tokens=6, batch_size=3)
+    ev = EvalSettings(max_new_tokens=6, kl_tokens=4, batch_size=4, perplexity=False)
+    harmful = encode(tokenizer, PROMPTS)
+    out = evaluate_model(model, tokenizer, (PROMPTS, harmful), (texts, enc), ev, make_reference=True)
+    assert out.harmless_continuations == conts  # generated together with the harmful prompts: same answers
+    want = reference(model, enc, conts, n_tokens=4, batch_size=2)
+    got = out.reference
+    assert got.continuations == want.continuations
+    for a, b in zip(got.logprobs, want.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    same = kl_to_reference(model, got, batch_size=5)
+    assert same["kl_mean"] < 1e-6 and same["kl_first"] < 1e-6
+    eos_early = [c[:1] for c in conts]  # a continuation shorter than n: the steps after it are not kept
+    assert [len(x) for x in recorded_reference(enc, eos_early, dict(enumerate(got.logprobs)), 4).logprobs] == [1] * 5
+    with pytest.raises(ValueError, match="no recorded log-probs"):
+        recorded_reference(enc, conts, {0: got.logprobs[0]}, 4)
+
+
+def test_join_keeps_each_parts_rows():
+    a = Encoded([[1, 2, 3], [4]], [0, 1], 0)
+    b = Encoded([[5, 6], [7, 8, 9, 10]], [1, 0], 0)
+    joined = Encoded.join(a, b)
+    assert joined.ids == [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]] and joined.order == [3, 0, 2, 1]
+    with pytest.raises(ValueError, match="pad ids"):
+        Encoded.join(a, Encoded([[1]], [0], 9))

@@ -91,3 +91,56 @@ def test_shared_prefix_under_an_edit_and_in_the_judge(monkeypatch):
         for i, ri, ui in zip(index, r, u):
             refused[i], used[i] = ri, ui
     assert refused == plain.refused and used == plain.tokens and any(refused) and not all(refused)
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_verify_and_kl_with_the_prefix_shared(family):
+    """VERIFY's generation, the KL passes and the early judge give the same answers with the prefix
+    shared as without (families whose logits would differ fall back to full prompts: same answers)."""
+    from obliteratus.config import EvalSettings
+    from obliteratus.evaluate import evaluate_model
+    from obliteratus.evaluate.generate import generate
+    from obliteratus.evaluate.kl import kl_to_reference, reference
+    from obliteratus.evaluate.prefix import can_share_prefix
+
+    tok, enc = templated()
+    model = tiny_model(family)
+    assert can_share_prefix(model, enc) == (family not in UNSHARED)
+    assert not can_share_prefix(model, Encoded([[1, 2], [3, 4]], [0, 1], 0))  # no common prefix
+    plain = generate(model, tok, enc, 6, 4)
+    if family not in UNSHARED:
+        assert generate(model, tok, enc, 6, 4, share_prefix=True) == plain
+        ref = reference(model, enc, [c or [5] for c in plain], 4, 4)
+        q = torch.nn.functional.normalize(torch.randn(1, model.config.hidden_size), dim=-1)
+        with ablated(ArchitectureAdapter(model), q, 1.0):
+            a, b = kl_to_reference(model, ref, 4), kl_to_reference(model, ref, 4, share_prefix=True)
+        assert a["kl_mean"] > 1e-6 and b["kl_mean"] == pytest.approx(a["kl_mean"], rel=1e-3, abs=1e-7)
+    half = list(PROMPTS[:3])
+    kw = dict(max_new_tokens=6, batch_size=4, perplexity=False)
+    shared = evaluate_model(model, tok, (half, enc.subset([0, 1, 2])), (PROMPTS[3:], enc.subset([3, 4, 5])),
+                            EvalSettings(**kw))
+    full = evaluate_model(model, tok, (half, enc.subset([0, 1, 2])), (PROMPTS[3:], enc.subset([3, 4, 5])),
+                          EvalSettings(**kw, share_prefix=False))
+    assert (shared.harmful_responses, shared.harmless_responses) == (full.harmful_responses, full.harmless_responses)
+    assert shared.harmful_responses + shared.harmless_responses == decode_all(tok, plain)
+
+
+def decode_all(tok, conts):
+    return tok.batch_decode(conts, skip_special_tokens=True)
+
+
+def test_layer_selection_with_the_prefix_shared():
+    from obliteratus.config import ExciseSettings, LayerSettings
+    from obliteratus.directions.layers import select_arditi
+
+    tok, enc = templated()
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    means = torch.randn(1, adapter.n_layers + 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ls = LayerSettings(kl_threshold=None, induce_threshold=None)
+    a = select_arditi(model, adapter, means, enc, enc, tok, ls, ExciseSettings(), 4)
+    b = select_arditi(model, adapter, means, enc, enc, tok, ls, ExciseSettings(), 4, share_prefix=True)
+    assert (a.layer, a.position) == (b.layer, b.position)
+    scored = [(x.bypass, y.bypass, x.kl, y.kl) for x, y in zip(a.candidates, b.candidates) if x.status != "pruned"]
+    assert len(scored) > 1 and all(ya == pytest.approx(xa, abs=1e-4) and yk == pytest.approx(xk, abs=1e-5)
+                          for xa, ya, xk, yk in scored)

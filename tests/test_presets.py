@@ -178,9 +178,9 @@ NO_EFFECT_ON_A_RANDOM_MODEL = {
     # checked against one prompt at a time).
     ("evaluate", "batch_size"): "test_evaluate.py::test_generate_batched_equals_one_by_one",
 }
-# A validation target above the tiny model's confirmation rates (0.1-0.19), so that a confirmation
+# A validation target above the tiny model's confirmation rates (0.1-0.25), so that a confirmation
 # target below them (the optimized preset's) changes the pick.
-STUDY_DIFF = {"n_trials": 8, "n_startup_trials": 2, "refusal_tokens": 3, "target_refusal": 0.2}
+STUDY_DIFF = {"n_trials": 8, "n_startup_trials": 2, "refusal_tokens": 3, "target_refusal": 0.3}
 # The cone needs at least 3 harmful train prompts in several categories before it can be wider than
 # one direction (below that it is exactly the difference of means, by design).
 SIZES = {"informed": {"data": {"n_train": 64}}, "rdo": RDO_FAST}

@@ -53,6 +53,14 @@ class Encoded:
         ids = [self.ids[i] for i in rows]
         return Encoded(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), self.pad_id)
 
+    @classmethod
+    def join(cls, *parts: "Encoded") -> "Encoded":
+        """One set of every part's prompts, part by part (row i of part 1 is row len(part 0) + i)."""
+        if len({p.pad_id for p in parts}) > 1:
+            raise ValueError("Encoded.join: the parts have different pad ids")
+        ids = [row for p in parts for row in p.ids]
+        return cls(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), parts[0].pad_id)
+
     @property
     def n_tokens(self) -> int:
         return sum(len(x) for x in self.ids)

@@ -163,7 +163,7 @@ def evaluate(
     sets: Optional[list[str]] = typer.Option(None, "--set"),
 ) -> None:
     """VERIFY alone: refusal, over-refusal, perplexity (and KL with --base) on the held-out test split."""
-    from .evaluate import evaluate_model, reference
+    from .evaluate import evaluate_model
     from .models.load import summon
     from .pipeline import prepare_prompts
     from .config import resolve_settings
@@ -179,8 +179,8 @@ def evaluate(
             b = summon(base, settings.model)
             bp = prepare_prompts(b.tokenizer, settings)
             bev = evaluate_model(b.model, b.tokenizer, bp.part("harmful", "test"), bp.part("harmless", "test"),
-                                 ev.model_copy(update={"perplexity": False}), None, reporter.task)
-            ref = reference(b.model, bp.encoded["harmless.test"], bev.harmless_continuations, ev.kl_tokens, ev.batch_size)
+                                 ev.model_copy(update={"perplexity": False}), None, reporter.task, make_reference=True)
+            ref = bev.reference
             vocab = b.model.config.vocab_size
             del b, bp, bev
         reporter.stage(f"evaluate: {model}")

@@ -21,7 +21,7 @@ from .directions import Directions, orthonormalize
 from .directions.driver import distill as distill_directions
 from .directions.layers import LayerSelection, refusal_token_ids
 from .errors import ConfigError, PromptError
-from .evaluate import Evaluation, evaluate_model, reference
+from .evaluate import Evaluation, evaluate_model
 from .excise import EditReport
 from .excise.dispatch import apply_edit, build_plan
 from .excise.kernels import KernelOptions
@@ -317,9 +317,8 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
     with _timed(timings, "verify_before", reporter):
         step = reporter.task
         before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                                prompts.part("harmless", "test"), ev, None, step)
-        ref = reference(loaded.model, prompts.encoded["harmless.test"], before.harmless_continuations,
-                        ev.kl_tokens, ev.batch_size)
+                                prompts.part("harmless", "test"), ev, None, step, make_reference=True)
+        ref = before.reference
     settings, edit, grid, steering = edit_model(loaded, prompts, settings, directions, reporter, timings, lora,
                                                 overwrite)
     with _timed(timings, "verify_after", reporter):

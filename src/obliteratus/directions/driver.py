@@ -43,8 +43,15 @@ def refusal_scores(adapter, tokenizer, acts: torch.Tensor, encoded: Encoded, set
         return refusal_log_odds(final_logits(adapter, acts[:, -1, -1]), refusal_token_ids(tokenizer)), ds.refusal_threshold
     from ..evaluate.early import judge
 
-    verdicts = judge(adapter.model, tokenizer, encoded, ds.label_tokens, settings.evaluate.batch_size)
+    verdicts = judge(adapter.model, tokenizer, encoded, ds.label_tokens, settings.evaluate.batch_size,
+                     share_prefix=shares_prefix(adapter.model, encoded, settings))
     return torch.tensor(verdicts.refused, dtype=torch.float64) * 2 - 1, 0.0  # +1 refused, -1 answered
+
+
+def shares_prefix(model, encoded: Encoded, settings: Settings) -> bool:
+    from ..evaluate.prefix import can_share_prefix
+
+    return settings.evaluate.share_prefix and can_share_prefix(model, encoded)
 
 
 def contrast_groups(adapter, tokenizer, cache: ActivationCache, settings: Settings,
@@ -85,7 +92,8 @@ def choose_layer(model, adapter, tokenizer, contrast: Contrast, mean_diffs: torc
                              batch_size=settings.evaluate.batch_size, progress=task("score layers (cosmic)", n),
                              orthogonal_to=orthogonal_to)
     return select_arditi(model, adapter, mean_diffs, val["harmful"], val["harmless"], tokenizer, ls, settings.excise,
-                         settings.evaluate.batch_size, task("score layers", n), orthogonal_to)
+                         settings.evaluate.batch_size, task("score layers", n), orthogonal_to,
+                         share_prefix=shares_prefix(model, val["harmless"], settings))
 
 
 def layer_weights(contrast: Contrast, mean_diffs: torch.Tensor, source: int, settings: Settings) -> dict[int, float] | None:

@@ -137,14 +137,20 @@ def window_plan(n_layers: int, layer: int, excise: ExciseSettings) -> EditPlan |
 def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor, val_harmful: Encoded,
                   val_harmless: Encoded, tokenizer, settings: LayerSettings, excise: ExciseSettings,
                   batch_size: int = 32, on_candidate: Callable[[int], None] | None = None,
-                  orthogonal_to: torch.Tensor | None = None) -> LayerSelection:
+                  orthogonal_to: torch.Tensor | None = None, share_prefix: bool = False) -> LayerSelection:
     """`mean_diffs`: ``[positions, n_layers + 1, d]`` harmful − harmless means from the train split.
     `orthogonal_to` (same shape, optional): score the ablation of r made orthogonal to these vectors
-    (the harmless means, for projected abliteration); the induce test still adds the raw r."""
+    (the harmless means, for projected abliteration); the induce test still adds the raw r.
+    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py;
+    check the model with ``can_share_prefix`` first)."""
     n_pos = mean_diffs.shape[0]
     tokens = refusal_token_ids(tokenizer)
-    base_harmless = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
-    baseline = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
+
+    def logits(encoded: Encoded) -> torch.Tensor:
+        return last_logits(model, encoded, batch_size, share_prefix)
+
+    base_harmless = torch.log_softmax(logits(val_harmless).double(), -1)
+    baseline = float(refusal_log_odds(logits(val_harmful), tokens).mean())
     harmless_baseline = float(refusal_log_odds(base_harmless, tokens).mean())
     toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings))
@@ -167,14 +173,14 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
             if orthogonal_to is not None:
                 q = orthogonalize_against(q, orthogonal_to[p, layer])
             with ablated(adapter, q, excise.lam, **toggles, plan=window_plan(adapter.n_layers, layer, excise)):
-                c.bypass = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), tokens).mean())
-                now = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
+                c.bypass = float(refusal_log_odds(logits(val_harmful), tokens).mean())
+                now = torch.log_softmax(logits(val_harmless).double(), -1)
                 c.kl = float(kl_rows(base_harmless, now).mean())
             if settings.induce_threshold is not None and layer < adapter.n_layers and not (
                     settings.kl_threshold is not None and c.kl > settings.kl_threshold):  # already out: skip
                 vec = r.to(next(model.parameters()).device)
                 with hooked(adapter, {f"layers.{layer}.resid_pre": lambda h, v=vec: h + v.to(h.dtype)}):
-                    c.induce = float(refusal_log_odds(last_logits(model, val_harmless, batch_size), tokens).mean())
+                    c.induce = float(refusal_log_odds(logits(val_harmless), tokens).mean())
             if on_candidate:
                 on_candidate(1)
     best = pick(candidates, settings, harmless_baseline)

@@ -9,8 +9,9 @@ from typing import Callable
 from ..batching import Encoded
 from ..config import EvalSettings
 from ..data.prompts import heldout_text, load_prompts
-from .generate import decode, generate
-from .kl import KLReference, kl_to_reference, reference
+from .generate import LogprobRecorder, decode, generate
+from .kl import KLReference, kl_to_reference, recorded_reference, reference
+from .prefix import can_share_prefix
 from .perplexity import perplexity
 from .judges import make_judge
 from .refusal import is_refusal, refusal_rate
@@ -24,6 +25,7 @@ class Evaluation:
     harmful_responses: list[str]
     harmless_responses: list[str]
     harmless_continuations: list[list[int]] = field(repr=False, default_factory=list)
+    reference: KLReference | None = field(repr=False, default=None)  # when asked for (the model before the edit)
 
 
 def _no_progress(label: str, total: int) -> Callable[[int], None]:
@@ -31,12 +33,21 @@ def _no_progress(label: str, total: int) -> Callable[[int], None]:
 
 
 def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmless: tuple[list[str], Encoded],
-                   settings: EvalSettings, ref: KLReference | None = None, step: Step = _no_progress) -> Evaluation:
-    """Run VERIFY. `harmful`/`harmless` are (raw test prompts, their encoded chat-formatted form)."""
+                   settings: EvalSettings, ref: KLReference | None = None, step: Step = _no_progress,
+                   make_reference: bool = False) -> Evaluation:
+    """Run VERIFY. `harmful`/`harmless` are (raw test prompts, their encoded chat-formatted form).
+    Both sets are generated together, in batches of ``settings.batch_size`` (bigger batches decode
+    faster per prompt). With `make_reference` (the model before an edit), the log-probs of the
+    first ``settings.kl_tokens`` tokens of each harmless answer are kept as they are generated and
+    returned as ``Evaluation.reference``, the KL reference for the edited model."""
     (raw_harmful, enc_harmful), (raw_harmless, enc_harmless) = harmful, harmless
     bs, n_new = settings.batch_size, settings.max_new_tokens
-    harmful_ids = generate(model, tokenizer, enc_harmful, n_new, bs, step("generate harmful", len(raw_harmful)))
-    harmless_ids = generate(model, tokenizer, enc_harmless, n_new, bs, step("generate harmless", len(raw_harmless)))
+    both = Encoded.join(enc_harmful, enc_harmless)
+    share = settings.share_prefix and can_share_prefix(model, both)
+    n = len(enc_harmful.ids)
+    record = LogprobRecorder(settings.kl_tokens, set(range(n, len(both.ids)))) if make_reference else None
+    ids = generate(model, tokenizer, both, n_new, bs, step("generate", len(both.ids)), share, record)
+    harmful_ids, harmless_ids = ids[:n], ids[n:]
     harmful_text, harmless_text = decode(tokenizer, harmful_ids), decode(tokenizer, harmless_ids)
     judge = make_judge(settings.judge, **settings.judge_options)
     refused = judge(raw_harmful, harmful_text).refused
@@ -55,13 +66,17 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
     }
     if ref is not None:
         advance = step("KL", 1)
-        metrics.update(kl_to_reference(model, ref, bs))
+        metrics.update(kl_to_reference(model, ref, bs, settings.share_prefix and can_share_prefix(model, ref.encoded)))
         advance(1)
     if settings.perplexity:
         advance = step("perplexity", 1)
         metrics["perplexity"] = perplexity(model, tokenizer, heldout_text(), settings.ppl_window)
         advance(1)
-    return Evaluation(metrics, harmful_text, harmless_text, harmless_ids)
+    reference = None
+    if record is not None:
+        reference = recorded_reference(enc_harmless, harmless_ids,
+                                       {i - n: lp for i, lp in record.logprobs.items()}, settings.kl_tokens)
+    return Evaluation(metrics, harmful_text, harmless_text, harmless_ids, reference)
 
 
 __all__ = ["Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",

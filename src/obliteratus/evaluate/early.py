@@ -123,11 +123,12 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
 
 
 def judge(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_size: int = 32,
-          on_batch: Callable[[int], None] | None = None) -> EarlyVerdicts:
-    """Refusal verdict for every prompt of `encoded` (input order), stopping early as described above."""
+          on_batch: Callable[[int], None] | None = None, share_prefix: bool = False) -> EarlyVerdicts:
+    """Refusal verdict for every prompt of `encoded` (input order), stopping early as described above.
+    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
     refused = [False] * len(encoded.ids)
     used = [0] * len(encoded.ids)
-    for index, r, u in judge_batches(model, tokenizer, encoded, tokens, batch_size):
+    for index, r, u in judge_batches(model, tokenizer, encoded, tokens, batch_size, share_prefix=share_prefix):
         for i, ri, ui in zip(index, r, u):
             refused[i], used[i] = ri, ui
         if on_batch:

@@ -1,8 +1,9 @@
 """KL(original ‖ edited) over the first tokens of the original model's greedy continuation.
 
-The original side is computed once, before the edit (:func:`reference`): the prompt plus the
-first n tokens of the original's own greedy answer are run teacher-forced and the log-probs of
-the n positions that predict those tokens are kept. After the edit, :func:`kl_to_reference` runs
+The original side is computed once, before the edit: the log-probs of the n positions that
+predict the first n tokens of the original's own greedy answer, either kept while that answer was
+generated (:func:`recorded_reference`, what VERIFY does) or by running the prompt plus those tokens
+teacher-forced (:func:`reference`). After the edit, :func:`kl_to_reference` runs
 the same sequences and compares. Position 0 is the first generated token.
 """
 
@@ -25,11 +26,14 @@ class KLReference:
 
 @torch.inference_mode()
 def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[int]], n: int,
-                             batch_size: int) -> list[torch.Tensor]:
+                             batch_size: int, share_prefix: bool = False) -> list[torch.Tensor]:
+    from .prefix import forward_inputs
+
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
-    for batch in encoded.batches(batch_size, device, suffix=continuations):
-        logits = model(**batch.inputs(), use_cache=False, logits_to_keep=n + 1).logits  # [b, <=n+1, vocab]
+    prefix = encoded.common_prefix() if share_prefix else None
+    for batch in encoded.batches(batch_size, device, suffix=continuations, prefix=prefix):
+        logits = model(**forward_inputs(model, batch), logits_to_keep=n + 1).logits  # [b, <=n+1, vocab]
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         for j, row in enumerate(batch.index):
             c = len(continuations[row])
@@ -45,17 +49,33 @@ def reference(model, encoded: Encoded, continuations: list[list[int]], n_tokens:
     return KLReference(encoded, conts, _teacher_forced_logprobs(model, encoded, conts, n_tokens, batch_size), n_tokens)
 
 
+def recorded_reference(encoded: Encoded, continuations: list[list[int]], logprobs: dict[int, torch.Tensor],
+                       n_tokens: int = 16) -> KLReference:
+    """The reference from log-probs kept while the original model generated `continuations`
+    (generate.LogprobRecorder over every row of `encoded`): the same numbers :func:`reference`
+    computes teacher-forced, without running the sequences again."""
+    conts = [c[:n_tokens] for c in continuations]
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("every continuation needs at least one token for KL")
+    missing = [i for i, c in enumerate(conts) if i not in logprobs or len(logprobs[i]) < len(c)]
+    if missing:
+        raise ValueError(f"no recorded log-probs for {len(missing)} continuations, e.g. row {missing[0]}")
+    return KLReference(encoded, conts, [logprobs[i][:len(c)].clone() for i, c in enumerate(conts)], n_tokens)
+
+
 def kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(P ‖ Q) per row of log-prob tensors [..., vocab], in float64."""
+    """KL(P ‖ Q) per row of log-prob tensors [..., vocab], in float64; float rounding of nearly equal
+    distributions (about -1e-8) is clamped to 0, the bound KL cannot cross."""
     p_log, q_log = p_log.double(), q_log.double()
-    return (p_log.exp() * (p_log - q_log)).sum(-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
 
 
-def kl_to_reference(model, ref: KLReference, batch_size: int = 32) -> dict[str, object]:
+def kl_to_reference(model, ref: KLReference, batch_size: int = 32, share_prefix: bool = False) -> dict[str, object]:
     """{"kl_first": mean KL at the first token, "kl_mean": mean over prompts of the mean KL over
     each prompt's (up to n) tokens, "kl_per_position": mean KL at each position, over the prompts
-    whose continuation reaches it; it ends at the longest continuation (no position without data)}."""
-    now = _teacher_forced_logprobs(model, ref.encoded, ref.continuations, ref.n_tokens, batch_size)
+    whose continuation reaches it; it ends at the longest continuation (no position without data)}.
+    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
+    now = _teacher_forced_logprobs(model, ref.encoded, ref.continuations, ref.n_tokens, batch_size, share_prefix)
     per_prompt = [kl_rows(p, q) for p, q in zip(ref.logprobs, now)]  # each [c_i]
     sums = torch.zeros(ref.n_tokens, dtype=torch.float64)
     counts = torch.zeros(ref.n_tokens, dtype=torch.float64)

@@ -17,10 +17,12 @@ hooks are attached, so an edit that changes the prefix's activations is scored c
 from __future__ import annotations
 
 import inspect
+import warnings
+import weakref
 
 import torch
 
-from ..batching import Batch
+from ..batching import Batch, Encoded
 
 
 def cache_keyword(fn) -> str:
@@ -58,3 +60,30 @@ def generate_inputs(model, batch: Batch) -> dict:
     head = torch.tensor([batch.prefix], device=batch.input_ids.device).expand(rows, -1)
     return {"input_ids": torch.cat([head, batch.input_ids], 1), "attention_mask": batch.full_mask,
             cache_keyword(model.forward): prefix_cache(model, batch)}
+
+
+_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def can_share_prefix(model, encoded: Encoded, tol: float = 1e-3) -> bool:
+    """Whether `encoded`'s prompts can be run with their common prefix shared: they have one, and
+    this model gives the same last-position log-probs (within `tol`) with the prefix cache as in a
+    plain left-padded batch. Gemma 2 and Gemma 3 build a different attention mask when a cache is
+    followed by padding, so for them it is False (with a warning). The model is checked once, on
+    the two longest and two shortest prompts (padding between prefix and rest is what differs)."""
+    from .generate import last_logits
+
+    if not encoded.common_prefix():
+        return False
+    if model not in _AGREES:
+        order = encoded.order
+        rows = sorted(set(order[:2] + order[-2:]))
+        probe = encoded.subset(rows)
+        plain = torch.log_softmax(last_logits(model, probe, len(rows)).double(), -1)
+        shared = torch.log_softmax(last_logits(model, probe, len(rows), share_prefix=True).double(), -1)
+        gap = float((shared - plain).abs().max())
+        if gap > tol:
+            warnings.warn(f"{type(model).__name__}: shared-prefix logits differ from plain batches by {gap:.3g} "
+                          "(log-prob); running every prompt in full", stacklevel=2)
+        _AGREES[model] = gap <= tol
+    return _AGREES[model]

@@ -79,7 +79,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                  pick_index: int | None = None, worker: bool = False, reporter=None) -> OptimizeResult:
     from ..config import resolve_settings
     from ..errors import ConfigError
-    from ..evaluate import evaluate_model, reference
+    from ..evaluate import evaluate_model
     from ..excise.apply import excise
     from ..models.load import summon
     from ..pipeline import Reporter, _timed, distill, encode_texts, prepare_prompts, probe
@@ -162,9 +162,8 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     step = reporter.task
     with _timed(timings, "verify_before", reporter):
         before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                                prompts.part("harmless", "test"), ev, None, step)
-        ref = reference(loaded.model, prompts.encoded["harmless.test"], before.harmless_continuations,
-                        ev.kl_tokens, ev.batch_size)
+                                prompts.part("harmless", "test"), ev, None, step, make_reference=True)
+        ref = before.reference
     with _timed(timings, "excise", reporter):
         q, plan = scaled_plan(chosen.params, mean_diffs, n_layers, ex.lam, result.strength, basis)
         edit = excise(adapter, q, ex, plan=plan)

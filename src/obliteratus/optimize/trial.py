@@ -53,7 +53,6 @@ Objectives, both on the validation split:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -217,17 +216,11 @@ class Scorer:
               batch_size: int) -> "Scorer":
         from ..evaluate.generate import last_logits
 
-        base = torch.log_softmax(last_logits(model, harmless, batch_size).double(), -1)  # [n, vocab]
-        share = options.share_prefix and bool(harmless.common_prefix()) and bool(harmful.common_prefix())
-        if share:  # check once that this model computes the same thing with the prefix cache
-            shared = torch.log_softmax(last_logits(model, harmless, batch_size, True).double(), -1)
-            gap = float((shared - base).abs().max())
-            if gap > 1e-3:
-                warnings.warn(f"{type(model).__name__}: shared-prefix logits differ from plain batches by {gap:.3g} "
-                              "(log-prob); scoring trials without prefix sharing", stacklevel=2)
-                share = False
-            else:
-                base = shared
+        from ..evaluate.prefix import can_share_prefix
+
+        share = (options.share_prefix and bool(harmful.common_prefix())
+                 and can_share_prefix(model, harmless))  # checked once per model
+        base = torch.log_softmax(last_logits(model, harmless, batch_size, share).double(), -1)  # [n, vocab]
         return cls(model, tokenizer, harmful, harmless, base, options.refusal_tokens, batch_size,
                    options.prune_chunks, share)
 

@@ -26,7 +26,7 @@ from ..config import Settings
 from ..data.prompts import heldout_text
 from ..directions.layers import refusal_log_odds, refusal_token_ids
 from ..errors import ConfigError
-from ..evaluate import evaluate_model, perplexity, reference
+from ..evaluate import evaluate_model, perplexity
 from ..evaluate.generate import last_logits
 from ..evaluate.kl import kl_rows
 from ..models.load import Loaded
@@ -81,14 +81,12 @@ class Evaluator:
         self.base_harmless = torch.log_softmax(base.double(), -1)
         self.ref = None
         if "generate" in self.metrics:
-            base = self._generate(None)
-            self.ref = reference(loaded.model, self.harmless, base.harmless_continuations, self.ev.kl_tokens,
-                                 self.ev.batch_size)
+            self.ref = self._generate(None, make_reference=True).reference
 
-    def _generate(self, ref):
+    def _generate(self, ref, make_reference: bool = False):
         ev = self.ev.model_copy(update={"perplexity": False})
         return evaluate_model(self.loaded.model, self.loaded.tokenizer, self.prompts.part("harmful", "test"),
-                              self.prompts.part("harmless", "test"), ev, ref)
+                              self.prompts.part("harmless", "test"), ev, ref, make_reference=make_reference)
 
     def __call__(self) -> dict[str, float]:
         model, bs, out = self.loaded.model, self.ev.batch_size, {}
