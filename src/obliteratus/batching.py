@@ -45,21 +45,23 @@ class Encoded:
     @classmethod
     def of(cls, tokenizer, texts: list[str], add_special_tokens: bool) -> "Encoded":
         ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        return cls(ids, order, tokenizer.pad_token_id)
+        return cls.from_ids(ids, tokenizer.pad_token_id)
+
+    @classmethod
+    def from_ids(cls, ids: list[list[int]], pad_id: int) -> "Encoded":
+        """Token ids (input order), sorted longest first for batching."""
+        return cls(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), pad_id)
 
     def subset(self, rows: list[int]) -> "Encoded":
         """The prompts `rows` (indices into this set), in that order (sorted longest first as usual)."""
-        ids = [self.ids[i] for i in rows]
-        return Encoded(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), self.pad_id)
+        return Encoded.from_ids([self.ids[i] for i in rows], self.pad_id)
 
     @classmethod
     def join(cls, *parts: "Encoded") -> "Encoded":
         """One set of every part's prompts, part by part (row i of part 1 is row len(part 0) + i)."""
         if len({p.pad_id for p in parts}) > 1:
             raise ValueError("Encoded.join: the parts have different pad ids")
-        ids = [row for p in parts for row in p.ids]
-        return cls(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), parts[0].pad_id)
+        return cls.from_ids([row for p in parts for row in p.ids], parts[0].pad_id)
 
     @property
     def n_tokens(self) -> int:

@@ -45,8 +45,7 @@ def patch_position(h: torch.Tensor, value: torch.Tensor, offset: int) -> torch.T
 
 def first(encoded: Encoded, n: int) -> Encoded:
     """The first n prompts of `encoded` (input order), re-sorted longest first."""
-    ids = encoded.ids[:n]
-    return Encoded(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), encoded.pad_id)
+    return encoded.subset(list(range(min(n, len(encoded.ids)))))
 
 
 @dataclass(frozen=True)

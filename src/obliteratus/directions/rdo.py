@@ -153,11 +153,6 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
 
 # ---- losses -------------------------------------------------------------------------------------
 
-def _subset(enc: Encoded, idx: list[int]) -> Encoded:
-    ids = [enc.ids[i] for i in idx]
-    return Encoded(ids, sorted(range(len(ids)), key=lambda i: -len(ids[i])), enc.pad_id)
-
-
 def _forward(model, batch, keep: int) -> torch.Tensor:
     return model(**batch.inputs(), use_cache=False, logits_to_keep=keep).logits  # [b, keep, vocab]
 
@@ -207,7 +202,7 @@ class _Problem:
             if weight == 0:
                 continue
             sub_targets = [all_targets[i] for i in idx]
-            for batch in _subset(enc, idx).batches(o.batch_size, self.device, suffix=sub_targets):
+            for batch in enc.subset(idx).batches(o.batch_size, self.device, suffix=sub_targets):
                 tg = [sub_targets[i] for i in batch.index]
                 r = direction()
                 if kind == "retain":

@@ -41,11 +41,16 @@ def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[i
     return out
 
 
-def reference(model, encoded: Encoded, continuations: list[list[int]], n_tokens: int = 16,
-              batch_size: int = 32) -> KLReference:
+def _first_tokens(continuations: list[list[int]], n_tokens: int) -> list[list[int]]:
     conts = [c[:n_tokens] for c in continuations]
     if any(len(c) == 0 for c in conts):
         raise ValueError("every continuation needs at least one token for KL")
+    return conts
+
+
+def reference(model, encoded: Encoded, continuations: list[list[int]], n_tokens: int = 16,
+              batch_size: int = 32) -> KLReference:
+    conts = _first_tokens(continuations, n_tokens)
     return KLReference(encoded, conts, _teacher_forced_logprobs(model, encoded, conts, n_tokens, batch_size), n_tokens)
 
 
@@ -54,9 +59,7 @@ def recorded_reference(encoded: Encoded, continuations: list[list[int]], logprob
     """The reference from log-probs kept while the original model generated `continuations`
     (generate.LogprobRecorder over every row of `encoded`): the same numbers :func:`reference`
     computes teacher-forced, without running the sequences again."""
-    conts = [c[:n_tokens] for c in continuations]
-    if any(len(c) == 0 for c in conts):
-        raise ValueError("every continuation needs at least one token for KL")
+    conts = _first_tokens(continuations, n_tokens)
     missing = [i for i, c in enumerate(conts) if i not in logprobs or len(logprobs[i]) < len(c)]
     if missing:
         raise ValueError(f"no recorded log-probs for {len(missing)} continuations, e.g. row {missing[0]}")
