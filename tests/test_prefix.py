@@ -144,3 +144,23 @@ def test_layer_selection_with_the_prefix_shared():
     scored = [(x.bypass, y.bypass, x.kl, y.kl) for x, y in zip(a.candidates, b.candidates) if x.status != "pruned"]
     assert len(scored) > 1 and all(ya == pytest.approx(xa, abs=1e-4) and yk == pytest.approx(xk, abs=1e-5)
                           for xa, ya, xk, yk in scored)
+
+
+@pytest.mark.parametrize("family", family_params())
+@pytest.mark.parametrize("positions", [1, 3])
+def test_probe_with_the_prefix_shared(family, positions):
+    """PROBE keeps the same activations (embedding output and every layer, the last k positions)
+    with the prefix run once per batch; Gemma 2/3 fall back to full batches."""
+    from obliteratus.probe import collect, shared_prefix
+
+    tok, enc = templated()
+    model = tiny_model(family)
+    adapter = ArchitectureAdapter(model)
+    prefix = shared_prefix(adapter, enc, positions)
+    assert (prefix is None) == (family in UNSHARED)
+    if prefix is not None:
+        assert len(prefix) > 10 and min(len(r) for r in enc.ids) - len(prefix) >= positions
+    plain = collect(adapter, enc, positions, 4)
+    torch.testing.assert_close(collect(adapter, enc, positions, 4, share_prefix=True), plain, atol=1e-4, rtol=1e-4)
+    longest = max(len(r) for r in enc.ids)
+    assert shared_prefix(adapter, enc, longest) is None  # no row keeps that many tokens outside a prefix

@@ -42,6 +42,11 @@ class ModelSettings(Section):
         "auto", description="auto = CUDA when available (device_map='auto' over several GPUs), else CPU."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+    cpu_pack: Literal["auto", "off"] = Field(
+        "auto", description="auto: on the CPU, float32 Linear layers multiply with a oneDNN-packed copy of their "
+                            "weight (models/packed.py: about 1.5x faster generation, same results, one more copy of "
+                            "the weights in memory; skipped when that copy would not fit); off: plain GEMM."
+    )
 
 
 class DataSettings(Section):
@@ -61,6 +66,8 @@ class ProbeSettings(Section):
     positions: int = Field(1, ge=1, description="Keep the last k (post-instruction) token positions; "
                                                  "arditi and cosmic layer selection choose among them, the other "
                                                  "layer methods use the last.")
+    share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch and share "
+                                                  "its KV cache (evaluate/prefix.py); same activations, fewer tokens.")
 
 
 class DirectionSettings(Section):

@@ -89,7 +89,8 @@ def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Rep
     for cls in ("harmful", "harmless"):
         _, enc = prompts.part(cls, "train")
         advance = reporter.task(f"probe {cls}", len(enc.ids))
-        acts[cls] = collect(loaded.adapter, enc, settings.probe.positions, settings.probe.batch_size, advance)
+        acts[cls] = collect(loaded.adapter, enc, settings.probe.positions, settings.probe.batch_size, advance,
+                             settings.probe.share_prefix)
     return ActivationCache(acts["harmful"], acts["harmless"])
 
 

@@ -70,19 +70,36 @@ def auto_batch_size(adapter: ArchitectureAdapter, max_len: int, device: torch.de
     return int(max(1, min(512, free * 0.5 // max(per_seq, 1))))
 
 
+def shared_prefix(adapter: ArchitectureAdapter, encoded: Encoded, positions: int) -> list[int] | None:
+    """The prompts' common prefix, shortened so that every row keeps its last `positions` tokens
+    outside it, when the model gives the same activations with it shared (evaluate/prefix.py's
+    check, once per model); else None."""
+    from .evaluate.prefix import can_share_prefix
+
+    common = encoded.common_prefix()[:max(0, min(len(x) for x in encoded.ids) - positions)]
+    return common if common and can_share_prefix(adapter.model, encoded) else None
+
+
 def collect(
     adapter: ArchitectureAdapter,
     encoded: Encoded,
     positions: int = 1,
     batch_size: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
-    """Activations ``[n, positions, n_layers + 1, d]`` for every encoded prompt, in input order."""
+    """Activations ``[n, positions, n_layers + 1, d]`` for every encoded prompt, in input order.
+    With `share_prefix`, the prompts' common template prefix runs once per batch (its keys and
+    values are shared by every row, evaluate/prefix.py); the positions kept lie after it, and
+    their activations are the same as in full left-padded batches up to float rounding."""
+    from .evaluate.prefix import forward_inputs
+
     device = next(adapter.model.parameters()).device
     n, L, d = len(encoded.ids), adapter.n_layers, adapter.d_model
     shortest = min(len(x) for x in encoded.ids)
     if shortest < positions:
         raise ActivationError(f"--positions {positions} exceeds the shortest prompt ({shortest} tokens)")
+    prefix = shared_prefix(adapter, encoded, positions) if share_prefix else None
     bs = batch_size or auto_batch_size(adapter, max(len(x) for x in encoded.ids), device)
     out = torch.empty((n, positions, L + 1, d), dtype=torch.float32)
     buf: dict[int, torch.Tensor] = {}
@@ -95,9 +112,9 @@ def collect(
 
     names = [("embed", keep(0))] + [(f"layers.{i}.resid_post", keep(i + 1)) for i in range(L)]
     with torch.inference_mode(), hooked(adapter, names):
-        for batch in encoded.batches(bs, device):
-            adapter.body(**batch.inputs(), use_cache=False)
-            # [b, positions, L+1, d]
+        for batch in encoded.batches(bs, device, prefix=prefix):
+            adapter.body(**forward_inputs(adapter.model, batch, adapter.body))  # the prefix pass fills buf too;
+            # this pass overwrites it: [b, positions, L+1, d]
             out[batch.index] = torch.stack([buf[j] for j in range(L + 1)], dim=2)
             if on_batch:
                 on_batch(len(batch.index))

@@ -111,7 +111,8 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
     lap("summon")
 
     bs = settings.probe.batch_size
-    acts = {key: collect(adapter, prompts.encoded[key], settings.probe.positions, bs)[:, -1]
+    acts = {key: collect(adapter, prompts.encoded[key], settings.probe.positions, bs,
+                         share_prefix=settings.probe.share_prefix)[:, -1]
             for key in ("harmful.train", "harmless.train", "harmful.test", "harmless.test")}  # [n, L+1, d]
     tr_h, tr_s, te_h, te_s = (acts[k] for k in ("harmful.train", "harmless.train", "harmful.test", "harmless.test"))
     lap("probe")

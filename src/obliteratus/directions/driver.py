@@ -156,7 +156,8 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
         from .jailbreak import load_jailbreak_templates, wrap_prompts
 
         wrapped = encode(wrap_prompts(harmful_texts, load_jailbreak_templates()))
-        acts = collect(loaded.adapter, wrapped, settings.probe.positions, settings.probe.batch_size)
+        acts = collect(loaded.adapter, wrapped, settings.probe.positions, settings.probe.batch_size,
+                       share_prefix=settings.probe.share_prefix)
         return method.fit(positive, negative, k, options, jailbreak=acts[:, p, layer])
     if method.name == "cone":
         from ..analysis.cones import categorise

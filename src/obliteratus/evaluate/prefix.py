@@ -43,12 +43,14 @@ def prefix_cache(model, batch: Batch):
     return cache
 
 
-def forward_inputs(model, batch: Batch) -> dict:
-    """Keyword arguments of a forward pass over `batch` (with the prefix cache when it has one)."""
+def forward_inputs(model, batch: Batch, runner=None) -> dict:
+    """Keyword arguments of a forward pass over `batch` (with the prefix cache when it has one).
+    `runner` is the module those arguments are for when it is not `model` itself (PROBE runs the
+    decoder body; the prefix cache is still made by `model`)."""
     if not batch.prefix:
         return {**batch.inputs(), "use_cache": False}
     return {"input_ids": batch.input_ids, "attention_mask": batch.full_mask, "position_ids": batch.position_ids,
-            cache_keyword(model.forward): prefix_cache(model, batch), "use_cache": True}
+            cache_keyword((runner or model).forward): prefix_cache(model, batch), "use_cache": True}
 
 
 def generate_inputs(model, batch: Batch) -> dict:

@@ -138,6 +138,10 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if device == "cpu" and settings.cpu_pack == "auto":
+        from .packed import pack_linears
+
+        pack_linears(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
