@@ -63,6 +63,8 @@ def test_rdo_direction_through_the_pipeline(tiny_dir):
     q = r.directions.basis
     assert torch.allclose(q.norm(dim=-1), torch.ones(1), atol=1e-5)
     assert (q @ r.loaded.model.model.layers[0].mlp.down_proj.weight).abs().max() < 1e-4
+    fit = r.metadata("basic")["directions"]["fit"]["rdo"]  # what the optimisation did, in obliteratus.json
+    assert fit["steps"] == 2 and len(fit["abs_cos_to_diff_means"]) == 1
 
 
 @pytest.mark.parametrize("method", ["fixed", "knee", "cosmic", "arditi"])

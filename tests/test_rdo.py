@@ -192,3 +192,29 @@ def test_recovers_a_direction_planted_in_the_model():
     assert params_digest(model) == digest
     cos = float(result.basis[0] @ u)
     assert cos > 0.8, f"cos(RDO direction, planted u) = {cos:.3f} (started at 0.5)"
+
+
+def test_the_start_is_the_papers_random_vector_or_the_difference_of_means():
+    """rdo.py's --train_direction starts from torch.randn (the difference of means only makes the
+    targets and alpha): init = "random" is a seeded random unit vector, nearly orthogonal to the
+    mean difference in d dimensions; init = "diff_means" is the unit mean difference itself."""
+    from obliteratus.directions.rdo import initial_basis
+
+    md = 3.0 * random_unit(D, seed=5)[0]
+    start = initial_basis(RdoOptions(), md)
+    assert start.shape == (1, D) and float(start.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(start, initial_basis(RdoOptions(), md))  # seeded
+    assert not torch.equal(start, initial_basis(RdoOptions(seed=43), md))
+    assert abs(float(start[0] @ md)) / 3.0 < 0.9
+    assert torch.allclose(initial_basis(RdoOptions(init="diff_means"), md)[0], md / 3.0, atol=1e-6)
+
+
+def test_fit_info_reports_the_run(setup):
+    from obliteratus.directions.rdo import fit_info
+
+    _, _, _, _, _, _, md = setup
+    result = fit(setup, (md / md.norm())[None], max_steps=3)
+    info = fit_info(result, md)
+    assert info["steps"] == result.steps == 3 and info["first_loss"] == result.history[0]
+    assert info["best_loss"] == min(result.history) and len(info["abs_cos_to_diff_means"]) == 1
+    assert 0.0 <= info["abs_cos_to_diff_means"][0] <= 1.0 + 1e-6

@@ -270,7 +270,7 @@ class RunResult:
             "model": model,
             "directions": {"method": self.directions.method, "k": self.directions.k, "layer": self.directions.layer,
                            "position": self.directions.position, "layer_norms": self.directions.layer_norms,
-                           "contrast": self.directions.contrast},
+                           "contrast": self.directions.contrast, "fit": self.directions.fit},
             "selection": self.selection.to_dict(),
             "edit": self.edit.to_dict(),
             "metrics_before": self.before.metrics,

@@ -91,6 +91,7 @@ class Directions:
     harmless_mean: torch.Tensor | None = None  # [d] at (layer, position): Householder's harmless target
     layer_weights: dict[int, float] | None = None  # per-layer strengths (spectral / informed), layer -> w
     mean_diffs: torch.Tensor | None = None  # [L+1, d] mean differences of every layer at `position` (report)
+    fit: dict = field(default_factory=dict)  # what an iterative method reports about its fit (RDO: steps, losses)
 
     def __post_init__(self):
         gram = self.basis.double() @ self.basis.double().T

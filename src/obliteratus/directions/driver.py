@@ -23,7 +23,7 @@ from ..probe import ActivationCache, collect
 from .base import Directions, get_direction_method, orthonormalize
 from .contrast import Contrast, filter_by_refusal, final_logits, split_by_refusal
 from .cosmic import evaluation_layers, select_cosmic
-from .diff_means import diff_means, mean_difference
+from .diff_means import mean_difference
 from .interpolate import direction_at
 from .knee import mean_norms, select_knee
 from .layers import (LayerSelection, candidate_layers, refusal_log_odds, refusal_token_ids, select_arditi,
@@ -130,8 +130,9 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs: torch.Tensor, settings: Settings,
               train: dict[str, Encoded], encode: Callable[[list[str]], Encoded], harmful_texts: list[str],
-              task: Progress, cache: ActivationCache) -> torch.Tensor:
-    """[k, d] orthonormal basis at the selected layer and position."""
+              task: Progress, cache: ActivationCache) -> tuple[torch.Tensor, dict]:
+    """[k, d] orthonormal basis at the selected layer and position, and what the method reports about
+    its fit (RDO: steps, losses, cosine to the difference of means; {} for the closed-form methods)."""
     ds = settings.directions
     method = get_direction_method(ds.method)
     k = ds.n_directions if method.max_directions is None else min(ds.n_directions, method.max_directions)
@@ -141,33 +142,33 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
         if method.name != "diff_means":
             raise ConfigError("directions.index (a fractional layer) interpolates difference-of-means directions; "
                               f"method {method.name!r} does not support it")
-        return direction_at(mean_diffs[p], source_index(settings, loaded.adapter.n_layers))[None]
+        return direction_at(mean_diffs[p], source_index(settings, loaded.adapter.n_layers))[None], {}
     positive, negative = contrast.positive[:, p, layer], contrast.negative[:, p, layer]
     if method.name == "rdo":
-        from .rdo import fit_rdo, rdo_targets
+        from .rdo import fit_info, fit_rdo, initial_basis, rdo_targets
 
         targets = rdo_targets(loaded.model, loaded.adapter, loaded.tokenizer, train["harmful"], train["harmless"],
                               layer, mean_diffs[p, layer], options.target_tokens, settings.evaluate.batch_size)
-        init = diff_means(positive, negative)
+        init = initial_basis(options, mean_diffs[p, layer])
         result = fit_rdo(loaded.model, loaded.adapter, train["harmful"], train["harmless"], targets, layer, init,
                          options, k=k, progress=task("rdo steps", 0))
-        return result.basis
+        return result.basis, {"rdo": fit_info(result, mean_diffs[p, layer])}
     if method.name == "jailbreak":
         from .jailbreak import load_jailbreak_templates, wrap_prompts
 
         wrapped = encode(wrap_prompts(harmful_texts, load_jailbreak_templates()))
         acts = collect(loaded.adapter, wrapped, settings.probe.positions, settings.probe.batch_size,
                        share_prefix=settings.probe.share_prefix)
-        return method.fit(positive, negative, k, options, jailbreak=acts[:, p, layer])
+        return method.fit(positive, negative, k, options, jailbreak=acts[:, p, layer]), {}
     if method.name == "cone":
         from ..analysis.cones import categorise
 
         return method.fit(positive, negative, k, options, harmful=cache.harmful[:, p, layer],
-                          labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer])
+                          labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer]), {}
     if method.needs_model:
         raise ConfigError(f"direction method {method.name!r} needs the model and is not wired into the pipeline")
     device = next(loaded.model.parameters()).device  # e.g. the SAE trains where the model lives
-    return method.fit(positive.to(device), negative.to(device), k, options).float().cpu()
+    return method.fit(positive.to(device), negative.to(device), k, options).float().cpu(), {}
 
 
 def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],
@@ -184,7 +185,8 @@ def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, E
         selection = choose_layer(loaded.model, loaded.adapter, loaded.tokenizer, contrast, mean_diffs, val, settings,
                                  task, project)
     p, layer = selection.position, selection.layer
-    basis = fit_basis(loaded, contrast, selection, mean_diffs, settings, train, encode, harmful_texts, task, cache)
+    basis, fit = fit_basis(loaded, contrast, selection, mean_diffs, settings, train, encode, harmful_texts, task,
+                           cache)
     raw = basis
     if project is not None:
         basis = orthogonalize_against(basis, harmless_means[p, layer])
@@ -213,7 +215,8 @@ def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, E
     mean_diff = mean_diffs[p, layer] if ds.index is None else basis[0] * float(mean_diffs[p, layer].norm())
     directions = Directions(orthonormalize(basis) if basis.shape[0] > 1 else basis, ds.method, layer, p, mean_diff,
                             mean_diffs[p].norm(dim=-1).tolist(), contrast.info(), layer_bases=layer_bases, read=read,
-                            harmless_mean=harmless_means[p, layer], layer_weights=weights, mean_diffs=mean_diffs[p])
+                            harmless_mean=harmless_means[p, layer], layer_weights=weights, mean_diffs=mean_diffs[p],
+                            fit=fit)
     if ds.index is not None and not math.isclose(ds.index, layer):
         directions.contrast["index"] = ds.index
     return directions, selection

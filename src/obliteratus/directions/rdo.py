@@ -25,12 +25,21 @@ when the step loss has not improved for `patience` (5) steps the lr is divided b
 `n_lr_reduce` (2) reductions training stops; the lowest-loss basis is returned. Here the improvement
 is relative (`min_delta`, paper: 0), `max_steps` caps the run, and the stopping loss is the weighted
 objective (the paper logs the unweighted sum).
+
+Start (paper): every basis vector is a standard normal vector, normalised (``RefusalCone`` with no
+``init_vectors``); the difference of means only makes the targets and α. ``init = "diff_means"``
+starts from it instead (``initial_basis``). Scale of the terms: the retain KL is *summed* over the
+answer positions (the paper's ``kl_div(..., reduction="batchmean")`` on one prompt of 30 positions)
+while the CEs are means over tokens, so on a model whose refusal direction costs much KL on harmless
+prompts the retain term dominates (the demo model, at the difference of means: ablation CE 0.48,
+addition CE 0.36, retain KL 4.46, so a direction that leaves refusal alone scores lower;
+benchmarks/rdo_terms.py, RESULTS.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +72,11 @@ class RdoOptions(BaseModel):
     grow: bool = Field(True, description="k > 1: fit dimensions one at a time, each from the previous (paper's RCO).")
     grad_clip: float = Field(10.0, gt=0.0, description="Gradient-norm clip (paper: 10).")
     seed: int = Field(42, description="Seed of the shuffles, cone samples and random init rows (paper: 42).")
+    init: Literal["random", "diff_means"] = Field(
+        "random", description="Start of the first basis vector: a seeded random unit vector (paper: rdo.py's "
+                              "--train_direction and --train_cone start every vector at torch.randn; the difference "
+                              "of means only sets the targets and alpha) or the difference of means at the source "
+                              "layer (fewer steps on small prompt sets).")
     target_tokens: int = Field(30, ge=2, description="max_new_tokens of the target completions, for the caller "
                                "to pass to rdo_targets (paper: num_target_tokens = 30).")
 
@@ -280,6 +294,27 @@ def _fit_dim(problem: _Problem, init: torch.Tensor, n: int, options: RdoOptions,
         if progress:
             progress(1)
     return best_basis.float().cpu(), history, steps, stopped
+
+
+def initial_basis(options: RdoOptions, mean_diff: torch.Tensor) -> torch.Tensor:
+    """[1, d] start of the first basis vector: ``options.init`` = "random" (the paper: a standard normal
+    vector, seeded by ``options.seed``, normalised) or "diff_means" (the unit difference of means)."""
+    if options.init == "diff_means":
+        return _unit(mean_diff.double()).float()[None]
+    gen = torch.Generator().manual_seed(options.seed)
+    return _unit(torch.randn(mean_diff.shape[-1], generator=gen, dtype=torch.float64)).float()[None]
+
+
+def fit_info(result: RdoResult, reference: torch.Tensor) -> dict:
+    """What the optimisation did, for the run's metadata: steps, whether patience stopped it, the
+    first and last step losses, the lowest one, and |cos| of each basis vector with `reference` [d]
+    (the difference of means)."""
+    r = _unit(reference.double())
+    h = result.history
+    return {"steps": result.steps, "stopped_early": result.stopped_early,
+            "first_loss": h[0] if h else None, "last_loss": h[-1] if h else None,
+            "best_loss": min(h) if h else None,
+            "abs_cos_to_diff_means": [abs(float(v)) for v in result.basis.double() @ r]}
 
 
 def fit_rdo(model, adapter, harmful_enc: Encoded, harmless_enc: Encoded, targets: RdoTargets, layer: int,
