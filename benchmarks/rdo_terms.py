@@ -14,7 +14,8 @@ One process: SUMMON, PROBE the train prompts, choose the source layer as the `rd
 2. fit_rdo with the preset's options (or --init / --retain-weight / --steps), printing every step's
    loss and |cos| with the difference of means;
 3. each term again at the fitted direction;
-4. refusals among the validation harmful prompts (marker judge, --tokens greedy tokens) with the
+4. refusals among the validation harmful prompts (marker judge on up to --tokens greedy tokens,
+   each answer stopped once decided: evaluate/early.py's judge) with the
    difference of means and with the fitted direction ablated by hooks (every layer's input and
    attention/MLP outputs, as the paper evaluates), and unedited.
 
@@ -31,7 +32,7 @@ import torch
 
 from obliteratus.config import resolve_settings
 from obliteratus.directions import rdo as R
-from obliteratus.evaluate.generate import decode, generate
+from obliteratus.evaluate.early import judge
 from obliteratus.evaluate.judges.markers import is_refusal
 from obliteratus.hooks import hooked
 from obliteratus.models import summon
@@ -121,12 +122,10 @@ def main() -> None:
     val = prompts.encoded["harmful.val"]
 
     def refusals(r: torch.Tensor | None) -> str:
-        if r is None:
-            outs = generate(model, tok, val, args.tokens, settings.evaluate.batch_size)
-        else:
-            with hooked(adapter, R.ablation_hooks(adapter.n_layers, r)):
-                outs = generate(model, tok, val, args.tokens, settings.evaluate.batch_size)
-        return f"{sum(is_refusal(t) for t in decode(tok, outs))}/{len(outs)}"
+        hooks = [] if r is None else R.ablation_hooks(adapter.n_layers, r)
+        with hooked(adapter, hooks):
+            refused = judge(model, tok, val, args.tokens, settings.evaluate.batch_size).refused
+        return f"{sum(refused)}/{len(refused)}"
 
     say("val refusals, unedited", refusals(None))
     say("val refusals, difference of means ablated", refusals(dim[0]))

@@ -67,6 +67,20 @@ def test_rdo_direction_through_the_pipeline(tiny_dir):
     assert fit["steps"] == 2 and len(fit["abs_cos_to_diff_means"]) == 1
 
 
+@pytest.mark.parametrize("init", ["random", "diff_means"])
+def test_rdo_starts_where_directions_rdo_init_says(tiny_dir, init):
+    """With lr 0 the fitted direction is its start: the paper's seeded random vector, or the unit
+    difference of means at the source layer."""
+    from obliteratus.directions.rdo import RdoOptions, initial_basis
+
+    fast = {"max_steps": 1, "lr": 0.0, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4, "init": init}
+    r = run(tiny_dir, {"directions": {"method": "rdo", "rdo": fast}})
+    expected = initial_basis(RdoOptions(init=init), r.directions.mean_diff)
+    assert torch.allclose(r.directions.basis, expected, atol=1e-6)
+    cos = r.metadata("basic")["directions"]["fit"]["rdo"]["abs_cos_to_diff_means"][0]
+    assert (cos > 1 - 1e-5) if init == "diff_means" else (cos < 0.9)
+
+
 @pytest.mark.parametrize("method", ["fixed", "knee", "cosmic", "arditi"])
 def test_every_layer_method_chooses_a_layer(tiny_dir, method):
     r = obliterate(str(tiny_dir), "basic", overrides=merge(SMALL, {"layers": {"method": method, "kl_threshold": None,
