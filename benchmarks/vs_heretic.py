@@ -71,7 +71,9 @@ Differences between the two tools that remain (read from heretic-llm 1.4.0's sou
   kl_divergence_scale when KL < kl_divergence_target = 0.01; refusal_ratio = refusals / base
   refusals); ours minimises (refusal rate, KL) and prunes a trial whose partial refusal count
   already rules it out (Heretic never prunes), so our trial count includes pruned trials and our
-  median s/trial is over complete and pruned trials together.
+  median s/trial is over complete and pruned trials together. Once most trials are pruned the
+  median is a pruned trial's time, so the table also gives the mean (study s / trials, for both
+  tools) and the driver prints both ratios.
 * Edit. Heretic: refusal direction = normalised difference of the mean residuals (last prompt
   position, every layer), orthogonalised against the harmless mean (``orthogonalize_direction``),
   applied as LoRA adapters to attn.o_proj and mlp.down_proj with row-norm preservation
@@ -315,7 +317,7 @@ def run_heretic(args, data_dir: Path, work: Path) -> dict:
     summary = {
         "tool": f"heretic {res['heretic_version']}", "model_dir": res["save_dir"],
         "trials": len(res["trials"]), "complete": len(done), "pruned": 0,
-        "s_per_trial_median": statistics.median(secs), "s_per_trial_mean": statistics.fmean(secs),
+        "s_per_trial_median": statistics.median(secs), "s_per_trial_mean": (last - first) / len(res["trials"]),
         "study_s": last - first, "directions_s": phases.get("directions"),
         "phases_s": {**phases, "restore": marks.get("restore_end", 0) - marks.get("restore_start", 0),
                      "export": marks.get("export_end", 0) - marks.get("export_start", 0)},
@@ -367,6 +369,7 @@ def run_ours(args, work: Path) -> dict:
         "tool": "obliteratus optimize", "model_dir": str(out_dir),
         "trials": len(trials), "complete": sum(t.state.name == "COMPLETE" for t in trials),
         "pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "kl_pruned": sum(t.state.name == "PRUNED" and "kl_cut" in t.user_attrs for t in trials),
         "s_per_trial_median": statistics.median(secs), "s_per_trial_mean": timings["study"] / max(len(trials), 1),
         "study_s": timings["study"], "directions_s": timings.get("probe", 0.0) + timings.get("distill", 0.0),
         "phases_s": timings,
@@ -431,20 +434,27 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def per_trial_mean(row: dict) -> float:
+    """Study wall time over finished trials, the same for both tools (sampler time included)."""
+    return row["study_s"] / max(row["trials"], 1)
+
+
 def table(rows: list[dict], scores: dict[str, dict]) -> str:
-    head = ["tool", "trials", "s/trial (median)", "study s", "total s", "directions s", "peak RSS GiB",
+    head = ["tool", "trials", "s/trial (median)", "s/trial (mean)", "study s", "total s", "directions s", "peak RSS GiB",
             "test refusals (k/n)", "over-refusal", "KL first", "KL16"]
     lines = []
     base = scores["original"]
     for r in rows:
         m = scores[r["key"]]
         k = round(m["refusal"] * m["n_harmful"])
-        trials = f"{r['trials']}" + (f" ({r['pruned']} pruned)" if r.get("pruned") else "")
-        lines.append([r["tool"], trials, fmt(r["s_per_trial_median"], 2), fmt(r["study_s"], 1), fmt(r["wall_s"], 1),
+        trials = f"{r['trials']}" + (f" ({r['pruned']} pruned" + (f", {r['kl_pruned']} on KL" if r.get("kl_pruned")
+                                                                   else "") + ")" if r.get("pruned") else "")
+        lines.append([r["tool"], trials, fmt(r["s_per_trial_median"], 2), fmt(per_trial_mean(r), 2),
+                      fmt(r["study_s"], 1), fmt(r["wall_s"], 1),
                       fmt(r["directions_s"], 2), fmt(r["peak_rss_gib"], 2), f"{k}/{m['n_harmful']}",
                       fmt(m["over_refusal"]), fmt(m.get("kl_first"), 4), fmt(m.get("kl_mean"), 4)])
     k0 = round(base["refusal"] * base["n_harmful"])
-    lines.append(["(original)", "-", "-", "-", "-", "-", "-", f"{k0}/{base['n_harmful']}", fmt(base["over_refusal"]),
+    lines.append(["(original)", "-", "-", "-", "-", "-", "-", "-", f"{k0}/{base['n_harmful']}", fmt(base["over_refusal"]),
                   "0", "0"])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     sep = "-+-".join("-" * w for w in widths)
@@ -512,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scores = common_evaluation(args, {"heretic": heretic["model_dir"], "obliteratus": ours["model_dir"]})
     ratio = heretic["s_per_trial_median"] / ours["s_per_trial_median"]
+    ratio_mean = per_trial_mean(heretic) / per_trial_mean(ours)
 
     print()
     print(f"model {args.model} · {args.trials} trials ({startup_trials(args)} random start-up) · seed {args.seed} · "
@@ -533,14 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     if self_rep:
         print(f"obliteratus self-reported test: refusal {fmt(self_rep.get('refusal'))}, "
               f"KL first {fmt(self_rep.get('kl_first'), 4)}, KL16 {fmt(self_rep.get('kl_mean'), 4)}")
-    print(f"per-trial speed ratio (Heretic / ours, median s/trial): {ratio:.2f}x")
+    print(f"per-trial speed ratio (Heretic / ours): {ratio:.2f}x by the median trial, {ratio_mean:.2f}x by the mean "
+          "(study s / trials; the median hides the complete trials once most are pruned)")
     if args.perplexity:
         print("perplexity: " + ", ".join(f"{k} {fmt(v.get('perplexity'), 2)}" for k, v in scores.items()))
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": config, "splits": sizes, "heretic": heretic, "obliteratus": ours,
-                                         "scores": scores, "speed_ratio_heretic_over_ours": ratio},
+                                         "scores": scores, "speed_ratio_heretic_over_ours": ratio,
+                                         "speed_ratio_mean_heretic_over_ours": ratio_mean},
                                         indent=2, default=str), "utf-8")
         log(f"wrote {args.json}")
     return 0

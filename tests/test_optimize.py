@@ -25,7 +25,7 @@ from obliteratus.excise.kernels import search_space
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.optimize.options import StudyOptions
 from obliteratus.optimize.study import pareto_front, pick
-from obliteratus.optimize.trial import (Objective, Scorer, pareto_bar, plan_from_params, prune_bar, ruled_out,
+from obliteratus.optimize.trial import (Objective, Scorer, kl_cut, pareto_bar, plan_from_params, prune_bar, ruled_out,
                                         suggest)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -314,6 +314,86 @@ def test_pareto_rule_measures_kl_first_and_prunes_a_dominated_trial(monkeypatch)
     study.optimize(objective, n_trials=1)
     t = study.trials[-1]
     assert t.state == TrialState.PRUNED and "kl" in t.user_attrs and t.user_attrs["tokens_generated"] == 4
+
+
+def test_kl_rank_bar():
+    finished = [(0.0, 0.3), (0.5, 0.01), (0.04, 0.2), (0.0, 0.1)]
+    assert kl_cut(finished, 0.05, 0) is None  # off
+    assert kl_cut(finished, 0.05, 1) == 0.1  # the lowest KL at the target; (0.5, 0.01) misses the target
+    assert kl_cut(finished, 0.05, 3) == 0.3
+    assert kl_cut(finished, 0.05, 4) is None  # only three trials reached the target
+    assert kl_cut(finished, 0.0, 2) == 0.3
+
+
+def test_kl_rank_prunes_before_generating_once_enough_trials_reached_the_target(monkeypatch):
+    """kl_rank = 2: a trial whose KL is above the 2nd-lowest KL of the trials at the target is pruned
+    after its KL pass, with no token generated; with fewer such trials, or a higher cut, it runs."""
+    monkeypatch.setattr(refusal, "MARKERS", ("\x00never",))  # nothing refuses: the refusal bar never prunes
+    objective = make_objective(tiny_model("llama"), StudyOptions(refusal_tokens=4, prune=True, kl_rank=2,
+                                                                 constrain=True))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(finished((0.0, 0.0)))
+    study.add_trial(finished((0.5, 0.0)))  # misses the target: does not count
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.COMPLETE and t.values[0] == 0.0 and "kl_cut" not in t.user_attrs
+    assert t.user_attrs["tokens_generated"] == 4 * 8  # every prompt ran the whole budget
+    kl = t.values[1]
+    assert kl > 1e-4  # the hooks act, so a cut at 0 is below it
+    study.add_trial(finished((0.0, 0.0)))  # two trials at the target with KL 0: the cut is 0
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.PRUNED and t.user_attrs["kl_cut"] == 0.0
+    assert t.user_attrs["kl"] > 0.0 and t.user_attrs["tokens_generated"] == 0
+    assert t.user_attrs["refusals_lower_bound"] == [0.0] and t.user_attrs["refusal_excess"] == pytest.approx(-0.05)
+    above = optuna.create_study(directions=["minimize", "minimize"])  # a cut above any trial's KL: it runs
+    for _ in range(2):
+        above.add_trial(finished((0.0, 1e9)))
+    above.optimize(objective, n_trials=1)
+    assert above.trials[-1].state == TrialState.COMPLETE
+
+
+def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials(monkeypatch):
+    """confirm_during: a complete trial at the target is confirmed as it finishes unless a confirmed
+    trial already has less KL; a failed check is a second constraint; kl_rank counts confirmed
+    trials only, and the pick reuses the stored verdicts."""
+    from obliteratus.optimize.study import confirmed_before
+
+    monkeypatch.setattr(refusal, "MARKERS", ("\x00never",))  # nothing refuses: every trial is at the target
+    options = StudyOptions(refusal_tokens=4, prune=True, kl_rank=1, constrain=True, confirm_prompts=8,
+                           confirm_during=True, confirm_target=0.1)
+    objective = make_objective(tiny_model("llama"), options)
+    rates = iter([0.5, 0.0])  # the first check fails, the second passes
+    calls = []
+    objective.confirm = lambda params, strength: calls.append(strength) or next(rates)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(finished((0.0, 0.0)))  # at the target with KL 0 but never confirmed: no cut
+    study.optimize(objective, n_trials=1)
+    failed = study.trials[-1]
+    assert failed.state == TrialState.COMPLETE and calls == [1.0]
+    assert failed.user_attrs["confirmed"] is False and failed.user_attrs["confirm_refusal"] == 0.5
+    if hasattr(optuna.trial.Trial, "set_constraint"):
+        assert failed.constraints == {"refusal": pytest.approx(-0.05), "confirm": pytest.approx(0.4)}
+    assert failed.user_attrs["refusal_excess"] == pytest.approx(0.4)
+    study.optimize(objective, n_trials=1)  # nothing confirmed yet: checked whatever its KL
+    passed = study.trials[-1]
+    assert passed.state == TrialState.COMPLETE and passed.user_attrs["confirmed"] is True and len(calls) == 2
+    # now a confirmed trial exists: a trial with more KL is pruned on KL (cut = its KL), one with less runs
+    cut_study = optuna.create_study(directions=["minimize", "minimize"])
+    cut_study.add_trial(optuna.trial.create_trial(values=[0.0, 0.0], params={"x": 0.5},
+                                                  distributions={"x": FloatDistribution(0.0, 1.0)},
+                                                  user_attrs={"confirmed": True, "confirm_refusal": 0.0}))
+    cut_study.optimize(objective, n_trials=1)
+    t = cut_study.trials[-1]
+    assert t.state == TrialState.PRUNED and t.user_attrs["kl_cut"] == 0.0 and len(calls) == 2
+    assert "confirmed" not in t.user_attrs  # never checked: the pick cannot reach it
+    # the pick's walk reuses the verdicts at strength 1 and generates for other strengths only
+    fresh = []
+    check = confirmed_before(lambda trial, strength: fresh.append(strength) or 0.25)
+    assert check(failed, 1.0) == 0.5 and check(passed, 1.0) == 0.0 and fresh == []
+    assert check(failed, 1.5) == 0.25 and fresh == [1.5]
+    with pytest.raises(ValueError, match="confirm_during needs confirm_prompts"):
+        StudyOptions(confirm_during=True)
 
 
 def test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_trials(monkeypatch):

@@ -97,7 +97,8 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     run = Path(run_dir) if run_dir else (Path(output).with_name(Path(output).name + ".study") if output
                                          else Path("obliteratus-runs") / name)
     url = st.storage_url(options, run)
-    if options.confirm_prompts and pick_index is None and not worker:  # before any model is loaded
+    confirming = options.confirm_prompts > 0 and ((pick_index is None and not worker) or options.confirm_during)
+    if confirming:  # before any model is loaded
         from ..data.prompts import load_prompts, split_prompts
 
         d = settings.data
@@ -139,7 +140,13 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     st.seed(study_, [window_params(f, n_layers, options) for f in options.seed_windows])
     scorer = Scorer.build(loaded.model, loaded.tokenizer, prompts.encoded["harmful.val"],
                           prompts.encoded["harmless.val"], options, ev.batch_size)
-    objective = Objective(adapter, scorer, mean_diffs, options, ex, basis, reporter.task("trials", options.n_trials))
+    confirm = None
+    if confirming:
+        confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
+        confirm = Confirmation(adapter, scorer, confirm_set, ev.max_new_tokens, mean_diffs, ex, options.confirm_bar,
+                               basis)
+    objective = Objective(adapter, scorer, mean_diffs, options, ex, basis, reporter.task("trials", options.n_trials),
+                          confirm if options.confirm_during else None)
     with _timed(timings, "study", reporter):
         st.run_study(study_, options.n_trials, objective, url)
     result = OptimizeResult(settings, options, name, st.redact(url), st.pareto_front(study_), timings=timings,
@@ -147,13 +154,12 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     if worker:
         return result
     if pick_index is None and options.confirm_prompts > 0:
-        confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
         bar = options.confirm_bar
-        confirm = Confirmation(adapter, scorer, confirm_set, ev.max_new_tokens, mean_diffs, ex, bar, basis)
+        check = st.confirmed_before(lambda t, strength: confirm(t.params, strength))  # in-study verdicts reused
+        reused = sum(st.CONFIRM_REFUSAL in t.user_attrs for t in st.completed(study_))  # free: not counted
         with _timed(timings, "confirm", reporter):
             chosen, result.strength, result.checks = st.pick_confirmed(
-                study_, lambda t, strength: confirm(t.params, strength),
-                options.target_refusal, options.confirm_trials, bar, options.confirm_strengths)
+                study_, check, options.target_refusal, options.confirm_trials + reused, bar, options.confirm_strengths)
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:
         chosen = st.pick(study_, pick_index, options.target_refusal)

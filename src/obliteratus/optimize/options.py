@@ -60,6 +60,12 @@ class StudyOptions(BaseModel):
                                                      "prompts (None: target_refusal). Below the target it leaves a "
                                                      "margin for the held-out rate, which runs above the rate the "
                                                      "pick was chosen by.")
+    confirm_during: bool = Field(False, description="Confirm candidates during the study instead of after it: a "
+                                                    "complete trial at target_refusal whose KL is below every "
+                                                    "confirmed trial's is checked on the confirmation prompts as "
+                                                    "soon as it finishes (a failed check is an Optuna constraint "
+                                                    "with constrain), kl_rank then counts confirmed trials only, "
+                                                    "and the pick reuses the verdicts. Needs confirm_prompts.")
     confirm_strengths: list[float] = Field([1.0], min_length=1,
                                            description="Strength multipliers tried in turn for each candidate before "
                                                        "the next one (λ times every writer's kernel weight); the "
@@ -77,6 +83,11 @@ class StudyOptions(BaseModel):
         "best", description="best: prune once the refusal bound exceeds the target (or, before any trial reached it, "
                             "the best refusal so far); pareto: measure KL first and prune only a trial sure to be "
                             "dominated by a finished one, or above the target once it was reached.")
+    kl_rank: int = Field(0, ge=0, description="k > 0: once k complete trials have a val refusal rate <= target_refusal, "
+                                              "measure a trial's first-token KL before its refusals and prune it "
+                                              "at once (no generation) when that KL is above the k-th lowest of "
+                                              "theirs: the pick's first k candidates are then known to beat it. "
+                                              "0 = off.")
     constrain: bool = Field(False, description="Tell the TPE sampler that a val refusal rate above target_refusal is "
                                                 "infeasible (an Optuna constraint, for pruned trials their refusal "
                                                 "lower bound): TPE then first drives refusal under the target, then "
@@ -103,6 +114,8 @@ class StudyOptions(BaseModel):
             raise ValueError(f"seed_windows are fractions of the last layer index in [0, 1], got {self.seed_windows}")
         if not all(0.0 < s < 10.0 for s in self.confirm_strengths):
             raise ValueError(f"confirm_strengths must lie in (0, 10), got {self.confirm_strengths}")
+        if self.confirm_during and not self.confirm_prompts:
+            raise ValueError("confirm_during needs confirm_prompts > 0 (the prompts to confirm on)")
         if self.attn_max_weight[1] < 0 or self.min_weight_distance[0] <= 0:
             raise ValueError("attn_max_weight must reach above 0 and min_weight_distance must start above 0")
         return self
@@ -115,7 +128,7 @@ class StudyOptions(BaseModel):
     def space_fingerprint(self) -> dict:
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
         return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage",
-                                        "study_name", "prune", "prune_rule", "constrain", "prune_chunks",
+                                        "study_name", "prune", "prune_rule", "kl_rank", "constrain", "prune_chunks",
                                         "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
-                                        "confirm_prompts", "confirm_trials", "confirm_target",
+                                        "confirm_prompts", "confirm_trials", "confirm_target", "confirm_during",
                                         "confirm_strengths", "seed_windows"})

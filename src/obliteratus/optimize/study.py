@@ -126,6 +126,30 @@ def constrain_refusal(trial, excess: float) -> None:
         trial.set_constraint("refusal", excess)
 
 
+CONFIRM_REFUSAL, CONFIRMED = "confirm_refusal", "confirmed"  # user attrs of an in-study confirmation
+
+
+def constrain_confirmation(trial, excess: float) -> None:
+    """Record a confirmation's refusal rate minus its bar as a second Optuna constraint ("confirm");
+    > 0 makes the trial infeasible (an Optuna constraint cannot be overwritten, hence its own key). The
+    legacy user attr keeps the larger excess."""
+    trial.set_user_attr(EXCESS, max(float(trial.user_attrs.get(EXCESS, excess)), excess))
+    if hasattr(trial, "set_constraint"):  # Optuna >= 5
+        trial.set_constraint("confirm", excess)
+
+
+def confirmed_before(confirm: Callable[[object, float], float]) -> Callable[[object, float], float]:
+    """`confirm` for :func:`pick_confirmed` that returns a trial's in-study verdict (user attr
+    ``confirm_refusal``, strength 1) instead of generating it again."""
+
+    def check(trial, strength: float) -> float:
+        if strength == 1.0 and CONFIRM_REFUSAL in trial.user_attrs:
+            return float(trial.user_attrs[CONFIRM_REFUSAL])
+        return confirm(trial, strength)
+
+    return check
+
+
 def _count(study, states: tuple[str, ...], below: int | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     return sum(t.state.name in states and (below is None or t.number < below) for t in trials)

@@ -40,6 +40,18 @@ Objectives, both on the validation split:
   points); "pareto" completes every trial that can still join the front, at the price of a KL
   pass for the pruned ones.
 
+  With ``kl_rank = k`` (either rule), once k complete trials have reached the target, the KL is
+  measured first and a trial whose KL is above the k-th lowest of theirs is pruned before any
+  generation (:func:`kl_cut`): the default pick takes the lowest-KL trial at the target, so at
+  least k candidates already come before it, whatever its refusal rate. Late in a study, when TPE
+  samples near the best trials and most of them reach the target, this is what prunes: the
+  refusal bound never rules them out, and generation is four fifths of a complete trial's cost.
+  The trial's refusal lower bound is then 0 (``refusals_lower_bound = [0.0]``, user attr ``kl_cut``).
+  With ``confirm_during`` the candidates are confirmed on the spare prompts as they finish
+  (:meth:`Objective.confirm_now`) and the cut counts only the trials that passed, so it is exact for
+  the confirmed pick (the lowest-KL trial that passes); counting every trial at the target keeps
+  a chain of ever-lower-KL trials that may all fail the confirmation afterwards (RESULTS.md).
+
   The lower bounds after each chunk, and at the moment of pruning, are kept in the trial's user
   attrs (``refusals_lower_bound``).
 
@@ -64,7 +76,7 @@ from ..errors import ConfigError
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
 from .options import StudyOptions
-from .study import constrain_refusal
+from .study import CONFIRM_REFUSAL, CONFIRMED, constrain_confirmation, constrain_refusal
 
 COMPONENTS = ("attn", "mlp")
 
@@ -191,6 +203,15 @@ def pareto_bar(finished: list[tuple[float, float]], kl: float, target: float, n:
     return min(bars) if bars else None
 
 
+def kl_cut(finished: list[tuple[float, float]], target: float, rank: int) -> float | None:
+    """The ``kl_rank`` bar: the `rank`-th lowest KL among the finished (refusal, KL) pairs whose
+    refusal is at most `target`. A trial whose KL is above it cannot be among the first `rank`
+    candidates of the default pick (lowest KL at refusal <= target), whatever its refusal rate.
+    None (never prune) when rank is 0 or fewer than `rank` finished trials reached the target."""
+    kls = sorted(k for r, k in finished if r <= target)
+    return kls[rank - 1] if 0 < rank <= len(kls) else None
+
+
 def ruled_out(refused_so_far: int, n_total: int, bar: float | None) -> bool:
     """Even with no further refusals the final rate refused_so_far / n_total exceeds `bar`."""
     return bar is not None and refused_so_far / n_total > bar
@@ -287,6 +308,7 @@ class Objective:
     excise: object  # config.ExciseSettings: lam and the writers, the same as the bake uses
     basis: torch.Tensor | None = None
     on_trial: object = None  # called after every trial (progress)
+    confirm: object = None  # a Confirmation: confirm_during (check candidates as they finish)
 
     def finished(self, study) -> list[tuple[float, float]]:
         """(refusal, KL) of every complete trial."""
@@ -294,16 +316,41 @@ class Objective:
 
         return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
-    def finished_refusals(self, study) -> list[float]:
-        return [r for r, _ in self.finished(study)]
+    def confirmed(self, study) -> list[tuple[float, float]]:
+        """(refusal, KL) of the complete trials whose in-study confirmation passed."""
+        from optuna.trial import TrialState
+
+        return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get(CONFIRMED) is True]
+
+    def confirm_now(self, trial, params: dict, refusal: float, kl: float, confirmed: list[tuple[float, float]]) -> None:
+        """confirm_during: check a complete trial at the target whose KL is below every confirmed
+        trial's on the spare prompts (strength 1), and store the verdict (user attrs ``confirm_refusal``,
+        ``confirmed``); with ``constrain`` a failed check is also an Optuna constraint (the confirmation
+        refusal minus its bar > 0), so TPE learns which edits do not carry over. A trial with more KL
+        than a confirmed one is never checked: the pick cannot reach it."""
+        opts = self.options
+        if refusal > opts.target_refusal or any(k <= kl for _, k in confirmed):
+            return
+        rate = float(self.confirm(params, 1.0))
+        passed = rate <= opts.confirm_bar
+        trial.set_user_attr(CONFIRM_REFUSAL, rate)
+        trial.set_user_attr(CONFIRMED, passed)
+        if opts.constrain:
+            constrain_confirmation(trial, rate - opts.confirm_bar)
 
     def __call__(self, trial) -> tuple[float, float]:
         n_layers, ex = self.adapter.n_layers, self.excise
         params = suggest(trial, n_layers, self.options, self.basis is not None)
         q, plan = plan_from_params(params, self.mean_diffs, n_layers, self.basis)
-        pareto = self.options.prune and self.options.prune_rule == "pareto"
-        bar = (prune_bar(self.finished_refusals(trial.study), self.options.target_refusal)
-               if self.options.prune and not pareto else None)
+        opts = self.options
+        pareto = opts.prune and opts.prune_rule == "pareto"
+        finished = self.finished(trial.study) if opts.prune else []
+        confirmed = self.confirmed(trial.study) if self.confirm is not None else []
+        bar = prune_bar([r for r, _ in finished], opts.target_refusal) if opts.prune and not pareto else None
+        ranked = confirmed if self.confirm is not None else finished  # the trials the pick can reach
+        cut = kl_cut(ranked, opts.target_refusal, opts.kl_rank) if opts.prune else None
+        kl_first = pareto or cut is not None
 
         def record(bounds: list[float], tokens: int) -> None:  # reads `bar` when called (pareto sets it late)
             for key, value in dict(refusals_lower_bound=bounds, tokens_generated=tokens, prune_bar=bar).items():
@@ -318,13 +365,23 @@ class Objective:
 
         try:
             with trial_hooks(self.adapter, q, plan, ex):
-                if pareto:  # KL first: the bar depends on it
+                if kl_first:  # pareto's bar depends on the KL; kl_rank may prune on it alone
                     kl = measure_kl()
-                    bar = pareto_bar(self.finished(trial.study), kl, self.options.target_refusal,
-                                     len(self.scorer.harmful.ids))
-                refusal, _ = self.scorer.refusal(bar, record)  # "best": first, so a pruned trial needs no KL
-                if not pareto:
+                    if cut is not None and kl > cut:
+                        trial.set_user_attr("kl_cut", cut)
+                        record([0.0], 0)  # nothing generated: the refusal lower bound is 0
+                        import optuna
+
+                        raise optuna.TrialPruned(f"KL {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} "
+                                                 "of the trials that reached the target")
+                    if pareto:
+                        bar = pareto_bar(self.finished(trial.study), kl, opts.target_refusal,
+                                         len(self.scorer.harmful.ids))
+                refusal, _ = self.scorer.refusal(bar, record)  # otherwise first, so a pruned trial needs no KL
+                if not kl_first:
                     kl = measure_kl()
+            if self.confirm is not None:  # outside the trial's hooks: the confirmation attaches its own
+                self.confirm_now(trial, params, refusal, kl, confirmed)
         finally:
             if self.on_trial is not None:
                 self.on_trial(1)
