@@ -357,7 +357,7 @@ def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confi
     """confirm_during: a complete trial at the target is confirmed as it finishes unless a confirmed
     trial already has less KL; a failed check is a second constraint; kl_rank counts confirmed
     trials only, and the pick reuses the stored verdicts."""
-    from obliteratus.optimize.study import confirmed_before
+    from obliteratus.optimize.study import pick_confirmed
 
     monkeypatch.setattr(refusal, "MARKERS", ("\x00never",))  # nothing refuses: every trial is at the target
     options = StudyOptions(refusal_tokens=4, prune=True, kl_rank=1, constrain=True, confirm_prompts=8,
@@ -387,11 +387,20 @@ def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confi
     t = cut_study.trials[-1]
     assert t.state == TrialState.PRUNED and t.user_attrs["kl_cut"] == 0.0 and len(calls) == 2
     assert "confirmed" not in t.user_attrs  # never checked: the pick cannot reach it
-    # the pick's walk reuses the verdicts at strength 1 and generates for other strengths only
+    # the pick's walk uses the stored verdicts at strength 1 without generating or counting them
     fresh = []
-    check = confirmed_before(lambda trial, strength: fresh.append(strength) or 0.25)
-    assert check(failed, 1.0) == 0.5 and check(passed, 1.0) == 0.0 and fresh == []
-    assert check(failed, 1.5) == 0.25 and fresh == [1.5]
+    walk = optuna.create_study(directions=["minimize", "minimize"])
+    for t in (failed, passed):
+        walk.add_trial(optuna.trial.create_trial(values=t.values, params=t.params, distributions=t.distributions,
+                                                 user_attrs=t.user_attrs))
+    walk.add_trial(finished((0.0, 1e-9)))  # the lowest KL, never checked: generated
+    confirm = lambda trial, strength: fresh.append((trial.number, strength)) or 0.25  # noqa: E731
+    chosen, _, checks = pick_confirmed(walk, confirm, 0.05, 1, 0.1, strengths=(1.0, 1.5))
+    assert fresh == [(2, 1.0)]  # one fresh check (the cap); the stored ones are free, the cap stops 1.5
+    by_kl = sorted((failed, passed), key=lambda t: t.values[1])
+    expected = [(0.5, False), (0.0, True)] if by_kl[0] is failed else [(0.0, True)]  # the walk stops at a pass
+    assert [(c["confirm_refusal"], c["passed"]) for c in checks if c.get("during_study")] == expected
+    assert chosen.user_attrs["confirmed"] is True and checks[-1]["passed"] and checks[-1]["during_study"]
     with pytest.raises(ValueError, match="confirm_during needs confirm_prompts"):
         StudyOptions(confirm_during=True)
 

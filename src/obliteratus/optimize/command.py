@@ -155,11 +155,10 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         return result
     if pick_index is None and options.confirm_prompts > 0:
         bar = options.confirm_bar
-        check = st.confirmed_before(lambda t, strength: confirm(t.params, strength))  # in-study verdicts reused
-        reused = sum(st.CONFIRM_REFUSAL in t.user_attrs for t in st.completed(study_))  # free: not counted
-        with _timed(timings, "confirm", reporter):
+        with _timed(timings, "confirm", reporter):  # verdicts stored during the study are reused
             chosen, result.strength, result.checks = st.pick_confirmed(
-                study_, check, options.target_refusal, options.confirm_trials + reused, bar, options.confirm_strengths)
+                study_, lambda t, strength: confirm(t.params, strength),
+                options.target_refusal, options.confirm_trials, bar, options.confirm_strengths)
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:
         chosen = st.pick(study_, pick_index, options.target_refusal)

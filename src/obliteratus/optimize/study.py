@@ -138,18 +138,6 @@ def constrain_confirmation(trial, excess: float) -> None:
         trial.set_constraint("confirm", excess)
 
 
-def confirmed_before(confirm: Callable[[object, float], float]) -> Callable[[object, float], float]:
-    """`confirm` for :func:`pick_confirmed` that returns a trial's in-study verdict (user attr
-    ``confirm_refusal``, strength 1) instead of generating it again."""
-
-    def check(trial, strength: float) -> float:
-        if strength == 1.0 and CONFIRM_REFUSAL in trial.user_attrs:
-            return float(trial.user_attrs[CONFIRM_REFUSAL])
-        return confirm(trial, strength)
-
-    return check
-
-
 def _count(study, states: tuple[str, ...], below: int | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     return sum(t.state.name in states and (below is None or t.number < below) for t in trials)
@@ -260,8 +248,9 @@ def pick_confirmed(study, confirm: Callable[[object, float], float], target_refu
     target) on the confirmation prompts. Candidates (val refusal within the target) are taken lowest
     KL first, and each is tried at every strength multiplier of `strengths` in turn (λ times every
     writer's kernel weight, lowest first) before the next candidate, at most `max_checks`
-    confirmations in all; ``confirm(trial, strength)`` gives the refusal rate on the confirmation
-    prompts (a lower bound above `confirm_target` when it stopped early). If none of those checked
+    confirmations in all (a verdict stored during the study, user attr ``confirm_refusal`` at strength
+    1, is used as it is and not counted: ``confirm_during``); ``confirm(trial, strength)`` gives the
+    refusal rate on the confirmation prompts (a lower bound above `confirm_target` when it stopped early). If none of those checked
     passes, the checked (trial, strength) with the fewest confirmation refusals (ties: lower strength,
     lower KL). Without candidates, :func:`pick`'s fallback (lowest val refusal) at strength 1.
     Returns (trial, strength, checks), one {"number", "strength", "val_refusal", "kl",
@@ -272,13 +261,17 @@ def pick_confirmed(study, confirm: Callable[[object, float], float], target_refu
         return pick(study, None, target_refusal), 1.0, []
     checks: list[dict] = []
     tried: list[tuple[object, float]] = []
+    fresh = 0
     for t in within:
         for strength in strengths:
-            if len(checks) >= max_checks:
+            stored = t.user_attrs.get(CONFIRM_REFUSAL) if strength == 1.0 else None
+            if stored is None and fresh >= max_checks:
                 break
-            rate = float(confirm(t, strength))
+            rate = float(confirm(t, strength) if stored is None else stored)
+            fresh += stored is None
             checks.append({"number": t.number, "strength": strength, "val_refusal": t.values[0], "kl": t.values[1],
-                           "confirm_refusal": rate, "passed": rate <= bar})
+                           "confirm_refusal": rate, "passed": rate <= bar}
+                          | ({} if stored is None else {"during_study": True}))
             tried.append((t, strength))
             if rate <= bar:
                 return t, strength, checks

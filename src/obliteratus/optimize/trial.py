@@ -76,7 +76,7 @@ from ..errors import ConfigError
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
 from .options import StudyOptions
-from .study import CONFIRM_REFUSAL, CONFIRMED, constrain_confirmation, constrain_refusal
+from .study import CONFIRM_REFUSAL, CONFIRMED, completed, constrain_confirmation, constrain_refusal
 
 COMPONENTS = ("attn", "mlp")
 
@@ -310,18 +310,12 @@ class Objective:
     on_trial: object = None  # called after every trial (progress)
     confirm: object = None  # a Confirmation: confirm_during (check candidates as they finish)
 
-    def finished(self, study) -> list[tuple[float, float]]:
-        """(refusal, KL) of every complete trial."""
-        from optuna.trial import TrialState
-
-        return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-
-    def confirmed(self, study) -> list[tuple[float, float]]:
-        """(refusal, KL) of the complete trials whose in-study confirmation passed."""
-        from optuna.trial import TrialState
-
-        return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get(CONFIRMED) is True]
+    def finished(self, study) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """(refusal, KL) of every complete trial, and of those whose in-study confirmation passed
+        (one read of the storage)."""
+        complete = completed(study)
+        return ([tuple(t.values) for t in complete],
+                [tuple(t.values) for t in complete if t.user_attrs.get(CONFIRMED) is True])
 
     def confirm_now(self, trial, params: dict, refusal: float, kl: float, confirmed: list[tuple[float, float]]) -> None:
         """confirm_during: check a complete trial at the target whose KL is below every confirmed
@@ -345,8 +339,7 @@ class Objective:
         q, plan = plan_from_params(params, self.mean_diffs, n_layers, self.basis)
         opts = self.options
         pareto = opts.prune and opts.prune_rule == "pareto"
-        finished = self.finished(trial.study) if opts.prune else []
-        confirmed = self.confirmed(trial.study) if self.confirm is not None else []
+        finished, confirmed = self.finished(trial.study) if opts.prune or self.confirm is not None else ([], [])
         bar = prune_bar([r for r, _ in finished], opts.target_refusal) if opts.prune and not pareto else None
         ranked = confirmed if self.confirm is not None else finished  # the trials the pick can reach
         cut = kl_cut(ranked, opts.target_refusal, opts.kl_rank) if opts.prune else None
@@ -375,7 +368,7 @@ class Objective:
                         raise optuna.TrialPruned(f"KL {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} "
                                                  "of the trials that reached the target")
                     if pareto:
-                        bar = pareto_bar(self.finished(trial.study), kl, opts.target_refusal,
+                        bar = pareto_bar(self.finished(trial.study)[0], kl, opts.target_refusal,
                                          len(self.scorer.harmful.ids))
                 refusal, _ = self.scorer.refusal(bar, record)  # otherwise first, so a pruned trial needs no KL
                 if not kl_first:
