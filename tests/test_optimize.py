@@ -353,6 +353,62 @@ def test_kl_rank_prunes_before_generating_once_enough_trials_reached_the_target(
     assert above.trials[-1].state == TrialState.COMPLETE
 
 
+def test_kl_chunks_stop_at_a_lower_bound_that_gives_the_full_pass_verdict():
+    """kl_chunks: with a cut, the heaviest prompts of the last pass are scored first and scoring stops
+    once their KL sum over n exceeds the cut; the value is then a lower bound (their sum / n), and
+    it is above the cut exactly when the full mean is."""
+    from obliteratus.evaluate.kl import kl_rows
+    from obliteratus.optimize.trial import trial_hooks
+
+    objective = make_objective(tiny_model("llama"), StudyOptions(refusal_tokens=2, prune=False, kl_chunks=4))
+    scorer = objective.scorer
+    q, plan = plan_from_params(params(), objective.mean_diffs, L)
+    with trial_hooks(objective.adapter, q, plan, objective.excise):
+        exact = scorer.kl()  # no cut: one pass over all 8 prompts, per-prompt KL remembered
+        per = torch.tensor([scorer.kl_last[i] for i in range(len(PROMPTS))], dtype=torch.float64)
+        assert exact == pytest.approx(float(per.mean())) and exact > 1e-4
+        top2 = float(per.sort(descending=True).values[:2].sum()) / len(PROMPTS)
+        value, complete = scorer.kl_bound(cut=top2 / 2)  # the two heaviest (chunk 1 of 4) already exceed it
+        assert not complete and value == pytest.approx(top2, rel=1e-4)
+        assert scorer.kl_bound(cut=1e9) == (pytest.approx(exact, rel=1e-4), True)
+        for cut in (0.5 * exact, 0.99 * exact, 1.01 * exact, 2 * exact):
+            value, complete = scorer.kl_bound(cut)
+            assert (value > cut) == (exact > cut) and value <= exact * (1 + 1e-4)
+            if exact <= cut:  # below the cut every chunk runs: the exact mean
+                assert complete and value == pytest.approx(exact, rel=1e-4)
+    now = torch.log_softmax(torch.zeros(1, scorer.base.shape[1], dtype=torch.float64), -1)
+    assert float(kl_rows(scorer.base[:1], now)) >= 0.0  # the bound rests on KL >= 0 per prompt
+
+
+def test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch(monkeypatch):
+    """suspect_prompts: once the bar can prune, the prompts that refused in earlier trials run first,
+    for suspect_tokens tokens, and a trial they rule out is pruned before its KL and full count."""
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal from its first token
+    options = StudyOptions(refusal_tokens=4, prune=True, suspect_prompts=2, suspect_tokens=3, kl_rank=1)
+    objective = make_objective(tiny_model("llama"), options)
+    scorer = objective.scorer
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.optimize(objective, n_trials=1)  # no bar yet: complete, and every prompt is now a suspect
+    assert study.trials[0].values[0] == 1.0 and sorted(scorer.refused_by) == list(range(len(PROMPTS)))
+    scorer.refused_by.update([5, 5, 7])  # prompt 5 refused most, then 7, then the rest
+    assert scorer.suspects(0.05) == [5, 7] and scorer.suspects(None) == []
+    assert scorer.suspects(0.3) == []  # 3 refusals of 8 needed, only 2 suspects tried: cannot prune
+    study.add_trial(finished((0.0, 1.0)))  # the target is reached: bar 0.05, one refusal of 8 exceeds it
+    study.optimize(objective, n_trials=1)
+    t = study.trials[-1]
+    assert t.state == TrialState.PRUNED and "kl" not in t.user_attrs and "kl_cut" not in t.user_attrs
+    assert t.user_attrs["tokens_generated"] == 2  # both suspects marked at their first token, nothing else ran
+    assert t.user_attrs["refusals_lower_bound"] == [0.25]  # the full count's first batch would show 4 of 8
+    assert scorer.refused_by[5] == 4 and scorer.refused_by[0] == 1
+    monkeypatch.setattr(refusal, "MARKERS", ("\x00never",))  # now nothing refuses: the suspects cannot prune
+    runs = optuna.create_study(directions=["minimize", "minimize"])
+    runs.add_trial(finished((0.0, 1e9)))  # bar 0.05, and a KL cut above any trial's KL
+    runs.optimize(objective, n_trials=1)
+    t = runs.trials[-1]
+    assert t.state == TrialState.COMPLETE and t.values[0] == 0.0 and "kl" in t.user_attrs
+    assert t.user_attrs["tokens_generated"] == 2 * 3 + 8 * 4  # the suspects' budget, then the full count
+
+
 def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials(monkeypatch):
     """confirm_during: a complete trial at the target is confirmed as it finishes unless a confirmed
     trial already has less KL; a failed check is a second constraint; kl_rank counts confirmed
@@ -372,6 +428,7 @@ def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confi
     failed = study.trials[-1]
     assert failed.state == TrialState.COMPLETE and calls == [1.0]
     assert failed.user_attrs["confirmed"] is False and failed.user_attrs["confirm_refusal"] == 0.5
+    assert failed.user_attrs["confirm_s"] >= 0.0  # its cost, which vs_heretic.py reports apart
     if hasattr(optuna.trial.Trial, "set_constraint"):
         assert failed.constraints == {"refusal": pytest.approx(-0.05), "confirm": pytest.approx(0.4)}
     assert failed.user_attrs["refusal_excess"] == pytest.approx(0.4)

@@ -178,6 +178,14 @@ NO_EFFECT_ON_A_RANDOM_MODEL = {
     # The cap on confirmations only shows when more candidates fail than the preset checks; a few tiny
     # trials leave two candidates: test_optimize.py checks the cap on a study with more.
     ("optimize", "study", "confirm_trials"): "test_optimize.py::test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order",
+    # Execution only: the suspects are tried first and the KL pass stops early only when the full pass
+    # would give the same verdict (test_optimize.py checks both against the full passes).
+    ("optimize", "study", "suspect_prompts"):
+        "test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
+    ("optimize", "study", "suspect_tokens"):
+        "test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
+    ("optimize", "study", "kl_chunks"):
+        "test_optimize.py::test_kl_chunks_stop_at_a_lower_bound_that_gives_the_full_pass_verdict",
     # Execution only: a batch size must not change what is computed (batched generation and probing are
     # checked against one prompt at a time).
     ("evaluate", "batch_size"): "test_evaluate.py::test_generate_batched_equals_one_by_one",

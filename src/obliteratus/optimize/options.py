@@ -88,6 +88,19 @@ class StudyOptions(BaseModel):
                                               "at once (no generation) when that KL is above the k-th lowest of "
                                               "theirs: the pick's first k candidates are then known to beat it. "
                                               "0 = off.")
+    suspect_prompts: int = Field(0, ge=0, description="k > 0: once the refusal bar can prune, a trial first generates "
+                                                      "(for suspect_tokens tokens) up to k of the harmful val prompts "
+                                                      "that refused most often in this worker's earlier trials, and is "
+                                                      "pruned if they already rule it out; then KL and the full count "
+                                                      "run as usual. 0 = off.")
+    suspect_tokens: int = Field(8, ge=1, description="Tokens the suspects are generated for (a marker found within "
+                                                     "them is found by the full count too).")
+    kl_chunks: int = Field(1, ge=1, description="With a KL cut (kl_rank), the harmless val prompts are scored in "
+                                                "this many chunks, those with the most KL in the last trial that "
+                                                "scored them first, and a trial is pruned as soon as the chunks' KL "
+                                                "sum over the number of prompts (a lower bound of the mean, KL being "
+                                                ">= 0) is above the cut. Same verdicts, fewer prompts for a trial far "
+                                                "above the cut.")
     constrain: bool = Field(False, description="Tell the TPE sampler that a val refusal rate above target_refusal is "
                                                 "infeasible (an Optuna constraint, for pruned trials their refusal "
                                                 "lower bound): TPE then first drives refusal under the target, then "
@@ -129,6 +142,7 @@ class StudyOptions(BaseModel):
         """The fields that define what a trial means; a resumed or shared study must agree on them."""
         return self.model_dump(exclude={"n_trials", "n_startup_trials", "n_ei_candidates", "seed", "storage",
                                         "study_name", "prune", "prune_rule", "kl_rank", "constrain", "prune_chunks",
+                                        "suspect_prompts", "suspect_tokens", "kl_chunks",
                                         "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
                                         "confirm_prompts", "confirm_trials", "confirm_target", "confirm_during",
                                         "confirm_strengths", "seed_windows"})

@@ -46,11 +46,23 @@ Objectives, both on the validation split:
   least k candidates already come before it, whatever its refusal rate. Late in a study, when TPE
   samples near the best trials and most of them reach the target, this is what prunes: the
   refusal bound never rules them out, and generation is four fifths of a complete trial's cost.
-  The trial's refusal lower bound is then 0 (``refusals_lower_bound = [0.0]``, user attr ``kl_cut``).
-  With ``confirm_during`` the candidates are confirmed on the spare prompts as they finish
+  The trial's refusal lower bound is then what the suspects below showed, usually 0
+  (``refusals_lower_bound``, user attr ``kl_cut``). With ``kl_chunks = m`` the KL pass itself
+  runs in m chunks, the prompts with the most KL in the last trial that scored them first, and
+  stops once the chunks' KL sum over n (a lower bound of the mean: KL >= 0 per prompt) is above
+  the cut (user attr ``kl_lower_bound`` instead of ``kl``); the verdict is the one the full pass
+  would give. With ``confirm_during`` the candidates are confirmed on the spare prompts as they finish
   (:meth:`Objective.confirm_now`) and the cut counts only the trials that passed, so it is exact for
   the confirmed pick (the lowest-KL trial that passes); counting every trial at the target keeps
   a chain of ever-lower-KL trials that may all fail the confirmation afterwards (RESULTS.md).
+
+  With ``suspect_prompts = k``, once the bar can prune, a trial first generates, for
+  ``suspect_tokens`` tokens, up to k of the val prompts that refused most often in this worker's
+  earlier trials (:meth:`Scorer.try_suspects`) and is pruned if their markers already rule it out.
+  A trial that refuses tends to refuse the same few prompts, so it is given up after a small batch
+  and a few tokens, before its KL pass and before the full batch's prefill; a marker within those
+  tokens is one the full count finds too. A trial they do not rule out pays that small batch and
+  runs as before (the suspects included).
 
   The lower bounds after each chunk, and at the moment of pruning, are kept in the trial's user
   attrs (``refusals_lower_bound``).
@@ -65,6 +77,8 @@ Objectives, both on the validation split:
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -217,6 +231,30 @@ def ruled_out(refused_so_far: int, n_total: int, bar: float | None) -> bool:
     return bar is not None and refused_so_far / n_total > bar
 
 
+def refusing_rows(scorer: "Scorer", encoded: Encoded, rows: list[int], tokens: int, counted: int, n: int,
+                  bar: float | None) -> tuple[list[int], int, bool]:
+    """Judge `encoded`'s prompts `rows` (early-stopping generation of at most `tokens` tokens, in the
+    scorer's batches, under whatever hooks are attached), stopping as soon as `counted` + their
+    refusals rule out `bar` over `n` prompts. Returns (the rows that refused: all of them, or those
+    marked when it stopped; tokens generated; whether it stopped)."""
+    from ..evaluate.early import Abandoned, judge_batches
+
+    hits: list[int] = []
+    used = 0
+    try:
+        for index, verdicts, generated in judge_batches(scorer.model, scorer.tokenizer, encoded.subset(rows), tokens,
+                                                        scorer.batch_size,
+                                                        lambda marked: ruled_out(counted + len(hits) + marked, n, bar),
+                                                        scorer.share_prefix):
+            hits += [rows[i] for i, v in zip(index, verdicts) if v]
+            used += sum(generated)
+            if ruled_out(counted + len(hits), n, bar):
+                return hits, used, True
+    except Abandoned as stop:
+        return hits + [rows[i] for i in stop.rows], used + stop.tokens, True
+    return hits, used, False
+
+
 @dataclass
 class Scorer:
     """The two objectives of a trial under whatever hooks are attached. `base` [n, vocab] holds the
@@ -231,6 +269,11 @@ class Scorer:
     batch_size: int
     chunks: int
     share_prefix: bool = False
+    suspect_prompts: int = 0
+    suspect_tokens: int = 8
+    kl_chunks: int = 1
+    refused_by: Counter = field(default_factory=Counter)  # harmful val row -> this worker's trials it refused in
+    kl_last: dict = field(default_factory=dict)  # harmless val row -> its KL in the last trial that scored it
 
     @classmethod
     def build(cls, model, tokenizer, harmful: Encoded, harmless: Encoded, options: StudyOptions,
@@ -243,15 +286,69 @@ class Scorer:
                  and can_share_prefix(model, harmless))  # checked once per model
         base = torch.log_softmax(last_logits(model, harmless, batch_size, share).double(), -1)  # [n, vocab]
         return cls(model, tokenizer, harmful, harmless, base, options.refusal_tokens, batch_size,
-                   options.prune_chunks, share)
+                   options.prune_chunks, share, options.suspect_prompts, options.suspect_tokens, options.kl_chunks)
 
     def kl(self) -> float:
+        """Mean first-token KL over the harmless val prompts."""
+        return self.kl_bound()[0]
+
+    def kl_bound(self, cut: float | None = None) -> tuple[float, bool]:
+        """(KL, exact). Without a `cut`, or with ``kl_chunks`` = 1: the mean first-token KL over the
+        harmless val prompts, exact. With both, the prompts are scored in chunks, those with the most
+        KL last time first, and scoring stops as soon as the KL summed so far over n exceeds `cut`:
+        that lower bound of the mean (every prompt's KL is >= 0) is returned, not exact. Either way the
+        value is above `cut` exactly when the mean is."""
         from ..evaluate.generate import last_logits
         from ..evaluate.kl import kl_rows
 
-        now = torch.log_softmax(last_logits(self.model, self.harmless, self.batch_size,
-                                            self.share_prefix).double(), -1)
-        return float(kl_rows(self.base, now).mean())
+        n = len(self.harmless.ids)
+        if cut is None or self.kl_chunks <= 1:
+            chunks = [list(range(n))]
+        else:
+            heavy = sorted(range(n), key=lambda i: -self.kl_last.get(i, 0.0))  # stable: unseen rows in input order
+            size = math.ceil(n / self.kl_chunks)
+            chunks = [heavy[start:start + size] for start in range(0, n, size)]
+        total = 0.0
+        for rows in chunks:
+            part = self.harmless if len(rows) == n else self.harmless.subset(rows)
+            now = torch.log_softmax(last_logits(self.model, part, self.batch_size, self.share_prefix).double(), -1)
+            kls = kl_rows(self.base[rows], now)  # [len(rows)]
+            self.kl_last.update(zip(rows, kls.tolist()))
+            total += float(kls.sum())
+            if cut is not None and total / n > cut and rows is not chunks[-1]:
+                return total / n, False
+        return total / n, True
+
+    def suspects(self, bar: float | None) -> list[int]:
+        """The harmful val rows to try first (most refusals in this worker's earlier trials first, then
+        the lower index), or [] when they could not rule a trial out: no bar, ``suspect_prompts`` = 0,
+        or fewer known suspects than the refusals the bar needs."""
+        n = len(self.harmful.ids)
+        if bar is None or not self.suspect_prompts:
+            return []
+        need = next((c for c in range(1, n + 1) if ruled_out(c, n, bar)), None)
+        rows = sorted(self.refused_by, key=lambda i: (-self.refused_by[i], i))[:self.suspect_prompts]
+        return rows if need is not None and len(rows) >= need else []
+
+    def try_suspects(self, bar: float | None, record=None) -> tuple[int, int]:
+        """Generate the :meth:`suspects` for ``suspect_tokens`` tokens under the attached hooks and raise
+        optuna.TrialPruned if their refusals already exceed `bar` (a marker within those tokens is a
+        refusal of the full count too: the same greedy text, only shorter); otherwise return (refusals
+        found, tokens generated), (0, 0) when there was nothing to try, and let the full count decide
+        (the suspects run again there). `record` as in :meth:`refusal`."""
+        rows = self.suspects(bar)
+        if not rows:
+            return 0, 0
+        n = len(self.harmful.ids)
+        hits, used, stopped = refusing_rows(self, self.harmful, rows, self.suspect_tokens, 0, n, bar)
+        if not stopped:
+            return len(hits), used
+        self.refused_by.update(hits)
+        if record is not None:
+            record([len(hits) / n], used)
+        import optuna
+
+        raise optuna.TrialPruned(f"{len(hits)} of {len(rows)} suspect prompts refused: above the bar {bar:.3f}")
 
     def refusal(self, bar: float | None, record=None) -> tuple[float, int]:
         """(refusal rate, tokens generated); raises optuna.TrialPruned once `bar` rules it out, which
@@ -266,15 +363,17 @@ class Scorer:
         refused, used, bounds = 0, 0, []
         abandon = None if bar is None else (lambda marked: ruled_out(refused + marked, n, bar))
         try:
-            for _, verdicts, tokens in judge_batches(self.model, self.tokenizer, self.harmful, self.tokens, size,
-                                                     abandon, self.share_prefix):
+            for index, verdicts, tokens in judge_batches(self.model, self.tokenizer, self.harmful, self.tokens, size,
+                                                         abandon, self.share_prefix):
                 refused += sum(verdicts)
                 used += sum(tokens)
                 bounds.append(refused / n)
+                self.refused_by.update(i for i, v in zip(index, verdicts) if v)
                 if ruled_out(refused, n, bar):
                     raise Abandoned(0, 0)
         except Abandoned as stop:
             refused, used = refused + stop.refused, used + stop.tokens
+            self.refused_by.update(stop.rows)
             if stop.tokens:
                 bounds.append(refused / n)
             if record is not None:
@@ -320,14 +419,16 @@ class Objective:
     def confirm_now(self, trial, params: dict, refusal: float, kl: float, confirmed: list[tuple[float, float]]) -> None:
         """confirm_during: check a complete trial at the target whose KL is below every confirmed
         trial's on the spare prompts (strength 1), and store the verdict (user attrs ``confirm_refusal``,
-        ``confirmed``); with ``constrain`` a failed check is also an Optuna constraint (the confirmation
-        refusal minus its bar > 0), so TPE learns which edits do not carry over. A trial with more KL
-        than a confirmed one is never checked: the pick cannot reach it."""
+        ``confirmed``; its seconds in ``confirm_s``); with ``constrain`` a failed check is also an Optuna
+        constraint (the confirmation refusal minus its bar > 0), so TPE learns which edits do not carry
+        over. A trial with more KL than a confirmed one is never checked: the pick cannot reach it."""
         opts = self.options
         if refusal > opts.target_refusal or any(k <= kl for _, k in confirmed):
             return
+        start = time.perf_counter()
         rate = float(self.confirm(params, 1.0))
         passed = rate <= opts.confirm_bar
+        trial.set_user_attr("confirm_s", time.perf_counter() - start)  # benchmarks/vs_heretic.py reports it
         trial.set_user_attr(CONFIRM_REFUSAL, rate)
         trial.set_user_attr(CONFIRMED, passed)
         if opts.constrain:
@@ -351,26 +452,28 @@ class Objective:
             if self.options.constrain:
                 constrain_refusal(trial, bounds[-1] - self.options.target_refusal)
 
-        def measure_kl() -> float:
-            kl = self.scorer.kl()
-            trial.set_user_attr("kl", kl)
+        def measure_kl(cut: float | None = None) -> float:
+            kl, exact = self.scorer.kl_bound(cut)
+            trial.set_user_attr("kl" if exact else "kl_lower_bound", kl)
             return kl
 
         try:
             with trial_hooks(self.adapter, q, plan, ex):
+                found, used = self.scorer.try_suspects(bar, record)  # a few tokens of the usual refusers first
                 if kl_first:  # pareto's bar depends on the KL; kl_rank may prune on it alone
-                    kl = measure_kl()
+                    kl = measure_kl(cut)
                     if cut is not None and kl > cut:
                         trial.set_user_attr("kl_cut", cut)
-                        record([0.0], 0)  # nothing generated: the refusal lower bound is 0
+                        record([found / len(self.scorer.harmful.ids)], used)  # no full count: what the suspects showed
                         import optuna
 
-                        raise optuna.TrialPruned(f"KL {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} "
+                        raise optuna.TrialPruned(f"KL >= {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} "
                                                  "of the trials that reached the target")
                     if pareto:
                         bar = pareto_bar(self.finished(trial.study)[0], kl, opts.target_refusal,
                                          len(self.scorer.harmful.ids))
-                refusal, _ = self.scorer.refusal(bar, record)  # otherwise first, so a pruned trial needs no KL
+                # the full count (before the KL unless kl_first, so a pruned trial needs no KL pass)
+                refusal, _ = self.scorer.refusal(bar, lambda bounds, tokens: record(bounds, tokens + used))
                 if not kl_first:
                     kl = measure_kl()
             if self.confirm is not None:  # outside the trial's hooks: the confirmation attaches its own
@@ -410,8 +513,6 @@ class Confirmation:
         self.suspects.extend(i for i in rows if i not in self.suspects)
 
     def __call__(self, params: dict, strength: float = 1.0) -> float:
-        from ..evaluate.early import Abandoned, judge_batches
-
         s = self.scorer
         q, plan = scaled_plan(params, self.mean_diffs, self.adapter.n_layers, self.excise.lam, strength, self.basis)
         n = len(self.harmful.ids)
@@ -421,17 +522,9 @@ class Confirmation:
         refused = 0
         with trial_hooks(self.adapter, q, plan, self.excise):
             for group in groups:
-                try:
-                    for index, verdicts, _ in judge_batches(s.model, s.tokenizer, self.harmful.subset(group),
-                                                            self.tokens, s.batch_size,
-                                                            lambda marked: ruled_out(refused + marked, n, self.target),
-                                                            s.share_prefix):
-                        hits = [group[i] for i, v in zip(index, verdicts) if v]
-                        refused += len(hits)
-                        self._suspect(hits)
-                        if ruled_out(refused, n, self.target):
-                            return refused / n
-                except Abandoned as stop:
-                    self._suspect(group[i] for i in stop.rows)
-                    return (refused + stop.refused) / n
+                hits, _, stopped = refusing_rows(s, self.harmful, group, self.tokens, refused, n, self.target)
+                refused += len(hits)
+                self._suspect(hits)
+                if stopped:
+                    break
         return refused / n
