@@ -399,6 +399,7 @@ def test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch(mon
     assert t.state == TrialState.PRUNED and "kl" not in t.user_attrs and "kl_cut" not in t.user_attrs
     assert t.user_attrs["tokens_generated"] == 2  # both suspects marked at their first token, nothing else ran
     assert t.user_attrs["refusals_lower_bound"] == [0.25]  # the full count's first batch would show 4 of 8
+    assert t.user_attrs["suspect_refusals"] == 2
     assert scorer.refused_by[5] == 4 and scorer.refused_by[0] == 1
     monkeypatch.setattr(refusal, "MARKERS", ("\x00never",))  # now nothing refuses: the suspects cannot prune
     runs = optuna.create_study(directions=["minimize", "minimize"])
@@ -407,6 +408,7 @@ def test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch(mon
     t = runs.trials[-1]
     assert t.state == TrialState.COMPLETE and t.values[0] == 0.0 and "kl" in t.user_attrs
     assert t.user_attrs["tokens_generated"] == 2 * 3 + 8 * 4  # the suspects' budget, then the full count
+    assert t.user_attrs["suspect_refusals"] == 0
 
 
 def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials(monkeypatch):

@@ -62,7 +62,7 @@ Objectives, both on the validation split:
   A trial that refuses tends to refuse the same few prompts, so it is given up after a small batch
   and a few tokens, before its KL pass and before the full batch's prefill; a marker within those
   tokens is one the full count finds too. A trial they do not rule out pays that small batch and
-  runs as before (the suspects included).
+  runs as before (the suspects included). What they showed is kept (user attr ``suspect_refusals``).
 
   The lower bounds after each chunk, and at the moment of pruning, are kept in the trial's user
   attrs (``refusals_lower_bound``).
@@ -330,25 +330,20 @@ class Scorer:
         rows = sorted(self.refused_by, key=lambda i: (-self.refused_by[i], i))[:self.suspect_prompts]
         return rows if need is not None and len(rows) >= need else []
 
-    def try_suspects(self, bar: float | None, record=None) -> tuple[int, int]:
-        """Generate the :meth:`suspects` for ``suspect_tokens`` tokens under the attached hooks and raise
-        optuna.TrialPruned if their refusals already exceed `bar` (a marker within those tokens is a
-        refusal of the full count too: the same greedy text, only shorter); otherwise return (refusals
-        found, tokens generated), (0, 0) when there was nothing to try, and let the full count decide
-        (the suspects run again there). `record` as in :meth:`refusal`."""
+    def try_suspects(self, bar: float | None) -> tuple[int, int, bool]:
+        """Generate the :meth:`suspects` for ``suspect_tokens`` tokens under the attached hooks, stopping
+        as soon as their refusals exceed `bar`. Returns (refusals found, tokens generated, ruled out);
+        (0, 0, False) when there was nothing to try. A marker within those tokens is a refusal of the
+        full count too (the same greedy text, only shorter), so a trial they rule out can be pruned;
+        otherwise the full count decides (the suspects run again there)."""
         rows = self.suspects(bar)
         if not rows:
-            return 0, 0
-        n = len(self.harmful.ids)
-        hits, used, stopped = refusing_rows(self, self.harmful, rows, self.suspect_tokens, 0, n, bar)
-        if not stopped:
-            return len(hits), used
-        self.refused_by.update(hits)
-        if record is not None:
-            record([len(hits) / n], used)
-        import optuna
-
-        raise optuna.TrialPruned(f"{len(hits)} of {len(rows)} suspect prompts refused: above the bar {bar:.3f}")
+            return 0, 0, False
+        hits, used, stopped = refusing_rows(self, self.harmful, rows, self.suspect_tokens, 0, len(self.harmful.ids),
+                                            bar)
+        if stopped:
+            self.refused_by.update(hits)
+        return len(hits), used, stopped
 
     def refusal(self, bar: float | None, record=None) -> tuple[float, int]:
         """(refusal rate, tokens generated); raises optuna.TrialPruned once `bar` rules it out, which
@@ -459,7 +454,14 @@ class Objective:
 
         try:
             with trial_hooks(self.adapter, q, plan, ex):
-                found, used = self.scorer.try_suspects(bar, record)  # a few tokens of the usual refusers first
+                found, used, stopped = self.scorer.try_suspects(bar)  # a few tokens of the usual refusers first
+                if used:
+                    trial.set_user_attr("suspect_refusals", found)
+                if stopped:
+                    record([found / len(self.scorer.harmful.ids)], used)
+                    import optuna
+
+                    raise optuna.TrialPruned(f"{found} suspect prompts refused: above the bar {bar:.3f}")
                 if kl_first:  # pareto's bar depends on the KL; kl_rank may prune on it alone
                     kl = measure_kl(cut)
                     if cut is not None and kl > cut:
