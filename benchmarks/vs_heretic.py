@@ -317,7 +317,7 @@ def run_heretic(args, data_dir: Path, work: Path) -> dict:
     summary = {
         "tool": f"heretic {res['heretic_version']}", "model_dir": res["save_dir"],
         "trials": len(res["trials"]), "complete": len(done), "pruned": 0,
-        "s_per_trial_median": statistics.median(secs), "s_per_trial_mean": (last - first) / len(res["trials"]),
+        "s_per_trial_median": statistics.median(secs),
         "study_s": last - first, "directions_s": phases.get("directions"),
         "phases_s": {**phases, "restore": marks.get("restore_end", 0) - marks.get("restore_start", 0),
                      "export": marks.get("export_end", 0) - marks.get("export_start", 0)},
@@ -370,7 +370,7 @@ def run_ours(args, work: Path) -> dict:
         "trials": len(trials), "complete": sum(t.state.name == "COMPLETE" for t in trials),
         "pruned": sum(t.state.name == "PRUNED" for t in trials),
         "kl_pruned": sum(t.state.name == "PRUNED" and "kl_cut" in t.user_attrs for t in trials),
-        "s_per_trial_median": statistics.median(secs), "s_per_trial_mean": timings["study"] / max(len(trials), 1),
+        "s_per_trial_median": statistics.median(secs),
         "confirm_in_study_s": sum(t.user_attrs.get("confirm_s", 0.0) for t in trials),
         "study_s": timings["study"], "directions_s": timings.get("probe", 0.0) + timings.get("distill", 0.0),
         "phases_s": timings,
@@ -435,9 +435,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def per_trial_mean(row: dict) -> float:
-    """Study wall time over finished trials, the same for both tools (sampler time included)."""
-    return row["study_s"] / max(row["trials"], 1)
+def per_trial_mean(row: dict, without_s: float = 0.0) -> float:
+    """Study wall time (less `without_s` seconds) over finished trials, the same for both tools (sampler
+    time included). Derived here, not stored: a reused run's summary may come from an older driver."""
+    return (row["study_s"] - without_s) / max(row["trials"], 1)
 
 
 def table(rows: list[dict], scores: dict[str, dict]) -> str:
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per-trial speed ratio (Heretic / ours): {ratio:.2f}x by the median trial, {ratio_mean:.2f}x by the mean "
           "(study s / trials; the median hides the complete trials once most are pruned)")
     confirming = ours.get("confirm_in_study_s") or 0.0
-    search_mean = (ours["study_s"] - confirming) / max(ours["trials"], 1)
+    search_mean = per_trial_mean(ours, confirming)
     ratio_search = per_trial_mean(heretic) / search_mean if confirming else ratio_mean
     if confirming:
         print(f"of our study, {confirming:.1f} s confirmed candidates on spare prompts (Heretic checks none): without "

@@ -409,6 +409,12 @@ def test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch(mon
     assert t.state == TrialState.COMPLETE and t.values[0] == 0.0 and "kl" in t.user_attrs
     assert t.user_attrs["tokens_generated"] == 2 * 3 + 8 * 4  # the suspects' budget, then the full count
     assert t.user_attrs["suspect_refusals"] == 0
+    cut = optuna.create_study(directions=["minimize", "minimize"])
+    cut.add_trial(finished((0.0, 0.0)))  # bar 0.05 and a KL cut at 0: the suspects run, then the KL pass prunes
+    cut.optimize(objective, n_trials=1)
+    t = cut.trials[-1]
+    assert t.state == TrialState.PRUNED and t.user_attrs["kl_cut"] == 0.0
+    assert t.user_attrs["tokens_generated"] == 2 * 3 and t.user_attrs["refusals_lower_bound"] == [0.0]
 
 
 def test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials(monkeypatch):

@@ -452,28 +452,28 @@ class Objective:
             trial.set_user_attr("kl" if exact else "kl_lower_bound", kl)
             return kl
 
+        def prune_before_count(why: str):  # no full count: the refusal lower bound is what the suspects showed
+            record([found / n_val], used)
+            import optuna
+
+            raise optuna.TrialPruned(why)
+
+        n_val = len(self.scorer.harmful.ids)
         try:
             with trial_hooks(self.adapter, q, plan, ex):
                 found, used, stopped = self.scorer.try_suspects(bar)  # a few tokens of the usual refusers first
                 if used:
                     trial.set_user_attr("suspect_refusals", found)
                 if stopped:
-                    record([found / len(self.scorer.harmful.ids)], used)
-                    import optuna
-
-                    raise optuna.TrialPruned(f"{found} suspect prompts refused: above the bar {bar:.3f}")
+                    prune_before_count(f"{found} suspect prompts refused: above the bar {bar:.3f}")
                 if kl_first:  # pareto's bar depends on the KL; kl_rank may prune on it alone
                     kl = measure_kl(cut)
                     if cut is not None and kl > cut:
                         trial.set_user_attr("kl_cut", cut)
-                        record([found / len(self.scorer.harmful.ids)], used)  # no full count: what the suspects showed
-                        import optuna
-
-                        raise optuna.TrialPruned(f"KL >= {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} "
-                                                 "of the trials that reached the target")
+                        prune_before_count(f"KL >= {kl:.4f} is above the {opts.kl_rank}-th lowest KL {cut:.4f} of "
+                                          "the trials that reached the target")
                     if pareto:
-                        bar = pareto_bar(self.finished(trial.study)[0], kl, opts.target_refusal,
-                                         len(self.scorer.harmful.ids))
+                        bar = pareto_bar(self.finished(trial.study)[0], kl, opts.target_refusal, n_val)
                 # the full count (before the KL unless kl_first, so a pruned trial needs no KL pass)
                 refusal, _ = self.scorer.refusal(bar, lambda bounds, tokens: record(bounds, tokens + used))
                 if not kl_first:
