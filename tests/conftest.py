@@ -6,6 +6,15 @@ Nothing here downloads or loads a real checkpoint; every model is built from a c
 
 from __future__ import annotations
 
+import os
+
+# The suite checks float32 math on the CPU with tight tolerances, and a GPU would turn "auto" into
+# CUDA and bfloat16 (models/load.py): hide GPUs from it, and from the subprocesses it starts, so
+# that `make test` on a GPU machine runs what CI runs. OBLITERATUS_TEST_CUDA=1 leaves them visible
+# for tests/test_cuda.py, the tests written for a GPU.
+if os.environ.get("OBLITERATUS_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 import hashlib
 from pathlib import Path
 
@@ -125,6 +134,15 @@ def save_tiny(tmp_path: Path, family: str, seed: int = 0) -> Path:
     out = Path(tmp_path) / family
     tiny_model(family, seed).save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def merge(*parts: dict) -> dict:
+    """Nested settings overrides merged left to right (a later part's leaves win)."""
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 

@@ -80,6 +80,14 @@ def test_select_knee_normalises_by_activation_norm():
 def test_select_knee_straight_rise_and_candidate_layers():
     sel = select_knee(curve_rows([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]), None)
     assert sel.layer == 5  # a straight rise never flattens: the knee is the peak
+    # ... also when rounding leaves D a few ulps above 0 somewhere (it did on a CUDA machine's torch build)
+    x = torch.arange(6, dtype=torch.float64)
+    bumped = x.clone()
+    bumped[3] += 1e-14
+    assert kneedle(x, x)[0] == 5 and kneedle(x, bumped)[0] == 5
+    bent = x.clone()
+    bent[3] += 1e-3
+    assert kneedle(x, bent)[0] == 3
     sel = select_knee(curve_rows(KNEE_CURVE), None, layers=range(2, 10))
     assert sel.layer == 6
     assert [c.status for c in sel.candidates[:2]] == ["pruned", "pruned"]

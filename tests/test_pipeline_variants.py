@@ -13,18 +13,10 @@ from obliteratus.config import resolve_settings
 from obliteratus.errors import ConfigError
 from obliteratus.pipeline import moved_cosine, obliterate
 
-from conftest import save_tiny, tiny_model
+from conftest import merge, save_tiny, tiny_model
 
 SMALL = {"data": {"n_train": 12, "n_val": 4, "n_test": 4}, "evaluate": {"max_new_tokens": 4, "kl_tokens": 2,
                                                                         "ppl_window": 32, "perplexity": False}}
-
-
-def merge(*parts: dict) -> dict:
-    out: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 @pytest.fixture(scope="module")

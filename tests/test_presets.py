@@ -16,7 +16,7 @@ from obliteratus.optimize.command import run_optimize
 from obliteratus.pipeline import obliterate, uses_study
 from obliteratus.presets import load_preset, preset_names
 
-from conftest import tiny_tokenizer
+from conftest import merge, tiny_tokenizer
 from test_moe import _config
 
 SMALL = {"data": {"n_train": 24, "n_val": 4, "n_test": 4},
@@ -69,13 +69,6 @@ def leaves(table: dict, prefix: tuple = ()) -> list[tuple]:
             out += leaves(value, prefix + (key,))
         elif not (not prefix and key in META):
             out.append(prefix + (key,))
-    return out
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
     return out
 
 

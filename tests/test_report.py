@@ -85,8 +85,10 @@ def test_pca_panel_from_analysis_json_and_cosine_skipped_without_mean_diffs(run_
     assert "cosine panel skipped" in html and "mean_diffs" in html
 
 
-def test_urls_in_metadata_are_not_links_and_the_command_rebuilds(run_dir, tmp_path, capsys):
+def test_urls_in_metadata_are_not_links_and_the_command_rebuilds(run_dir, tmp_path, capsys, monkeypatch):
     from obliteratus.report.command import report
+
+    monkeypatch.setenv("COLUMNS", "20")  # narrower than the path: it is printed whole, not wrapped
 
     run = _copy(run_dir, tmp_path)
     meta = json.loads((run / "obliteratus.json").read_text())
@@ -94,7 +96,7 @@ def test_urls_in_metadata_are_not_links_and_the_command_rebuilds(run_dir, tmp_pa
     (run / "obliteratus.json").write_text(json.dumps(meta))
     report(run)
     html = (run / "report.html").read_text()
-    assert "report.html" in capsys.readouterr().out
+    assert f"report: {run / 'report.html'}\n" == capsys.readouterr().out
     assert "https://" not in html and "<b>x</b>" not in html and "github.com/example/repo" in html
 
 

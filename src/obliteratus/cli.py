@@ -146,7 +146,7 @@ def obliterate(
     times.add_row(*[f"{t:.1f}" for t in result.timings.values()])
     out.print(times)
     if result.output:
-        out.print(f"saved to {result.output}")
+        out.print(f"saved to {result.output}", soft_wrap=True)
 
 
 @app.command()
@@ -246,7 +246,7 @@ def probe(
     for i, v in enumerate(norms[-1].tolist()):
         table.add_row("embed" if i == 0 else str(i), f"{v:.3f}")
     out.print(table)
-    out.print(f"saved to {output}")
+    out.print(f"saved to {output}", soft_wrap=True)
 
 
 @app.command()
@@ -258,7 +258,7 @@ def models(prepare: Optional[str] = typer.Option(None, "--prepare", help="Assemb
 
     if prepare:
         path = do_prepare(prepare)
-        out.print(f"{prepare}: {path}")
+        out.print(f"{prepare}: {path}", soft_wrap=True)
         return
     table = Table(title="model aliases (offline)")
     for col in ("alias", "model", "prepared", "install"):

@@ -76,7 +76,7 @@ def _check_entry(e: SteeringEntry, where: str) -> None:
         raise ObliteratusError(f"steering {where}: an 'add' vector is [d], got shape {tuple(v.shape)}")
     if e.mode == "ablate":
         q = (v[None] if v.dim() == 1 else v).double()
-        if q.dim() != 2 or not torch.allclose(q @ q.T, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-4):
+        if q.dim() != 2 or not torch.allclose(q @ q.T, torch.eye(q.shape[0], dtype=q.dtype, device=q.device), atol=1e-4):
             raise ObliteratusError(f"steering {where}: an 'ablate' basis must be [k, d] with orthonormal rows")
 
 

@@ -55,10 +55,14 @@ def layer_strength(mean_diffs: torch.Tensor, act_norms: torch.Tensor | None = No
     return strength / norms
 
 
+KNEE_TOL = 1e-9  # D on the unit square: below this the curve is straight, not bent
+
+
 def kneedle(x: torch.Tensor, y: torch.Tensor) -> tuple[int, torch.Tensor]:
     """x [m] increasing, y [m] whose last entry is its maximum -> (knee index, D [m] float64).
     D_i = ŷ_i − x̂_i on the unit square spanned by the first and last points; the knee is
-    argmax D, or the last point when no D_i is positive."""
+    argmax D, or the last point when no D_i is positive (beyond rounding: D ≤ 1e-9 counts as 0, so
+    a straight rise, whose D is 0 up to the last bits, gives the last point on every platform)."""
     x, y = x.double(), y.double()
     m = x.shape[0]
     if m < 3 or y[-1] <= y[0]:
@@ -67,7 +71,7 @@ def kneedle(x: torch.Tensor, y: torch.Tensor) -> tuple[int, torch.Tensor]:
     yn = (y - y[0]) / (y[-1] - y[0])  # [m]
     distance = yn - xn  # [m]; 0 at both ends
     best = int(distance.argmax())
-    return (best if distance[best] > 0 else m - 1), distance
+    return (best if distance[best] > KNEE_TOL else m - 1), distance
 
 
 @dataclass

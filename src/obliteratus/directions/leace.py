@@ -111,7 +111,7 @@ def leace_direction(harmful: torch.Tensor, harmless: torch.Tensor, k: int = 1, o
     if len(harmful) < 1 or len(harmless) < 1:
         raise PromptError("leace needs at least one harmful and one harmless prompt")
     x = torch.cat([harmful.double(), harmless.double()])  # [n + m, d]
-    z = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))]).double()  # [n + m]
+    z = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))]).to(x)  # [n + m], x's device
     eraser = fit_leace(x, z)
     basis = orthonormalize(eraser.write.double())  # [1, d]
     return point_toward(basis, harmful.double().mean(0) - harmless.double().mean(0))

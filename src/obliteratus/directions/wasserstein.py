@@ -73,7 +73,7 @@ def wasserstein_directions(harmful: torch.Tensor, harmless: torch.Tensor, k: int
     scale = torch.trace(cost) / d
     if not torch.isfinite(scale) or scale <= 0:
         raise ActivationError("wasserstein: harmless activations are all zero or not finite")
-    reg = cost + options.regularization * scale * torch.eye(d, dtype=cost.dtype)  # C + εI, positive definite
+    reg = cost + options.regularization * scale * torch.eye(d, dtype=cost.dtype, device=cost.device)  # C + εI, positive definite
     chol = torch.linalg.cholesky(reg)  # L: [d, d], C + εI = L Lᵀ
     # L⁻¹ S L⁻ᵀ, by two triangular solves
     half = torch.linalg.solve_triangular(chol, signal, upper=False)  # L⁻¹ S

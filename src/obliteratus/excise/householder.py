@@ -61,7 +61,7 @@ def householder_vector(d: torch.Tensor, target: torch.Tensor | None = None) -> t
 def householder_matrix(v: torch.Tensor) -> torch.Tensor:
     """H = I − 2·vᵀv for v [1, d] (float64, [d, d]); for tests and inspection, never needed to edit."""
     v = v.double().reshape(1, -1)
-    return torch.eye(v.shape[1], dtype=torch.float64) - 2.0 * v.T @ v
+    return torch.eye(v.shape[1], dtype=torch.float64, device=v.device) - 2.0 * v.T @ v
 
 
 @torch.no_grad()

@@ -285,7 +285,7 @@ def print_result(result: OptimizeResult, model: str, method: str) -> None:
     out.print(f"picked trial {chosen}{at} ({result.picked_by})")
     out.print(metrics_table(result.before.metrics, result.after.metrics, f"{model} · {method} · trial {chosen}"))
     if result.output:
-        out.print(f"saved to {result.output}")
+        out.print(f"saved to {result.output}", soft_wrap=True)
 
 
 def _typer_main() -> None:

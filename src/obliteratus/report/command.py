@@ -13,4 +13,4 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by ob
 
     from .html import build_report
 
-    Console().print(f"report: {build_report(run_dir)}")
+    Console().print(f"report: {build_report(run_dir)}", soft_wrap=True)  # a path is never broken

@@ -55,4 +55,4 @@ def study(
     for r in result.rows:
         table.add_row(r.label, *["—" if r.metrics.get(c) is None else f"{r.metrics[c]:.4f}" for c in result.columns])
     Console().print(table)
-    Console().print(f"saved to {path}")
+    Console().print(f"saved to {path}", soft_wrap=True)

@@ -1,0 +1,126 @@
+"""The pipeline on a CUDA device: every direction method, every preset and baseline, the hook-scored
+trials and the steering saved with a model. Skipped where no GPU is visible, i.e. always in CI and in
+a plain `make test` (conftest.py hides GPUs from the suite unless OBLITERATUS_TEST_CUDA=1, so the
+CPU suite's exact float32 tolerances hold on a GPU machine too). Run it on a GPU with
+
+    OBLITERATUS_TEST_CUDA=1 python -m pytest tests/test_cuda.py
+
+Every other test checks the same math on the CPU; these check that nothing falls off the device
+(a constant built on the CPU and mixed with the model's activations, say)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (OBLITERATUS_TEST_CUDA=1)")
+
+from obliteratus.config import resolve_settings  # noqa: E402
+from obliteratus.pipeline import obliterate, uses_study  # noqa: E402
+from obliteratus.presets import load_preset, preset_names  # noqa: E402
+
+from conftest import merge, params_digest, save_tiny, tiny_model  # noqa: E402
+from test_presets import moe_dir  # noqa: E402,F401  (the presets' tiny Mixtral, a fixture)
+
+CUDA32 = {"model": {"device": "cuda", "dtype": "float32"}}
+SMALL = {"data": {"n_train": 12, "n_val": 4, "n_test": 4},
+         "evaluate": {"max_new_tokens": 4, "kl_tokens": 2, "perplexity": False},
+         "layers": {"method": "fixed", "layer": 2}}
+RDO_FAST = {"rdo": {"max_steps": 2, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("src"), "llama")
+
+
+def writers(model):
+    return [w for layer in model.model.layers for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
+
+
+@pytest.mark.parametrize("method", ["diff_means", "svd", "whitened_svd", "wasserstein", "cot_aware", "sae", "leace",
+                                    "jailbreak", "rdo", "cone"])
+def test_every_direction_method_runs_and_is_excised_on_cuda(tiny_dir, method):
+    k = 2 if method in ("svd", "whitened_svd", "wasserstein", "sae") else 1
+    directions = {"method": method, "n_directions": k, **(RDO_FAST if method == "rdo" else {})}
+    if method == "cone":
+        directions.pop("n_directions")
+    r = obliterate(str(tiny_dir), "basic", overrides=merge(SMALL, CUDA32, {"directions": directions}))
+    assert next(r.loaded.model.parameters()).device.type == "cuda"
+    q = r.directions.basis.double()
+    torch.testing.assert_close(q @ q.T, torch.eye(len(q), dtype=torch.float64), atol=1e-5, rtol=0)
+    for w in writers(r.loaded.model):
+        assert (q.to(w.device) @ w.double()).abs().max() < 1e-4
+    assert 0.0 <= r.after.metrics["refusal"] <= 1.0
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_and_baseline_runs_on_cuda(moe_dir, name, tmp_path):
+    from test_presets import RDO_FAST as PRESET_RDO_FAST
+    from test_presets import SMALL as PRESET_SMALL
+    from test_presets import STUDY_FAST
+
+    from obliteratus.optimize.command import run_optimize
+
+    overrides = merge(PRESET_SMALL, PRESET_RDO_FAST if name == "rdo" else {}, CUDA32)
+    if uses_study(resolve_settings(load_preset(name))):
+        result = run_optimize(str(moe_dir), name, overrides=overrides, study=STUDY_FAST, run_dir=str(tmp_path))
+        assert result.chosen is not None
+    else:
+        result = obliterate(str(moe_dir), name, overrides=overrides)
+        assert next(result.loaded.model.parameters()).device.type == "cuda"
+    assert 0.0 <= result.after.metrics["refusal"] <= 1.0
+
+
+def test_auto_dtype_on_cuda_is_bfloat16_and_the_edit_still_removes_the_direction(tiny_dir):
+    r = obliterate(str(tiny_dir), "basic", overrides=merge(SMALL, {"model": {"device": "cuda"}}))
+    assert next(r.loaded.model.parameters()).dtype == torch.bfloat16
+    q = r.directions.basis.float().cuda()
+    for w in writers(r.loaded.model):  # the float32 edit, rounded once to bf16 (8 significant bits)
+        assert (q @ w.float()).abs().max() < 2e-2 * w.float().abs().max()
+
+
+def test_steering_saved_with_a_model_is_reapplied_on_cuda(tiny_dir, tmp_path):
+    from obliteratus.models.load import summon
+
+    out = tmp_path / "run"
+    r = obliterate(str(tiny_dir), "basic", output=str(out), overrides=merge(SMALL, CUDA32, {"excise": {"mode": "hooks"}}))
+    loaded = summon(str(out), resolve_settings(None, CUDA32).model)
+    assert loaded.steering is not None and loaded.steering.attached
+    ids = torch.tensor([[1, 2, 3, 4]], device="cuda")
+    with torch.no_grad():
+        saved, live = loaded.model(input_ids=ids).logits, r.loaded.model(input_ids=ids).logits
+    torch.testing.assert_close(saved, live, atol=1e-5, rtol=1e-5)
+    bare = tiny_model("llama").cuda()(input_ids=ids).logits
+    assert (saved - bare).abs().max() > 1e-3
+
+
+def test_trials_on_cuda_leave_the_model_bit_identical_and_their_hooks_equal_the_bake():
+    import optuna
+    from optuna.trial import TrialState
+
+    from obliteratus.models import ArchitectureAdapter
+    from obliteratus.excise import excise
+    from obliteratus.optimize.options import StudyOptions
+    from obliteratus.optimize.trial import scaled_plan, trial_hooks
+
+    from test_optimize import L, make_objective, params
+
+    model = tiny_model("llama").cuda()
+    before = params_digest(model)
+    objective = make_objective(model, StudyOptions(n_startup_trials=2, refusal_tokens=4, prune=False))
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2, multivariate=True))
+    study.optimize(objective, n_trials=3)
+    assert params_digest(model) == before
+    assert all(t.state == TrialState.COMPLETE for t in study.trials) and max(t.values[1] for t in study.trials) > 1e-4
+    q, plan = scaled_plan(params("per_layer"), objective.mean_diffs, L, objective.excise.lam, 1.0)
+    with trial_hooks(objective.adapter, q, plan, objective.excise):
+        hooked = objective.scorer.kl()
+    baked = copy.deepcopy(model)
+    excise(ArchitectureAdapter(baked), q, objective.excise, plan)
+    assert objective.scorer.__class__(baked, *[getattr(objective.scorer, f) for f in
+                                               ("tokenizer", "harmful", "harmless", "base", "tokens", "batch_size",
+                                                "chunks")]).kl() == pytest.approx(hooked, rel=1e-3)
