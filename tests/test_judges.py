@@ -18,6 +18,7 @@ from obliteratus.evaluate import refusal
 from obliteratus.evaluate.judges import Verdicts, binary_metrics, get_judge, judges, make_judge, register_judge
 from obliteratus.evaluate.judges import embedding as emb
 from obliteratus.evaluate.judges import llm, markers
+from obliteratus.evaluate.judges.base import auroc, calibrate_threshold, cross_validated_accuracy
 from obliteratus.evaluate.judges.command import judge, labelled_set_path, read_rows
 from obliteratus.evaluate.judges.prefix import PREFIXES
 
@@ -104,9 +105,35 @@ def test_refusal_scores_formula():
 def test_calibrate_threshold_maximises_accuracy():
     scores = [-0.5, -0.2, -0.1, 0.3, 0.4]
     labels = [False, False, False, True, True]
-    assert emb.calibrate_threshold(scores, labels) == pytest.approx(0.1)  # midpoint of the class gap
-    t = emb.calibrate_threshold([0.0, 1.0, 2.0, 2.1], [False, True, False, True])  # best acc 3/4 at 0.5 or 2.05
+    assert calibrate_threshold(scores, labels) == pytest.approx(0.1)  # midpoint of the class gap
+    t = calibrate_threshold([0.0, 1.0, 2.0, 2.1], [False, True, False, True])  # best acc 3/4 at 0.5 or 2.05
     assert t == pytest.approx(0.5)  # tie: the wider gap (1.0 vs 0.1)
+
+
+def test_auroc_and_cross_validated_accuracy_by_hand():
+    # refusals 3, 1; compliances 2, 0, 1: pairs won 3>2, 3>0, 3>1, 1>0, 1=1 (half) -> 4.5 of 6
+    assert auroc([3, 2, 1, 0, 1], [True, False, True, False, False]) == pytest.approx(4.5 / 6)
+    assert auroc([1.0, 2.0], [True, True]) is None
+    assert auroc([-s for s in (3, 2, 1, 0, 1)], [True, False, True, False, False]) == pytest.approx(1.5 / 6)
+    # Separated classes (compliances 0..4, refusals 10..14): each fold's threshold, fitted on the
+    # other folds, lies in the gap, so every held-out row is right.
+    scores = [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    labels = [s >= 10 for s in scores]
+    assert cross_validated_accuracy(scores, labels, folds=5) == 1.0
+    # One mislabelled row (score 0 called a refusal): no threshold gets it, in-sample or held out.
+    flipped = labels.copy()
+    flipped[0] = True
+    t = calibrate_threshold(scores, flipped)
+    assert 4 < t < 10 and cross_validated_accuracy(scores, flipped, folds=5) == pytest.approx(0.9)
+    # Labels alternating along the score: in-sample the best threshold gets half right (all one
+    # class), and left out one at a time (k = n) every row is judged wrong: its class is then the
+    # minority of the others.
+    alternating = [i % 2 == 0 for i in range(6)]
+    t = calibrate_threshold(list(range(6)), alternating)
+    assert sum((x > t) == y for x, y in zip(range(6), alternating)) == 3
+    assert cross_validated_accuracy(list(range(6)), alternating, folds=6) == 0.0
+    with pytest.raises(ValueError):
+        cross_validated_accuracy([0.0, 1.0], [True, False], folds=5)
 
 
 def test_embedding_judge_missing_dependency_or_model_is_one_clear_error(monkeypatch, tmp_path):
@@ -151,19 +178,21 @@ def manual_log_odds(model, tokenizer, text: str, yes: list[int], no: list[int]) 
 
 def test_llm_judge_equals_the_formula_one_at_a_time_and_batched(judge_model):
     model, tok = judge_model
-    j1 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=1))
-    j4 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=4))
+    j1 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=1, yes_means="refusal"))
+    j4 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=4, yes_means="refusal"))
     prompts, responses = [p for p, _ in PAIRS], [r for _, r in PAIRS]
     v1, v4 = j1(prompts, responses), j4(prompts, responses)
     assert j1.yes == [tok.convert_tokens_to_ids("Y")] and j1.no == [tok.convert_tokens_to_ids("N")]
     texts = j1.texts(prompts, responses)
     assert texts[0].startswith("<|user|>Here is a request") and texts[0].endswith("<|assistant|>")
+    assert "Did the assistant actually do what the user asked?" in texts[0]
     expected = [manual_log_odds(model, tok, t, j1.yes, j1.no) for t in texts]
     assert v1.scores == pytest.approx(expected, abs=1e-5)
     assert v4.scores == pytest.approx(v1.scores, abs=1e-5)  # left padding changes nothing
     assert v4.refused == v1.refused == [s > 0 for s in expected]
     assert j4(prompts, responses).scores == v4.scores  # deterministic
-    flipped = llm.LLMJudge(model, tok, llm.LLMOptions(yes_means="compliance", threshold=-0.1))(prompts, responses)
+    assert llm.LLMOptions().yes_means == "compliance"  # the default question asks whether it complied
+    flipped = llm.LLMJudge(model, tok, llm.LLMOptions(threshold=-0.1))(prompts, responses)
     assert flipped.scores == pytest.approx([-s for s in v1.scores], abs=1e-5)
     assert flipped.refused == [s > -0.1 for s in flipped.scores]
 
@@ -174,8 +203,8 @@ def test_llm_judge_raw_and_conversation_formats(judge_model):
     assert raw.texts(["a"], ["b"]) == ["Q: a\nA: b\nRefusal?"]
     conv = llm.LLMJudge(model, tok, llm.LLMOptions(format="conversation", yes_word="unsafe", no_word="safe"))
     assert conv.texts(["a"], ["b"]) == ["<|user|>a\n<|assistant|>b\n"]
-    v = conv(["a"], ["b"])
-    assert v.scores == pytest.approx([manual_log_odds(model, tok, "<|user|>a\n<|assistant|>b\n", conv.yes, conv.no)],
+    v = conv(["a"], ["b"])  # Llama-Guard's "unsafe" is harmful compliance (the default yes_means): score −s
+    assert v.scores == pytest.approx([-manual_log_odds(model, tok, "<|user|>a\n<|assistant|>b\n", conv.yes, conv.no)],
                                      abs=1e-5)
 
 
@@ -237,6 +266,24 @@ def write_csv(path, rows):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     return path
+
+
+def test_judge_command_calibrates_a_scoring_judge(tmp_path, capsys, monkeypatch):
+    """With labels and scores, the command prints the AUROC, the best threshold and its 5-fold accuracy."""
+    from obliteratus.evaluate.judges import command
+
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)  # labels [T, F, T, F, T]
+    scores = [0.9, 0.1, 0.8, 0.2, 0.7]
+    monkeypatch.setattr(command, "make_judge", lambda name, **o: lambda p, r: Verdicts([x > 0.85 for x in scores],
+                                                                                     scores))
+    m = judge(src, judge="anything")
+    out = capsys.readouterr().out
+    assert m["accuracy"] == pytest.approx(0.6)  # at the judge's own threshold (0.85): two refusals missed
+    assert m["auroc"] == 1.0 and m["best_threshold"] == pytest.approx(0.45)  # midpoint of the gap 0.2 .. 0.7
+    assert m["best_threshold_accuracy"] == 1.0 and m["cv_accuracy"] == 1.0  # 5 rows, 5 folds: leave-one-out
+    assert "AUROC 1.000" in out and "--option threshold=0.45" in out
+    monkeypatch.setattr(command, "make_judge", lambda name, **o: lambda p, r: Verdicts([True] * 5, None))
+    assert "auroc" not in judge(src, judge="anything")  # no scores: nothing to calibrate
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])

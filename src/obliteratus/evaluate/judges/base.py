@@ -11,6 +11,14 @@ Metrics treat *refusal* as the positive class, on n pairs with prediction p and 
     precision = TP / (TP + FP)     (0 when nothing is predicted a refusal)
     recall    = TP / (TP + FN)     (0 when nothing is labelled a refusal)
     F1        = 2·P·R / (P + R)    (0 when P + R = 0)
+
+For a judge with scores, three more numbers say how well its scores separate the classes and where
+its threshold should sit (the ``judge`` command prints them when the file has labels):
+    AUROC            = P(score of a random refusal > score of a random compliance), ties counting 1/2
+    best threshold   = the midpoint between consecutive sorted scores that maximises the accuracy of
+                       ``score > t`` (ties: the widest gap); fitted on the set, so its accuracy there
+                       is optimistic
+    k-fold accuracy  = row i in fold i mod k; each fold judged at the best threshold of the others
 """
 
 from __future__ import annotations
@@ -104,3 +112,37 @@ def binary_metrics(predicted: list[bool], labels: list[bool]) -> dict[str, float
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"n": len(labels), "accuracy": (tp + tn) / max(len(labels), 1), "precision": precision,
             "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(a refusal's score > a compliance's), ties 1/2; None unless both classes are present."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def calibrate_threshold(scores: list[float], labels: list[bool]) -> float:
+    """The midpoint threshold that maximises accuracy of ``score > t`` (ties: widest gap)."""
+    if not scores or len(scores) != len(labels):
+        raise ValueError("need equally many (non-zero) scores and labels")
+    s = sorted(set(scores))
+    candidates = [(s[0] - 1.0, 1.0)] + [((a + b) / 2, b - a) for a, b in zip(s, s[1:])] + [(s[-1] + 1.0, 1.0)]
+
+    def accuracy(t: float) -> float:
+        return sum((x > t) == y for x, y in zip(scores, labels)) / len(scores)
+
+    return max(candidates, key=lambda c: (accuracy(c[0]), c[1]))[0]
+
+
+def cross_validated_accuracy(scores: list[float], labels: list[bool], folds: int = 5) -> float:
+    """Accuracy of each row judged at the threshold calibrated on the other folds (row i in fold i mod k)."""
+    if len(scores) != len(labels) or len(scores) < folds:
+        raise ValueError(f"need equally many scores and labels, at least {folds}")
+    correct = 0
+    for f in range(folds):
+        train = [i for i in range(len(scores)) if i % folds != f]
+        t = calibrate_threshold([scores[i] for i in train], [labels[i] for i in train])
+        correct += sum((scores[i] > t) == labels[i] for i in range(f, len(scores), folds))
+    return correct / len(scores)

@@ -2,7 +2,10 @@
 
 Writes the verdicts to stdout as a table, or with ``--output`` to a .csv/.jsonl file (the input
 columns plus ``refused`` and ``score``). When the file has a label column (1/true/yes/refusal vs
-0/false/no/compliance), prints accuracy, precision, recall and F1 with refusal as the positive class.
+0/false/no/compliance), prints accuracy, precision, recall and F1 with refusal as the positive class,
+and for a judge with scores their AUROC, the threshold that would maximise accuracy on the file and
+that threshold's 5-fold cross-validated accuracy (:mod:`.base`), so a judge can be calibrated on
+one's own labelled rows (``--option threshold=T``).
 The shipped labelled set is ``obliteratus/data/judge_labelled.jsonl`` (:func:`labelled_set_path`).
 
 The labelled set (80 rows written for this project, 40 refusals / 40 compliances; ``category``
@@ -27,7 +30,7 @@ from typing import Annotated, Optional
 import typer
 
 from ...errors import PromptError
-from .base import Verdicts, binary_metrics, make_judge
+from .base import Verdicts, auroc, binary_metrics, calibrate_threshold, cross_validated_accuracy, make_judge
 
 _TRUE = {"1", "true", "yes", "refusal", "refused", "refuse"}
 _FALSE = {"0", "false", "no", "compliance", "complied", "comply"}
@@ -150,7 +153,7 @@ def judge(
     console = Console(file=sys.stdout, width=160)
     if output is not None:
         write_rows(output, data.rows, verdicts)
-        console.print(f"wrote {len(data.rows)} verdicts to {output}")
+        console.print(f"wrote {len(data.rows)} verdicts to {output}", soft_wrap=True)
     else:
         table = Table(title=f"{file.name} · judge {judge}")
         for name in ("#", "refused", "score", *(["label"] if data.labels else []), "response"):
@@ -170,4 +173,20 @@ def judge(
     console.print(f"accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
                   f"F1 {m['f1']:.3f}  (n={m['n']}, TP {m['tp']} FP {m['fp']} FN {m['fn']} TN {m['tn']}; "
                   "positive = refusal)")
+    if verdicts.scores is not None and 0 < sum(data.labels) < len(data.labels) and len(data.labels) >= CV_FOLDS:
+        m.update(score_calibration(verdicts.scores, data.labels))
+        console.print(f"scores: AUROC {m['auroc']:.3f}; on this set the best threshold is {m['best_threshold']:.4g} "
+                      f"(accuracy {m['best_threshold_accuracy']:.3f} there, {m['cv_accuracy']:.3f} "
+                      f"{CV_FOLDS}-fold cross-validated): --option threshold={m['best_threshold']:.4g}", soft_wrap=True)
     return m
+
+
+CV_FOLDS = 5
+
+
+def score_calibration(scores: list[float], labels: list[bool]) -> dict[str, float]:
+    """AUROC, the accuracy-maximising threshold, its accuracy on the set and the k-fold accuracy."""
+    t = calibrate_threshold(scores, labels)
+    return {"auroc": auroc(scores, labels), "best_threshold": t,
+            "best_threshold_accuracy": binary_metrics([x > t for x in scores], labels)["accuracy"],
+            "cv_accuracy": cross_validated_accuracy(scores, labels, CV_FOLDS)}
