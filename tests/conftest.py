@@ -146,6 +146,30 @@ def merge(*parts: dict) -> dict:
     return out
 
 
+def chromium() -> str | None:
+    """The first headless-capable Chromium on PATH, or None."""
+    import shutil
+
+    names = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+    return next((b for b in names if shutil.which(b)), None)
+
+
+def chromium_dom(page: Path) -> str:
+    """`page` opened in headless Chromium: its DOM after loading. Skips the calling test where no
+    Chromium is installed (.ci/run installs chromium-headless-shell); fails on a JavaScript error."""
+    import subprocess
+
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no Chromium installed (.ci/run installs chromium-headless-shell)")
+    done = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    console_errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "Uncaught" in line]
+    assert not console_errors, console_errors
+    return done.stdout
+
+
 def params_digest(model: nn.Module) -> str:
     """A hash over every parameter and buffer (names and bytes)."""
     h = hashlib.sha256()

@@ -37,6 +37,21 @@ def encode(tokenizer, texts):
 
 # -- probe ---------------------------------------------------------------------------------------
 
+def test_cross_layer_cosines_show_a_planted_rotation():
+    """Directions stable over layers 0-2, rotated by 90° from layer 3 on, scaled arbitrarily per layer:
+    the cosine matrix is a block of ones, zero across the blocks, symmetric with a unit diagonal."""
+    from obliteratus.analysis.cross_layer import cosine_matrix
+
+    a, b = random_unit(16, 2, seed=3, dtype=torch.float64)  # two orthonormal directions
+    dirs = torch.stack([a * 2, a * 0.5, a * 7, b * 3, b, b * 0.1])  # [6, 16]
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    expected[:3, :3] = expected[3:, 3:] = 1.0
+    torch.testing.assert_close(cosine_matrix(dirs), expected, atol=1e-12, rtol=0)
+    turned = torch.stack([a, (a + b) / 2 ** 0.5, -a])  # 45° and 180°
+    torch.testing.assert_close(cosine_matrix(turned)[0], torch.tensor([1.0, 2 ** -0.5, -1.0], dtype=torch.float64))
+    assert cosine_matrix(torch.zeros(2, 4)).abs().max() == 0  # zero rows give 0, not NaN
+
+
 def test_auroc_is_the_pairwise_mann_whitney_statistic_with_ties():
     gen = torch.Generator().manual_seed(0)
     pos = torch.randint(0, 6, (23,), generator=gen).double()

@@ -97,6 +97,29 @@ def test_compare_answers_and_verdicts(tmp_path, capsys):
         compare(str(a), str(b), prompts, "nope", "prompt", 6, 2, None, None)
 
 
+def test_compare_passes_judge_options_and_checks_them_before_loading(tmp_path, capsys, monkeypatch):
+    from obliteratus import chat
+    from obliteratus.evaluate.judges import make_judge
+
+    a, b = save_tiny(tmp_path / "a", "llama", seed=0), save_tiny(tmp_path / "b", "qwen2", seed=1)
+    prompts = tmp_path / "p.txt"
+    texts = ["How do I bake bread?", "Write a poem."]
+    prompts.write_text("\n".join(texts) + "\n")
+    # an llm judge (here model a, asked the default question) is built once, from --option
+    compare(str(a), str(b), prompts, "llm", "prompt", 4, 2, None, None, [f"model={a}", "threshold=-100"])
+    out = capsys.readouterr().out
+    assert "refusals: A 2/2, B 2/2" in out  # every log-odds is above -100
+    judge = make_judge("llm", model=str(a), threshold=100.0)
+    assert judge(texts, ["x", "y"]).refused == [False, False]
+    loads = []
+    monkeypatch.setattr(chat, "answers", lambda *a, **k: loads.append(1))
+    with pytest.raises(ConfigError, match="threshold"):  # a bad option fails before any model is loaded
+        compare(str(a), str(b), prompts, "llm", "prompt", 4, 2, None, None, ["threshold=high"])
+    with pytest.raises(ConfigError):
+        compare(str(a), str(b), prompts, "markers", "prompt", 4, 2, None, None, ["nope=1"])
+    assert not loads
+
+
 def test_compare_table_marks_refusals():
     from rich.console import Console
 

@@ -198,6 +198,21 @@ def test_probe_and_evaluate_verbs(tiny_dir, tmp_path, capsys, monkeypatch):
     assert metrics["kl_mean"] < 1e-6 and metrics["n_harmful"] == 4
 
 
+def test_evaluate_lm_eval_option_runs_the_evaluated_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    from test_evaluate import fake_lm_eval
+
+    calls = fake_lm_eval(monkeypatch)
+    report = tmp_path / "metrics.json"
+    code, stdout, err = run_cli(["evaluate", str(tiny_dir), "--n-test", "2", "--max-new-tokens", "2", "--lm-eval",
+                                 "arc_easy,hellaswag,", "--json", str(report), "--set", "evaluate.perplexity=false"],
+                                capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(report.read_text())["lm_eval"] == {t: {"acc,none": 0.25, "acc_stderr,none": 0.01}
+                                                         for t in ("arc_easy", "hellaswag")}
+    assert calls[1][2] == ["arc_easy", "hellaswag"] and "arc_easy" in stdout
+    assert type(calls[0][1]).__name__ in ("LlamaForCausalLM",)  # the evaluated model, already loaded
+
+
 def test_obliterate_writes_a_lora_that_peft_loads_into_the_edited_model(tiny_dir, tmp_path, capsys, monkeypatch):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

@@ -58,3 +58,23 @@ def test_basic_removes_refusal_on_held_out_prompts(tmp_path):
     assert not train & set(result.prompts.harmful.test)
     meta = json.loads((out / "obliteratus.json").read_text())
     assert meta["metrics_after"]["refusal"] == after["refusal"]
+    # the demo run's report has every panel and opens in headless Chromium (where one is installed)
+    from conftest import chromium, chromium_dom
+
+    page = (out / "report.html").read_text()
+    assert page.count("<img") == 6 and "skipped" not in page, "a report panel is missing"
+    if chromium() is not None:
+        assert chromium_dom(out / "report.html").count("<img") == 6
+
+
+def test_llm_judge_with_the_demo_model_on_the_labelled_set():
+    """The README's llm rows: the demo model as judge, asked the default question, on the shipped set."""
+    from obliteratus.evaluate.judges import binary_metrics, make_judge
+    from obliteratus.evaluate.judges.command import labelled_set_path, read_rows, score_calibration
+
+    data = read_rows(labelled_set_path())
+    verdicts = make_judge("llm", model="demo", threshold=1.464)(data.prompts, data.responses)
+    m = binary_metrics(verdicts.refused, data.labels)
+    assert abs(m["accuracy"] - 0.85) <= 1 / 80 + 1e-9, m  # a row may flip at the threshold
+    cal = score_calibration(verdicts.scores, data.labels)
+    assert cal["auroc"] == pytest.approx(0.924, abs=0.01) and cal["cv_accuracy"] == pytest.approx(0.812, abs=0.03)

@@ -156,6 +156,15 @@ def test_embedding_judge_on_known_cases():
     assert v.refused == [True, False, True] and v.scores[2] == 2.0
     direct = emb.refusal_scores(j.embed(responses[:2]), j.refusal, j.compliance)
     assert v.scores[:2] == pytest.approx(direct.tolist(), abs=1e-6)
+    # the README's embedding row on the shipped set (the threshold was fitted there: emb.calibrate)
+    from obliteratus.evaluate.judges.command import score_calibration
+
+    data = read_rows(labelled_set_path())
+    got = j(data.prompts, data.responses)
+    m = binary_metrics(got.refused, data.labels)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (31, 7, 9, 33)
+    cal = score_calibration(got.scores, data.labels)
+    assert cal["auroc"] == pytest.approx(0.841, abs=1e-3) and cal["cv_accuracy"] == pytest.approx(0.738, abs=1e-3)
 
 
 # ------------------------------------------------------------------ llm

@@ -663,6 +663,9 @@ def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
     meta = json.loads((out / "obliteratus.json").read_text())
     assert meta["optimize"]["confirm"]["strength"] == 2.0 and meta["optimize"]["confirm"]["target"] == 1.0
     assert meta["edit"]["details"]["strength"] == 2.0
+    html = (out / "report.html").read_text()  # the optimizer's run gets the norm and PCA panels too
+    assert 'alt="layer_norms"' in html and 'alt="pca"' in html and (out / "pca.json").is_file()
+    assert 'alt="selection"' in html and "Pareto front" in html and "skipped" not in html  # every panel
     expected = AutoModelForCausalLM.from_pretrained(src).float()
     md = load_file(str(out / "directions.safetensors"))["mean_diffs"]
     q, plan = scaled_plan(result.chosen.params, md, L, result.settings.excise.lam, 2.0)

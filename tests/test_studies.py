@@ -204,10 +204,15 @@ def _loaded(family="llama"):
 SMALL = {"data": {"n_train": 2, "n_val": 1, "n_test": 4}, "evaluate": {"max_new_tokens": 3, "kl_tokens": 3}}
 
 
-def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path):
+def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path, monkeypatch):
     from obliteratus.directions.layers import refusal_log_odds, refusal_token_ids
     from obliteratus.evaluate.generate import last_logits
+    from obliteratus.studies import runner
     from obliteratus.studies.command import write_study
+
+    built = []  # the evaluator (base outputs, encoded prompts) is built once per study, not per ablation
+    init = runner.Evaluator.__init__
+    monkeypatch.setattr(runner.Evaluator, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
 
     loaded = _loaded()
     settings = resolve_settings(None, SMALL)
@@ -219,7 +224,7 @@ def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path
     result = run_study(loaded, prompts, settings, config)
     assert params_digest(loaded.model) == digest
     labels = [r.label for r in result.rows]
-    assert labels[0] == "(none)" and len(labels) == 1 + 2 + 3 + 1
+    assert labels[0] == "(none)" and len(labels) == 1 + 2 + 3 + 1 and len(built) == 1
     base = result.rows[0].metrics
     assert base["kl_last"] == pytest.approx(0, abs=1e-9) and base["kl_mean"] == pytest.approx(0, abs=1e-6)
     # the ffn row equals a copy with layer 1's down projection zeroed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 import typer
@@ -175,11 +175,11 @@ def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, sy
     return decode(tok, generate(loaded.model, tok, enc, max_new_tokens, batch_size))
 
 
-def verdicts(judge: str, prompts: list[str], responses: list[str]) -> list[bool]:
-    """True = refusal, by the judge registered as `judge` (evaluate/judges)."""
+def verdicts(judge, prompts: list[str], responses: list[str]) -> list[bool]:
+    """True = refusal, by `judge`: a Judge, or the name of a registered one (evaluate/judges)."""
     from .evaluate.judges import make_judge
 
-    return make_judge(judge)(prompts, responses).refused
+    return (make_judge(judge) if isinstance(judge, str) else judge)(prompts, responses).refused
 
 
 def compare_table(prompts: list[str], name_a: str, a: list[str], va: list[bool], name_b: str, b: list[str],
@@ -208,15 +208,20 @@ def compare(
     max_new_tokens: int = typer.Option(128, help="Greedy tokens per answer."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
     dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
+                                                        "model=PATH for --judge llm (as in obliteratus judge).")] = None,
 ) -> None:
     """Both models' greedy answers to the same prompts, side by side, with the judge's verdicts."""
     from rich.console import Console
 
     from .data.prompts import load_prompts
     from .evaluate.judges import get_judge
+    from .evaluate.judges.command import parse_option_args
     from .models.load import summon
 
-    get_judge(judge)  # fail on a bad name before loading anything
+    spec = get_judge(judge)  # fail on a bad name or bad options before loading anything
+    judge_options = parse_option_args(option)
+    spec.parse_options(judge_options)
     texts = load_prompts(str(prompts), column)
     if not texts:
         raise ConfigError(f"{prompts} holds no prompts")
@@ -226,7 +231,8 @@ def compare(
         loaded = summon(name, settings)
         results.append(answers(loaded, texts, max_new_tokens, batch_size))
         del loaded
-    va, vb = verdicts(judge, texts, results[0]), verdicts(judge, texts, results[1])
+    judged_by = spec.create(**judge_options)  # after the two models are gone (an llm judge loads its own)
+    va, vb = verdicts(judged_by, texts, results[0]), verdicts(judged_by, texts, results[1])
     console = Console()
     console.print(compare_table(texts, model_a, results[0], va, model_b, results[1], vb, judge))
     console.print(f"refusals: A {sum(va)}/{len(texts)}, B {sum(vb)}/{len(texts)}")

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 
+from .analysis.pca import run_pca
 from .batching import Encoded, encode_prompts
 from .config import Settings, resolve_settings
 from .data.prompts import Split, format_prompts, load_prompts, split_prompts, uses_template
@@ -313,6 +314,8 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
         cache = probe(loaded, prompts, settings, reporter)
     with _timed(timings, "distill", reporter):
         directions, selection = distill(loaded, cache, prompts, settings, reporter)
+    pca = None if output is None else run_pca(cache.harmful[:, selection.position], cache.harmless[:, selection.position],
+                                              selection.layer)
     del cache
     ev = settings.evaluate
     with _timed(timings, "verify_before", reporter):
@@ -339,7 +342,7 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
             if directions.mean_diffs is not None:
                 tensors["mean_diffs"] = directions.mean_diffs  # [L+1, d]: every layer, for the report
             result.output = str(save_run(loaded.model, loaded.tokenizer, output, metadata, tensors, overwrite,
-                                         steering=steering))
+                                         steering=steering, pca=pca))
     return result
 
 

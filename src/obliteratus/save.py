@@ -99,10 +99,11 @@ def model_card(meta: dict) -> str:
 
 
 def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], dict], tensors: dict[str, torch.Tensor],
-             overwrite: bool = False, steering=None) -> Path:
+             overwrite: bool = False, steering=None, pca: dict | None = None) -> Path:
     """Save the (edited) model, tokenizer, ``obliteratus.json``, ``directions.safetensors`` and README.md.
     `metadata` is called after the weights are written, so it can include the time that took.
-    A ``steering.SteeringSpec`` is written beside them (``summon`` attaches it again)."""
+    A ``steering.SteeringSpec`` is written beside them (``summon`` attaches it again), and `pca`
+    (:func:`analysis.pca.run_pca`: the report's PCA panels) as ``pca.json``."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -117,6 +118,8 @@ def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], di
             from .steering import write_steering_files
 
             write_steering_files(steering, tmp)
+        if pca is not None:
+            (tmp / "pca.json").write_text(json.dumps(pca), "utf-8")
         from .report import build_report  # report.html + plots/ (panels need matplotlib; noted when missing)
 
         build_report(tmp)

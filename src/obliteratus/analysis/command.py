@@ -170,9 +170,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
                                                                             min_category)}}
     lap("cones")
 
-    result["pca"] = pca.pca_layers(te_h[:, layers], te_s[:, layers])
-    for row, j in zip(result["pca"], layers):
-        row["layer"] = j
+    result["pca"] = pca.pca_layers(te_h, te_s, layers)
     lap("pca")
     result["timings_s"] = timings
     result = json_ready(result)

@@ -32,12 +32,34 @@ def pca_2d(harmful: torch.Tensor, harmless: torch.Tensor) -> dict:
     return {"harmful": coords[:n], "harmless": coords[n:], "explained": explained, "components": comps}
 
 
-def pca_layers(harmful: torch.Tensor, harmless: torch.Tensor) -> list[dict]:
-    """[n, L+1, d], [m, L+1, d] -> per layer {"layer", "harmful": [[x, y], ...], "harmless": ...,
-    "explained": [2]} as lists (JSON-ready; components left out)."""
+def pca_layers(harmful: torch.Tensor, harmless: torch.Tensor, layers: list[int] | None = None) -> list[dict]:
+    """[n, L+1, d], [m, L+1, d] -> per layer axis j (every axis, or those in `layers`) {"layer": j,
+    "harmful": [[x, y], ...], "harmless": ..., "explained": [2]} as lists (JSON-ready; components
+    left out)."""
     out = []
-    for j in range(harmful.shape[1]):
+    for j in range(harmful.shape[1]) if layers is None else layers:
         p = pca_2d(harmful[:, j], harmless[:, j])
         out.append({"layer": j, "harmful": p["harmful"].float().tolist(), "harmless": p["harmless"].float().tolist(),
                     "explained": p["explained"].tolist()})
     return out
+
+
+def report_layers(n_axes: int, source: int | None = None) -> list[int]:
+    """The layer axes a run's report shows PCA panels for: a quarter, half, three quarters and all of
+    the depth (axis 0, the embeddings, left out), and the source layer when there is one."""
+    last = n_axes - 1
+    axes = {max(1, round(f * last)) for f in (0.25, 0.5, 0.75, 1.0)}
+    if isinstance(source, int) and 0 <= source <= last:
+        axes.add(source)
+    return sorted(axes)
+
+
+def run_pca(harmful: torch.Tensor, harmless: torch.Tensor, source: int | None = None) -> dict:
+    """A run's PCA panels (written as ``pca.json``, drawn by the report) from its PROBE activations
+    [n, L+1, d] and [m, L+1, d] (the train prompts, one position) at :func:`report_layers`;
+    coordinates rounded to 4 decimals."""
+    rows = pca_layers(harmful, harmless, report_layers(harmful.shape[1], source))
+    for row in rows:
+        for cls in ("harmful", "harmless"):
+            row[cls] = [[round(x, 4), round(y, 4)] for x, y in row[cls]]
+    return {"prompts": "train (the PROBE activations the directions came from), last position", "layers": rows}

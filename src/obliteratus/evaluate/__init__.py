@@ -32,6 +32,17 @@ def _no_progress(label: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
 
+def verdict_rates(refused: list[bool], harmless: list[str], flagged: list[bool], sensitive: list[str]) -> dict:
+    """The judge's verdicts as rates: refusal on the harmful prompts (`refused`), over-refusal on the
+    `harmless` prompts (`flagged`) and on those of them that are benign but sound sensitive (in
+    `sensitive`, compared casefolded; None when there are none), and the counts."""
+    sensitive_keys = {p.casefold() for p in sensitive}
+    sens = [f for p, f in zip(harmless, flagged) if p.casefold() in sensitive_keys]
+    return {"refusal": sum(refused) / max(len(refused), 1), "over_refusal": sum(flagged) / max(len(flagged), 1),
+            "over_refusal_sensitive": (sum(sens) / len(sens)) if sens else None,
+            "n_harmful": len(refused), "n_harmless": len(harmless), "n_sensitive": len(sens)}
+
+
 def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmless: tuple[list[str], Encoded],
                    settings: EvalSettings, ref: KLReference | None = None, step: Step = _no_progress,
                    make_reference: bool = False) -> Evaluation:
@@ -51,17 +62,10 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
     harmful_text, harmless_text = decode(tokenizer, harmful_ids), decode(tokenizer, harmless_ids)
     judge = make_judge(settings.judge, **settings.judge_options)
     refused = judge(raw_harmful, harmful_text).refused
-    sensitive = {p.casefold() for p in load_prompts("builtin:benign_sensitive")}
     flagged = list(judge(raw_harmless, harmless_text).refused)
-    sens = [f for p, f in zip(raw_harmless, flagged) if p.casefold() in sensitive]
     metrics: dict[str, object] = {
         "judge": settings.judge,
-        "refusal": sum(refused) / max(len(refused), 1),
-        "over_refusal": sum(flagged) / max(len(flagged), 1),
-        "over_refusal_sensitive": (sum(sens) / len(sens)) if sens else None,
-        "n_harmful": len(raw_harmful),
-        "n_harmless": len(raw_harmless),
-        "n_sensitive": len(sens),
+        **verdict_rates(refused, raw_harmless, flagged, load_prompts("builtin:benign_sensitive")),
         "mean_response_tokens": sum(map(len, harmful_ids + harmless_ids)) / max(len(harmful_ids + harmless_ids), 1),
     }
     if ref is not None:
@@ -80,4 +84,4 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
 
 
 __all__ = ["Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",
-           "refusal_rate"]
+           "refusal_rate", "verdict_rates"]

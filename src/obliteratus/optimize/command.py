@@ -77,6 +77,7 @@ def orthogonal_to(diffs: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 def run_optimize(model: str, preset: str = "optimized", output: str | None = None, overwrite: bool = False,
                  overrides: dict | None = None, study: dict | None = None, run_dir: str | None = None,
                  pick_index: int | None = None, worker: bool = False, reporter=None) -> OptimizeResult:
+    from ..analysis.pca import run_pca
     from ..config import resolve_settings
     from ..errors import ConfigError
     from ..evaluate import evaluate_model
@@ -130,6 +131,7 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
             wide = settings.model_copy(update={"directions": settings.directions.model_copy(
                 update={"n_directions": options.max_directions})})
             basis = distill(loaded, cache, prompts, wide, reporter)[0].basis  # [k, d]
+    pca = None if output is None else run_pca(cache.harmful[:, -1], cache.harmless[:, -1])  # the report's panels
     del cache
     ex, ev = settings.excise, settings.evaluate
     fingerprint = {"model": Path(loaded.source).name, "n_layers": n_layers, "d_model": adapter.d_model,
@@ -178,12 +180,12 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                                prompts.part("harmless", "test"), ev, ref, step)
     result.before, result.after, result.edit = before, after, edit
     if output is not None:
-        result.output = _save(result, loaded, prompts, preset, output, overwrite, q, plan, mean_diffs, study_)
+        result.output = _save(result, loaded, prompts, preset, output, overwrite, q, plan, mean_diffs, study_, pca)
     return result
 
 
 def _save(result: OptimizeResult, loaded, prompts, preset: str, output: str, overwrite: bool, q, plan, mean_diffs,
-          study_) -> str:
+          study_, pca: dict | None = None) -> str:
     from ..models.load import describe
     from ..save import save_run, versions
 
@@ -221,7 +223,7 @@ def _save(result: OptimizeResult, loaded, prompts, preset: str, output: str, ove
 
     tensors = {"mean_diffs": mean_diffs}
     tensors["basis"] = torch.stack([plan.layer_bases[i][0] for i in sorted(plan.layer_bases)]) if per_layer else q
-    return str(save_run(loaded.model, loaded.tokenizer, output, metadata, tensors, overwrite))
+    return str(save_run(loaded.model, loaded.tokenizer, output, metadata, tensors, overwrite, pca=pca))
 
 
 def optimize(

@@ -7,8 +7,12 @@ Inputs, all from the run directory (REBIRTH, save.py):
                            selection.candidates (bypass / induce / kl), metrics_before/after
                            (refusal, over_refusal, kl_per_position, ...), edit, settings, timings
   directions.safetensors   ``mean_diffs`` [L+1, d] when the run saved it → cross-layer cosine map
-  analysis.json (optional) PCA coordinates, ``{"pca": {layer: {"harmful": [[x, y], ...],
-                           "harmless": [...]}}}`` or that layer dict at top level
+                           (and the per-layer norms when obliteratus.json has none: optimizer runs)
+  pca.json                 PCA coordinates of the train prompts' activations at a few layers, written
+                           by every run (analysis/pca.py ``run_pca``): ``{"layers": [{"layer": j,
+                           "harmful": [[x, y], ...], "harmless": [...], "explained": [...]}, ...]}``
+  analysis.json (optional) what ``obliteratus analyze`` writes; its ``pca`` rows are used when the
+                           run has no pca.json
 A panel whose input is missing is replaced by a one-line note saying why; nothing is invented.
 Any ``scheme://`` in displayed text is written with ``&#x2F;`` so the page holds no URL at all.
 """
@@ -74,16 +78,25 @@ def load_mean_diffs(run_dir: Path):
         return f.get_tensor("mean_diffs") if "mean_diffs" in f.keys() else None
 
 
-def load_pca(run_dir: Path) -> dict | None:
-    path = run_dir / "analysis.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text("utf-8"))
-    pca = data.get("pca", data) if isinstance(data, dict) else None
-    if not isinstance(pca, dict):
-        return None
-    panels = {str(k): v for k, v in pca.items() if isinstance(v, dict) and ("harmful" in v or "harmless" in v)}
-    return panels or None
+def load_pca(run_dir: Path) -> tuple[dict, str] | None:
+    """({layer: {"harmful": [[x, y], ...], "harmless": ...}}, file name) from the run's ``pca.json``
+    (written by every run: analysis/pca.py ``run_pca``), else from an ``analysis.json`` that
+    ``obliteratus analyze`` wrote into the run directory; None when neither holds PCA coordinates.
+    Both hold a list of {"layer", "harmful", "harmless", ...} rows; a {layer: {...}} table is read too."""
+    for name, key in (("pca.json", "layers"), ("analysis.json", "pca")):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text("utf-8"))
+        rows = data.get(key) if isinstance(data, dict) else None
+        if isinstance(rows, list):
+            rows = {str(r.get("layer", i)): r for i, r in enumerate(rows) if isinstance(r, dict)}
+        if not isinstance(rows, dict):
+            continue
+        panels = {str(k): v for k, v in rows.items() if isinstance(v, dict) and ("harmful" in v or "harmless" in v)}
+        if panels:
+            return panels, name
+    return None
 
 
 def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes] | None, str]]:
@@ -93,17 +106,26 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
     out = []
     d, sel = meta.get("directions", {}), meta.get("selection", {}) or {}
     before, after = meta.get("metrics_before", {}) or {}, meta.get("metrics_after", {}) or {}
+    diffs = load_mean_diffs(run_dir)
     norms = _norms(meta)
+    if norms is None and diffs is not None:  # e.g. an optimizer run: its metadata keeps no per-layer norms
+        norms = (diffs if diffs.ndim == 2 else diffs[-1]).double().norm(dim=-1).tolist()
     out.append(("layer_norms", "‖mean(harmful) − mean(harmless)‖ per layer; the source layer in red.",
                 (lambda: plots.layer_norms(norms, d.get("layer"))) if norms else None,
                 "no per-layer norms in obliteratus.json"))
-    cands = [c for c in sel.get("candidates", []) if c.get("bypass") is not None]
-    scored = [c for c in cands if c["bypass"] == c["bypass"]]  # not NaN
-    out.append(("selection", "Layer selection: refusal log-odds with the candidate direction ablated (bypass) or "
-                             "added (induce), and KL on harmless prompts.",
-                (lambda: plots.selection_scores(scored, sel.get("baseline_refusal"))) if scored else None,
-                f"layer selection {sel.get('method', '?')!s} scores no candidates"))
-    diffs = load_mean_diffs(run_dir)
+    search = meta.get("optimize") or {}
+    if search.get("pareto"):  # an optimizer run: its search's scores are the study's front
+        out.append(("selection", "The optimizer's choice: validation refusal rate against first-token KL of the "
+                                 "trials on the study's Pareto front, the baked trial circled.",
+                    lambda: plots.pareto_front(search["pareto"], search.get("trial"), search.get("target_refusal")),
+                    ""))
+    else:
+        cands = [c for c in sel.get("candidates", []) if c.get("bypass") is not None]
+        scored = [c for c in cands if c["bypass"] == c["bypass"]]  # not NaN
+        out.append(("selection", "Layer selection: refusal log-odds with the candidate direction ablated (bypass) or "
+                                 "added (induce), and KL on harmless prompts.",
+                    (lambda: plots.selection_scores(scored, sel.get("baseline_refusal"))) if scored else None,
+                    f"layer selection {sel.get('method', '?')!s} scores no candidates"))
     if diffs is not None:
         from ..analysis.cross_layer import cosine_matrix
 
@@ -119,8 +141,9 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
     out.append(("kl_per_position", "KL(original ‖ edited) at each generated position, harmless test prompts.",
                 (lambda: plots.kl_per_position(kl)) if kl else None, "no metrics_after.kl_per_position"))
     pca = load_pca(run_dir)
-    out.append(("pca", "2-D PCA of harmful (red) and harmless (blue) activations per layer (analysis.json).",
-                (lambda: plots.pca_panels(pca)) if pca else None, "no analysis.json with PCA coordinates"))
+    out.append(("pca", "2-D PCA of harmful (red) and harmless (blue) activations at a few layers (the source layer "
+                       f"among them), from {pca[1] if pca else 'pca.json'}.",
+                (lambda: plots.pca_panels(pca[0])) if pca else None, "no pca.json or analysis.json with PCA coordinates"))
     return out
 
 

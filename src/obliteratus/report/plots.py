@@ -40,6 +40,26 @@ def layer_norms(norms: list[float], chosen: int | None = None) -> bytes:
     return _png(fig)
 
 
+def pareto_front(front: list[dict], picked: int | None = None, target: float | None = None) -> bytes:
+    """The optimizer's Pareto front: validation refusal rate against first-token KL of each front
+    trial (``optimize.pareto`` rows: number, refusal, kl), the picked trial circled, the refusal
+    target dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    rows = sorted(front, key=lambda r: r["kl"])
+    ax.plot([r["kl"] for r in rows], [r["refusal"] for r in rows], "o-", color="#1f77b4", ms=4, label="Pareto front")
+    for r in rows:
+        if r["number"] == picked:
+            ax.plot(r["kl"], r["refusal"], "o", ms=11, mfc="none", mec="#d62728", mew=2, label=f"picked: trial {picked}")
+    if target is not None:
+        ax.axhline(target, color="#7f7f7f", ls="--", lw=1, label=f"refusal target {target:g}")
+    ax.set_xlabel("KL at the first answer token (harmless val prompts)")
+    ax.set_ylabel("refusal rate (harmful val)")
+    ax.set_title("Optimizer: the study's Pareto front")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def selection_scores(candidates: list[dict], baseline: float | None = None) -> bytes:
     """Bypass / induce refusal log-odds and KL of every scored candidate layer (arditi selection);
     `baseline`: the harmful val log-odds without any edit (dotted line)."""

@@ -120,7 +120,7 @@ def write_rows(path: Path, rows: list[dict], verdicts: Verdicts) -> None:
         raise PromptError(f"--output {path}: use a .csv or .jsonl file")
 
 
-def _parse_options(items: list[str] | None) -> dict:
+def parse_option_args(items: list[str] | None) -> dict:
     from ...config import parse_value
 
     options = {}
@@ -149,7 +149,7 @@ def judge(
     if output is not None and output.suffix not in (".csv", ".jsonl"):
         raise PromptError(f"--output {output}: use a .csv or .jsonl file")
     data = read_rows(file, prompt_column, response_column, label_column)
-    verdicts = make_judge(judge, **_parse_options(option))(data.prompts, data.responses)
+    verdicts = make_judge(judge, **parse_option_args(option))(data.prompts, data.responses)
     console = Console(file=sys.stdout, width=160)
     if output is not None:
         write_rows(output, data.rows, verdicts)
