@@ -175,13 +175,6 @@ def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, sy
     return decode(tok, generate(loaded.model, tok, enc, max_new_tokens, batch_size))
 
 
-def verdicts(judge, prompts: list[str], responses: list[str]) -> list[bool]:
-    """True = refusal, by `judge`: a Judge, or the name of a registered one (evaluate/judges)."""
-    from .evaluate.judges import make_judge
-
-    return (make_judge(judge) if isinstance(judge, str) else judge)(prompts, responses).refused
-
-
 def compare_table(prompts: list[str], name_a: str, a: list[str], va: list[bool], name_b: str, b: list[str],
                   vb: list[bool], judge: str):
     from rich.markup import escape
@@ -232,7 +225,7 @@ def compare(
         results.append(answers(loaded, texts, max_new_tokens, batch_size))
         del loaded
     judged_by = spec.create(**judge_options)  # after the two models are gone (an llm judge loads its own)
-    va, vb = verdicts(judged_by, texts, results[0]), verdicts(judged_by, texts, results[1])
+    va, vb = (judged_by(texts, r).refused for r in results)  # True = refusal
     console = Console()
     console.print(compare_table(texts, model_a, results[0], va, model_b, results[1], vb, judge))
     console.print(f"refusals: A {sum(va)}/{len(texts)}, B {sum(vb)}/{len(texts)}")

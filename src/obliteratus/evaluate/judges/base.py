@@ -115,12 +115,17 @@ def binary_metrics(predicted: list[bool], labels: list[bool]) -> dict[str, float
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """P(a refusal's score > a compliance's), ties 1/2; None unless both classes are present."""
+    """P(a refusal's score > a compliance's), ties 1/2 (analysis/probe.py's Mann–Whitney AUROC);
+    None unless both classes are present."""
+    import torch
+
+    from ...analysis.probe import auroc as mann_whitney
+
     pos = [s for s, y in zip(scores, labels) if y]
     neg = [s for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
         return None
-    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    return mann_whitney(torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64))
 
 
 def calibrate_threshold(scores: list[float], labels: list[bool]) -> float:
