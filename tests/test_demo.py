@@ -68,13 +68,19 @@ def test_basic_removes_refusal_on_held_out_prompts(tmp_path):
 
 
 def test_llm_judge_with_the_demo_model_on_the_labelled_set():
-    """The README's llm rows: the demo model as judge, asked the default question, on the shipped set."""
+    """The README's llm rows: the demo model as judge, asked the default question, on the shipped set
+    (calibrated on content-free pairs, and at the threshold fitted on the set)."""
     from obliteratus.evaluate.judges import binary_metrics, make_judge
     from obliteratus.evaluate.judges.command import labelled_set_path, read_rows, score_calibration
 
     data = read_rows(labelled_set_path())
-    verdicts = make_judge("llm", model="demo", threshold=1.464)(data.prompts, data.responses)
+    judge = make_judge("llm", model="demo")  # the default: content-free calibration, threshold 0
+    verdicts = judge(data.prompts, data.responses)
+    assert judge.offset == pytest.approx(1.408, abs=0.01)
     m = binary_metrics(verdicts.refused, data.labels)
-    assert abs(m["accuracy"] - 0.85) <= 1 / 80 + 1e-9, m  # a row may flip at the threshold
+    assert abs(m["accuracy"] - 0.825) <= 1 / 80 + 1e-9, m  # a row may flip at the threshold
     cal = score_calibration(verdicts.scores, data.labels)
     assert cal["auroc"] == pytest.approx(0.924, abs=0.01) and cal["cv_accuracy"] == pytest.approx(0.812, abs=0.03)
+    assert cal["best_threshold"] == pytest.approx(0.057, abs=0.02) and cal["best_threshold_accuracy"] == 0.85
+    fitted = [s > cal["best_threshold"] for s in verdicts.scores]  # the README's fitted row, same verdicts
+    assert binary_metrics(fitted, data.labels)["accuracy"] == 0.85

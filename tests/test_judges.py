@@ -187,8 +187,8 @@ def manual_log_odds(model, tokenizer, text: str, yes: list[int], no: list[int]) 
 
 def test_llm_judge_equals_the_formula_one_at_a_time_and_batched(judge_model):
     model, tok = judge_model
-    j1 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=1, yes_means="refusal"))
-    j4 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=4, yes_means="refusal"))
+    j1 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=1, yes_means="refusal", calibration="none"))
+    j4 = llm.LLMJudge(model, tok, llm.LLMOptions(batch_size=4, yes_means="refusal", calibration="none"))
     prompts, responses = [p for p, _ in PAIRS], [r for _, r in PAIRS]
     v1, v4 = j1(prompts, responses), j4(prompts, responses)
     assert j1.yes == [tok.convert_tokens_to_ids("Y")] and j1.no == [tok.convert_tokens_to_ids("N")]
@@ -201,9 +201,34 @@ def test_llm_judge_equals_the_formula_one_at_a_time_and_batched(judge_model):
     assert v4.refused == v1.refused == [s > 0 for s in expected]
     assert j4(prompts, responses).scores == v4.scores  # deterministic
     assert llm.LLMOptions().yes_means == "compliance"  # the default question asks whether it complied
-    flipped = llm.LLMJudge(model, tok, llm.LLMOptions(threshold=-0.1))(prompts, responses)
+    flipped = llm.LLMJudge(model, tok, llm.LLMOptions(threshold=-0.1, calibration="none"))(prompts, responses)
     assert flipped.scores == pytest.approx([-s for s in v1.scores], abs=1e-5)
     assert flipped.refused == [s > -0.1 for s in flipped.scores]
+
+
+def test_llm_judge_content_free_calibration(judge_model):
+    """The default (chat format) subtracts the mean raw score of the content-free pairs, computed once;
+    raw and conversation (trained classifiers) keep raw scores unless asked."""
+    model, tok = judge_model
+    prompts, responses = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+    plain = llm.LLMJudge(model, tok, llm.LLMOptions(calibration="none"))
+    free = [manual_log_odds(model, tok, t, plain.yes, plain.no)
+            for t in plain.texts([llm.CONTENT_FREE_PROMPT] * 3, list(llm.CONTENT_FREE))]
+    c = -sum(free) / 3  # refusal scores are -s for the default yes_means="compliance"
+    judge = llm.LLMJudge(model, tok, llm.LLMOptions(threshold=0.01))
+    assert judge.offset == pytest.approx(c, abs=1e-5) and abs(c) > 1e-3
+    v, raw = judge(prompts, responses), plain(prompts, responses)
+    assert v.scores == pytest.approx([r - c for r in raw.scores], abs=1e-5)
+    assert v.refused == [x > 0.01 for x in v.scores]
+    calls = []
+    real = judge.raw_scores
+    judge.raw_scores = lambda *a: calls.append(1) or real(*a)
+    judge(prompts, responses)
+    assert calls == [1]  # the offset is not recomputed
+    assert llm.LLMJudge(model, tok, llm.LLMOptions(format="raw", template="{prompt}{response}")).offset == 0.0
+    forced = llm.LLMJudge(model, tok, llm.LLMOptions(format="raw", template="{prompt}{response}",
+                                                     calibration="content_free"))
+    assert forced.offset != 0.0
 
 
 def test_llm_judge_raw_and_conversation_formats(judge_model):

@@ -697,3 +697,69 @@ def test_an_unpruned_trial_needs_no_optuna(monkeypatch):
     assert objective.scorer.refusal(None)[0] == 1.0
     with pytest.raises(ImportError):
         objective.scorer.refusal(0.0)  # pruning is the only path that needs Optuna
+
+
+def test_extra_directions_reuse_the_judged_contrast(tmp_path, monkeypatch):
+    """With max_directions > 1 the basis comes from the same contrast groups as the mean differences:
+    the filtered contrast (which generates an answer for every train prompt) is judged once."""
+    from conftest import save_tiny
+    from obliteratus.directions import driver
+    from obliteratus.optimize.command import run_optimize
+
+    calls = []
+    real = driver.contrast_groups
+    monkeypatch.setattr(driver, "contrast_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = save_tiny(tmp_path, "llama")
+    overrides = {"data": {"n_train": 8, "n_val": 4, "n_test": 4}, "directions": {"method": "svd"},
+                 "layers": {"method": "fixed"}, "evaluate": {"max_new_tokens": 2, "kl_tokens": 2, "perplexity": False}}
+    study = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 2, "confirm_prompts": 0, "confirm_during": False,
+             "max_directions": 2, "seed_windows": []}
+    result = run_optimize(str(src), "optimized", overrides=overrides, study=study, run_dir=str(tmp_path / "st"))
+    assert len(calls) == 1
+    assert result.chosen is not None and result.front
+
+
+def test_pick_confirmed_recounts_early_stopped_checks_before_comparing_them():
+    """A failed check that stopped early gives a lower bound. When nothing passes, the fallback
+    re-counts them in full, lowest bound first, until no remaining bound can beat the best exact
+    rate, so the pick is the exact fewest; the budget caps the re-counts."""
+    from obliteratus.optimize.study import pick_confirmed
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in [(0.03, 0.10), (0.0, 0.12), (0.03, 0.11), (0.2, 0.01), (0.0, 0.30)]:
+        study.add_trial(finished(values))  # candidates in KL order 0, 2, 1, 4
+    bounds = {0: 0.2, 2: 0.1, 1: 0.3, 4: 0.25}
+    exact = {0: 0.22, 2: 0.35, 1: 0.3, 4: 0.25}
+    counted = []
+
+    def recount(t, strength):
+        counted.append(t.number)
+        return exact[t.number]
+
+    chosen, _, checks = pick_confirmed(study, lambda t, s: bounds[t.number], 0.05, 8, recount=recount)
+    # by bounds alone trial 2 (0.1) would win; counted in full it has 0.35, and trial 0 (bound 0.2, exact
+    # 0.22) wins; trial 4's bound 0.25 cannot beat 0.22, so neither 4 nor 1 is re-counted
+    assert counted == [2, 0] and chosen.number == 0
+    rows = {c["number"]: c for c in checks}
+    assert rows[2]["bound"] == 0.1 and rows[2]["confirm_refusal"] == 0.35 and rows[2]["exact"] is True
+    assert "exact" not in rows[4] and rows[4]["confirm_refusal"] == 0.25
+    counted.clear()  # a budget of one: the bounds left stand in for the rest (0's 0.2 beats 2's exact 0.35)
+    chosen, _, _ = pick_confirmed(study, lambda t, s: bounds[t.number], 0.05, 8, recount=recount, max_recounts=1)
+    assert counted == [2] and chosen.number == 0
+    counted.clear()  # a candidate that passes needs no re-count
+    chosen, _, _ = pick_confirmed(study, lambda t, s: {**bounds, 1: 0.0}[t.number], 0.05, 8, recount=recount)
+    assert counted == [] and chosen.number == 1
+
+
+def test_an_exact_confirmation_does_not_stop_early(monkeypatch):
+    """Confirmation(exact=True) judges every prompt, where the plain call stops above the target."""
+    from obliteratus.optimize.trial import Confirmation
+
+    monkeypatch.setattr(refusal, "MARKERS", ("",))  # every response is a refusal
+    options = StudyOptions(refusal_tokens=3)
+    objective = make_objective(tiny_model("llama"), options)
+    _, spare = encoded(PROMPTS[:6])
+    check = Confirmation(objective.adapter, objective.scorer, spare, 3, objective.mean_diffs, objective.excise, 0.0)
+    p = params()
+    assert 0.0 < check(p) < 1.0  # stopped at the first refusal: a lower bound
+    assert check(p, exact=True) == 1.0

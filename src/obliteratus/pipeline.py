@@ -96,9 +96,11 @@ def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Rep
 
 
 def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, settings: Settings,
-            reporter: Reporter, selection: LayerSelection | None = None) -> tuple[Directions, LayerSelection]:
+            reporter: Reporter, selection: LayerSelection | None = None,
+            contrast=None) -> tuple[Directions, LayerSelection]:
     """Choose the source layer (unless `selection` is given, e.g. shared by runs with the same
-    layer settings) and fit the direction method there (directions/driver.py)."""
+    layer settings) and fit the direction method there (directions/driver.py); `contrast`: the
+    contrast groups of `cache` when the caller has already judged them."""
     d = settings.data
     templated = uses_template(loaded.tokenizer, d.chat_template)
 
@@ -108,7 +110,7 @@ def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, setting
 
     parts = {part: {cls: prompts.encoded[f"{cls}.{part}"] for cls in ("harmful", "harmless")} for part in ("train", "val")}
     return distill_directions(loaded, cache, settings, parts["val"], parts["train"], encode, prompts.harmful.train,
-                              reporter.task, selection)
+                              reporter.task, selection, contrast)
 
 
 def moved_cosine(total: torch.Tensor, leftover: torch.Tensor) -> float:

@@ -173,11 +173,13 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
 
 def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],
             encode: Callable[[list[str]], Encoded], harmful_texts: list[str], task: Progress,
-            selection: LayerSelection | None = None) -> tuple[Directions, LayerSelection]:
+            selection: LayerSelection | None = None, contrast: Contrast | None = None) -> tuple[Directions, LayerSelection]:
     """Choose the source layer (unless `selection` is given, e.g. shared by runs with the same layer
-    settings) and fit the direction method there."""
+    settings) and fit the direction method there. `contrast`: the groups of `cache`, when the caller
+    has already judged them (contrast_groups generates answers for the filtered/behaviour contrasts)."""
     ds = settings.directions
-    contrast = contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
+    if contrast is None:
+        contrast = contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
     mean_diffs = mean_difference(contrast.positive, contrast.negative)  # [positions, L+1, d]
     harmless_means = cache.harmless.double().mean(0).float()  # [positions, L+1, d]
     project = harmless_means if ds.project_harmless else None

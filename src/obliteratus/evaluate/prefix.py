@@ -36,7 +36,9 @@ def prefix_cache(model, batch: Batch):
     """The KV cache of ``batch.prefix``, repeated for every row of `batch`."""
     device = batch.input_ids.device
     out = model(input_ids=torch.tensor([batch.prefix], device=device), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = getattr(out, "cache", None)  # transformers >= 5.x; reading past_key_values there only warns
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise TypeError(f"{type(model).__name__} returned no repeatable KV cache for the shared prefix")
     cache.batch_repeat_interleave(batch.input_ids.shape[0])

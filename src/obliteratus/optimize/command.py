@@ -50,20 +50,29 @@ def study_options(settings, updates: dict | None = None) -> StudyOptions:
     return StudyOptions.model_validate({**base, **{k: v for k, v in (updates or {}).items() if v is not None}})
 
 
-def mean_differences(loaded, cache, settings, prompts, orthogonalize: bool = False) -> torch.Tensor:
+def mean_differences(loaded, cache, settings, prompts, orthogonalize: bool = False,
+                     contrast=None) -> torch.Tensor:
     """[L+1, d]: harmful minus harmless train means at the last position, on the resid_pre axis
-    (the contrast groups of directions/driver.py). With `orthogonalize`, each row is the unit
-    difference with its component along the unit negative-group mean removed, renormalised
-    (Heretic's ``orthogonalize_direction``, after grimjim's projected abliteration)."""
+    (the contrast groups of directions/driver.py, or `contrast` when the caller already has them).
+    With `orthogonalize`, each row is the unit difference with its component along the unit
+    negative-group mean removed, renormalised (Heretic's ``orthogonalize_direction``, after
+    grimjim's projected abliteration)."""
     from ..directions.diff_means import mean_difference
-    from ..directions.driver import contrast_groups
 
-    train = {cls: prompts.encoded[f"{cls}.train"] for cls in ("harmful", "harmless")}
-    contrast = contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
+    if contrast is None:
+        contrast = train_contrast(loaded, cache, settings, prompts)
     diffs = mean_difference(contrast.positive, contrast.negative)[-1]  # [L+1, d]
     if not orthogonalize:
         return diffs
     return orthogonal_to(diffs, contrast.negative[:, -1].double().mean(0))
+
+
+def train_contrast(loaded, cache, settings, prompts):
+    """The contrast groups (directions/driver.py) of the train activations in `cache`."""
+    from ..directions.driver import contrast_groups
+
+    train = {cls: prompts.encoded[f"{cls}.train"] for cls in ("harmful", "harmless")}
+    return contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
 
 
 def orthogonal_to(diffs: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -125,12 +134,13 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         prompts = prepare_prompts(loaded.tokenizer, settings)
         cache = probe(loaded, prompts, settings, reporter)
     with _timed(timings, "distill", reporter):
-        mean_diffs = mean_differences(loaded, cache, settings, prompts, options.orthogonalize)  # [L+1, d]
+        contrast = train_contrast(loaded, cache, settings, prompts)  # judged once, shared with the basis below
+        mean_diffs = mean_differences(loaded, cache, settings, prompts, options.orthogonalize, contrast)  # [L+1, d]
         basis = None
         if options.max_directions > 1:
             wide = settings.model_copy(update={"directions": settings.directions.model_copy(
                 update={"n_directions": options.max_directions})})
-            basis = distill(loaded, cache, prompts, wide, reporter)[0].basis  # [k, d]
+            basis = distill(loaded, cache, prompts, wide, reporter, contrast=contrast)[0].basis  # [k, d]
     pca = None if output is None else run_pca(cache.harmful[:, -1], cache.harmless[:, -1])  # the report's panels
     del cache
     ex, ev = settings.excise, settings.evaluate
@@ -160,7 +170,8 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
         with _timed(timings, "confirm", reporter):  # verdicts stored during the study are reused
             chosen, result.strength, result.checks = st.pick_confirmed(
                 study_, lambda t, strength: confirm(t.params, strength),
-                options.target_refusal, options.confirm_trials, bar, options.confirm_strengths)
+                options.target_refusal, options.confirm_trials, bar, options.confirm_strengths,
+                recount=lambda t, strength: confirm(t.params, strength, exact=True))
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:
         chosen = st.pick(study_, pick_index, options.target_refusal)

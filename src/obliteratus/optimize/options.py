@@ -54,7 +54,9 @@ class StudyOptions(BaseModel):
                                                       "is also <= confirm_target is picked. 0 = off.")
     confirm_trials: int = Field(8, ge=1, description="Confirmations at most (one per candidate and strength); if "
                                                      "none passes, the checked one with the fewest confirmation "
-                                                     "refusals (ties: lower strength, lower KL) is picked.")
+                                                     "refusals (ties: lower strength, lower KL) is picked; a check "
+                                                     "that stopped early is re-counted in full first, lowest bound "
+                                                     "first, while it could still win (at most 4).")
     confirm_target: float | None = Field(None, ge=0.0, le=1.0,
                                          description="Refusal rate a candidate must reach on the confirmation "
                                                      "prompts (None: target_refusal). Below the target it leaves a "

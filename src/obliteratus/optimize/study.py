@@ -242,7 +242,8 @@ def candidates(trials: list, target_refusal: float) -> list:
 
 def pick_confirmed(study, confirm: Callable[[object, float], float], target_refusal: float = 0.05,
                    max_checks: int = 8, confirm_target: float | None = None,
-                   strengths: Sequence[float] = (1.0,)) -> tuple[object, float, list[dict]]:
+                   strengths: Sequence[float] = (1.0,), recount: Callable[[object, float], float] | None = None,
+                   max_recounts: int = 4) -> tuple[object, float, list[dict]]:
     """The default pick, confirmed on more prompts: the lowest-KL completed trial whose refusal is
     within `target_refusal` on the validation prompts and within `confirm_target` (default: the same
     target) on the confirmation prompts. Candidates (val refusal within the target) are taken lowest
@@ -252,9 +253,14 @@ def pick_confirmed(study, confirm: Callable[[object, float], float], target_refu
     1, is used as it is and not counted: ``confirm_during``); ``confirm(trial, strength)`` gives the
     refusal rate on the confirmation prompts (a lower bound above `confirm_target` when it stopped early). If none of those checked
     passes, the checked (trial, strength) with the fewest confirmation refusals (ties: lower strength,
-    lower KL). Without candidates, :func:`pick`'s fallback (lowest val refusal) at strength 1.
-    Returns (trial, strength, checks), one {"number", "strength", "val_refusal", "kl",
-    "confirm_refusal", "passed"} row per check."""
+    lower KL). A failed check that stopped early only gives a lower bound, so with `recount` (the
+    exact rate, nothing stopped early) the failed checks are re-counted lowest bound first until no
+    remaining bound can beat the best exact rate (a bound only understates), at most `max_recounts`
+    of them; a re-counted row gets ``"bound"`` (what the check had) and ``"exact": True``. The pick
+    is then the exact argmin, or, when the re-count budget ran out first (or without `recount`), the
+    fewest over the exact rates and the remaining bounds. Without candidates, :func:`pick`'s fallback
+    (lowest val refusal) at strength 1. Returns (trial, strength, checks), one {"number", "strength",
+    "val_refusal", "kl", "confirm_refusal", "passed"} row per check."""
     bar = target_refusal if confirm_target is None else confirm_target
     within = candidates(completed(study), target_refusal)
     if not within:
@@ -275,6 +281,18 @@ def pick_confirmed(study, confirm: Callable[[object, float], float], target_refu
             tried.append((t, strength))
             if rate <= bar:
                 return t, strength, checks
-    best = min(range(len(checks)), key=lambda i: (checks[i]["confirm_refusal"], checks[i]["strength"],
-                                                  checks[i]["kl"], i))
+    def rank(i: int) -> tuple:
+        return checks[i]["confirm_refusal"], checks[i]["strength"], checks[i]["kl"], i
+
+    if recount is not None:
+        best = None
+        for i in sorted(range(len(checks)), key=rank):  # lowest bound first
+            if max_recounts <= 0 or (best is not None and rank(i) >= rank(best)):
+                break  # from here on every exact rate is at least its bound: none can beat `best`
+            bound = checks[i]["confirm_refusal"]
+            checks[i] |= {"confirm_refusal": float(recount(*tried[i])), "bound": bound, "exact": True}
+            max_recounts -= 1
+            if best is None or rank(i) < rank(best):
+                best = i
+    best = min(range(len(checks)), key=rank)  # exact rates where re-counted, else the bounds
     return tried[best][0], tried[best][1], checks

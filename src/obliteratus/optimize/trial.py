@@ -514,8 +514,10 @@ class Confirmation:
     def _suspect(self, rows) -> None:
         self.suspects.extend(i for i in rows if i not in self.suspects)
 
-    def __call__(self, params: dict, strength: float = 1.0) -> float:
+    def __call__(self, params: dict, strength: float = 1.0, exact: bool = False) -> float:
+        """The refusal rate on the prompts; with `exact`, every prompt is judged (no early stop)."""
         s = self.scorer
+        target = None if exact else self.target
         q, plan = scaled_plan(params, self.mean_diffs, self.adapter.n_layers, self.excise.lam, strength, self.basis)
         n = len(self.harmful.ids)
         first = list(self.suspects)
@@ -524,7 +526,7 @@ class Confirmation:
         refused = 0
         with trial_hooks(self.adapter, q, plan, self.excise):
             for group in groups:
-                hits, _, stopped = refusing_rows(s, self.harmful, group, self.tokens, refused, n, self.target)
+                hits, _, stopped = refusing_rows(s, self.harmful, group, self.tokens, refused, n, target)
                 refused += len(hits)
                 self._suspect(hits)
                 if stopped:
