@@ -49,6 +49,20 @@ def test_every_direction_method_is_excised(tiny_dir, method):
         assert (q @ o).abs().max() < 1e-4 and (q @ down).abs().max() < 1e-4
 
 
+def test_sae_fit_is_recorded_in_the_metadata(tiny_dir):
+    """The SAE's early stopping is visible in obliteratus.json: epochs, held-out losses, chosen features."""
+    import json
+
+    sae = {"max_epochs": 40, "patience": 3, "expansion": 2}
+    r = run(tiny_dir, {"directions": {"method": "sae", "n_directions": 2, "sae": sae}})
+    fit = json.loads(json.dumps(r.metadata("basic")["directions"]["fit"]))["sae"]  # JSON-serialisable
+    assert 1 <= fit["epochs"] <= 40 and len(fit["held_out_loss"]) == fit["epochs"]
+    assert fit["stopped_early"] == (fit["epochs"] < 40)
+    assert fit["best_held_out_loss"] == min(fit["held_out_loss"])
+    assert len(fit["features"]) == 2 and all(d != 0 for d in fit["cohens_d"])
+    assert abs(fit["cohens_d"][0]) >= abs(fit["cohens_d"][1])  # ranked by |effect size|
+
+
 def test_rdo_direction_through_the_pipeline(tiny_dir):
     r = run(tiny_dir, {"directions": {"method": "rdo", "rdo": {"max_steps": 2, "target_tokens": 3, "batch_size": 4,
                                                                "effective_batch_size": 4}}})

@@ -146,6 +146,29 @@ def test_layer_selection_with_the_prefix_shared():
                           for xa, ya, xk, yk in scored)
 
 
+def test_cosmic_selection_with_the_prefix_shared(monkeypatch):
+    from obliteratus.config import ExciseSettings, LayerSettings
+    from obliteratus.directions.cosmic import select_cosmic
+    from obliteratus.evaluate import prefix as prefix_module
+
+    tok, enc = templated()
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    means = torch.randn(1, adapter.n_layers + 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ls = LayerSettings(method="cosmic", kl_threshold=10.0)
+    a = select_cosmic(model, adapter, means, enc, enc, ls, ExciseSettings(), batch_size=4)
+    shared = []
+    real = prefix_module.prefix_cache
+    monkeypatch.setattr(prefix_module, "prefix_cache", lambda *args: shared.append(1) or real(*args))
+    b = select_cosmic(model, adapter, means, enc, enc, ls, ExciseSettings(), batch_size=4, share_prefix=True)
+    assert shared  # the prefix did run on its own
+    assert (a.layer, a.position, a.eval_layers) == (b.layer, b.position, b.eval_layers)
+    scored = [(x, y) for x, y in zip(a.candidates, b.candidates) if x.status == "scored" or x.status == "chosen"]
+    assert len(scored) > 1
+    for x, y in scored:
+        assert (y.score, y.kl) == (pytest.approx(x.score, abs=1e-4), pytest.approx(x.kl, abs=1e-5))
+
+
 @pytest.mark.parametrize("family", family_params())
 @pytest.mark.parametrize("positions", [1, 3])
 def test_probe_with_the_prefix_shared(family, positions):

@@ -115,10 +115,14 @@ def _axis_hook(axis: int) -> str:
 
 @torch.inference_mode()
 def last_position_acts(adapter: ArchitectureAdapter, encoded: Encoded, axes: list[int], batch_size: int,
-                       edit: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+                       edit: Callable[[], ContextManager] = nullcontext, share_prefix: bool = False) -> torch.Tensor:
     """``[n, len(axes), d]`` float32 CPU: the last-position residual at each layer axis, in input
-    order, with the hooks of `edit()` active. Only the decoder body runs."""
+    order, with the hooks of `edit()` active. Only the decoder body runs. With `share_prefix`, the
+    prompts' common prefix runs once per batch, under the same hooks (evaluate/prefix.py)."""
+    from ..evaluate.prefix import forward_inputs
+
     device = next(adapter.model.parameters()).device
+    prefix = encoded.common_prefix() if share_prefix else None
     out = torch.empty((len(encoded.ids), len(axes), adapter.d_model), dtype=torch.float32)
     buf: dict[int, torch.Tensor] = {}
 
@@ -129,8 +133,8 @@ def last_position_acts(adapter: ArchitectureAdapter, encoded: Encoded, axes: lis
         return fn
 
     with edit(), hooked(adapter, [(_axis_hook(a), keep(j)) for j, a in enumerate(axes)]):
-        for batch in encoded.batches(batch_size, device):
-            adapter.body(**batch.inputs(), use_cache=False)
+        for batch in encoded.batches(batch_size, device, prefix=prefix):
+            adapter.body(**forward_inputs(adapter.model, batch, runner=adapter.body))  # a prefix pass refills buf
             out[batch.index] = torch.stack([buf[j] for j in range(len(axes))], dim=1)  # [b, m, d]
     return out
 
@@ -140,26 +144,34 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                   val_harmless: Encoded, settings: LayerSettings, excise: ExciseSettings, *,
                   eval_fraction: float = 0.1, eval_layers: list[int] | None = None, batch_size: int = 32,
                   progress: Callable[[int], None] | None = None,
-                  orthogonal_to: torch.Tensor | None = None) -> CosmicSelection:
+                  orthogonal_to: torch.Tensor | None = None, share_prefix: bool = False) -> CosmicSelection:
     """`mean_diffs` ``[positions, L+1, d]`` (train split). Candidates are pruned as in
     :func:`candidate_layers`; `progress(1)` after each scored one. `orthogonal_to` (same shape,
-    optional) scores the ablation of r made orthogonal to these vectors, like ``select_arditi``."""
+    optional) scores the ablation of r made orthogonal to these vectors, like ``select_arditi``.
+    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py; check
+    the model with ``can_share_prefix`` first)."""
+    def acts(encoded: Encoded, axes: list[int], edit: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+        return last_position_acts(adapter, encoded, axes, batch_size, edit, share_prefix)
+
+    def logp() -> torch.Tensor:
+        return torch.log_softmax(last_logits(model, val_harmless, batch_size, share_prefix).double(), -1)
+
     n_axes = adapter.n_layers + 1
     if mean_diffs.ndim != 3 or mean_diffs.shape[1] != n_axes:
         raise ObliteratusError(f"cosmic: mean_diffs must be [positions, {n_axes}, d], got {tuple(mean_diffs.shape)}")
     if eval_layers is None:
         everything = list(range(n_axes))
-        h = last_position_acts(adapter, val_harmful, everything, batch_size)  # [n, L+1, d]
-        b = last_position_acts(adapter, val_harmless, everything, batch_size)
+        h = acts(val_harmful, everything)  # [n, L+1, d]
+        b = acts(val_harmless, everything)
         eval_layers = evaluation_layers(h.double().mean(0), b.double().mean(0), eval_fraction)
         base_harmful, base_harmless = h[:, eval_layers], b[:, eval_layers]  # [n, m, d]
     else:
-        base_harmful = last_position_acts(adapter, val_harmful, eval_layers, batch_size)
-        base_harmless = last_position_acts(adapter, val_harmless, eval_layers, batch_size)
+        base_harmful = acts(val_harmful, eval_layers)
+        base_harmless = acts(val_harmless, eval_layers)
     n_pos = mean_diffs.shape[0]
     ref_harmful, ref_harmless = mean_unit(base_harmful), mean_unit(base_harmless)  # [d] each
     need_kl = settings.kl_threshold is not None
-    base_logp = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1) if need_kl else None
+    base_logp = logp() if need_kl else None
     toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings)) - {adapter.n_layers}  # axis L cannot be steered
     device = next(model.parameters()).device
@@ -185,14 +197,12 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
             ablate = lambda: ablated(adapter, q, excise.lam, **toggles, plan=plan)  # noqa: E731
             add = lambda v=r.to(device): hooked(  # noqa: E731
                 adapter, {f"layers.{layer}.resid_pre": lambda x: x + v.to(x.dtype)})
-            c.ablation_cos = concept_cosine(last_position_acts(adapter, val_harmful, eval_layers, batch_size, ablate),
-                                            ref_harmless)
-            c.actadd_cos = concept_cosine(last_position_acts(adapter, val_harmless, eval_layers, batch_size, add),
-                                          ref_harmful)
+            c.ablation_cos = concept_cosine(acts(val_harmful, eval_layers, ablate), ref_harmless)
+            c.actadd_cos = concept_cosine(acts(val_harmless, eval_layers, add), ref_harmful)
             c.score = c.ablation_cos + c.actadd_cos
             if need_kl:
                 with ablate():
-                    now = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
+                    now = logp()
                 c.kl = float(kl_rows(base_logp, now).mean())
             if progress:
                 progress(1)

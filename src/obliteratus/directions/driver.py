@@ -90,7 +90,7 @@ def choose_layer(model, adapter, tokenizer, contrast: Contrast, mean_diffs: torc
         return select_cosmic(model, adapter, mean_diffs, val["harmful"], val["harmless"], ls, settings.excise,
                              eval_fraction=ls.cosmic_fraction, eval_layers=eval_layers,
                              batch_size=settings.evaluate.batch_size, progress=task("score layers (cosmic)", n),
-                             orthogonal_to=orthogonal_to)
+                             orthogonal_to=orthogonal_to, share_prefix=shares_prefix(model, val["harmless"], settings))
     return select_arditi(model, adapter, mean_diffs, val["harmful"], val["harmless"], tokenizer, ls, settings.excise,
                          settings.evaluate.batch_size, task("score layers", n), orthogonal_to,
                          share_prefix=shares_prefix(model, val["harmless"], settings))
@@ -132,7 +132,8 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
               train: dict[str, Encoded], encode: Callable[[list[str]], Encoded], harmful_texts: list[str],
               task: Progress, cache: ActivationCache) -> tuple[torch.Tensor, dict]:
     """[k, d] orthonormal basis at the selected layer and position, and what the method reports about
-    its fit (RDO: steps, losses, cosine to the difference of means; {} for the closed-form methods)."""
+    its fit (RDO: steps, losses, cosine to the difference of means; SAE: epochs, held-out losses,
+    chosen features; {} for the closed-form methods)."""
     ds = settings.directions
     method = get_direction_method(ds.method)
     k = ds.n_directions if method.max_directions is None else min(ds.n_directions, method.max_directions)
@@ -165,6 +166,13 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
 
         return method.fit(positive, negative, k, options, harmful=cache.harmful[:, p, layer],
                           labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer]), {}
+    if method.name == "sae":  # the fit's epochs and held-out losses go into the run's metadata
+        from .sae import sae_directions
+
+        device = next(loaded.model.parameters()).device  # the SAE trains where the model lives
+        info: dict = {}
+        basis = sae_directions(positive.to(device), negative.to(device), k, options, info=info)
+        return basis.float().cpu(), {"sae": info}
     if method.needs_model:
         raise ConfigError(f"direction method {method.name!r} needs the model and is not wired into the pipeline")
     device = next(loaded.model.parameters()).device  # e.g. the SAE trains where the model lives

@@ -148,9 +148,10 @@ def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sae_directions(harmful: torch.Tensor, harmless: torch.Tensor, k: int = 1,
-                   options: SaeOptions | None = None) -> torch.Tensor:
+                   options: SaeOptions | None = None, info: dict | None = None) -> torch.Tensor:
     """[n, d], [m, d] -> [k, d] orthonormal float32 rows (on the inputs' device), each the decoder
-    column of a top-|Cohen's d| SAE feature, signed toward harmful."""
+    column of a top-|Cohen's d| SAE feature, signed toward harmful. `info`, when given, receives what
+    the fit did (:func:`fit_info`) for the run's metadata."""
     options = options or SaeOptions()
     if len(harmful) < 2 or len(harmless) < 2:
         raise PromptError("sae needs at least 2 harmful and 2 harmless activation rows")
@@ -162,7 +163,17 @@ def sae_directions(harmful: torch.Tensor, harmless: torch.Tensor, k: int = 1,
     if not bool((effect[top] != 0).all()):
         raise PromptError("sae: fewer than k features separate harmful from harmless (raise expansion or lower l1_coeff)")
     basis = fit.w_dec[:, top].T * torch.sign(effect[top]).float()[:, None]  # [k, d]
+    if info is not None:
+        info.update(fit_info(fit, top, effect))
     return orthonormalize(basis)
+
+
+def fit_info(fit: SaeFit, top: torch.Tensor, effect: torch.Tensor) -> dict:
+    """Epochs run, whether patience stopped the fit (else the epoch cap did), the held-out loss per
+    epoch, and the chosen features with their Cohen's d."""
+    return {"epochs": fit.epochs, "stopped_early": fit.stopped_early, "held_out_loss": list(fit.history),
+            "best_held_out_loss": min(fit.history) if fit.history else None,
+            "features": top.tolist(), "cohens_d": effect[top].tolist()}
 
 
 register_direction_method(
