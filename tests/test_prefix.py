@@ -146,6 +146,24 @@ def test_layer_selection_with_the_prefix_shared():
                           for xa, ya, xk, yk in scored)
 
 
+def test_rdo_targets_with_the_prefix_shared(monkeypatch):
+    """The paper's three target sets (under ablation hooks, addition hooks and none) are the same with
+    the template prefix shared, and the prefix does run on its own."""
+    from obliteratus.directions.rdo import rdo_targets
+    from obliteratus.evaluate import prefix as prefix_module
+
+    tok, enc = templated()
+    model = tiny_model("llama")
+    adapter = ArchitectureAdapter(model)
+    md = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    plain = rdo_targets(model, adapter, tok, enc, enc, 1, md, 5, 4)
+    shared = []
+    real = prefix_module.prefix_cache
+    monkeypatch.setattr(prefix_module, "prefix_cache", lambda *args: shared.append(1) or real(*args))
+    assert rdo_targets(model, adapter, tok, enc, enc, 1, md, 5, 4, share_prefix=True) == plain
+    assert shared
+
+
 def test_cosmic_selection_with_the_prefix_shared(monkeypatch):
     from obliteratus.config import ExciseSettings, LayerSettings
     from obliteratus.directions.cosmic import select_cosmic

@@ -149,7 +149,8 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
         from .rdo import fit_info, fit_rdo, initial_basis, rdo_targets
 
         targets = rdo_targets(loaded.model, loaded.adapter, loaded.tokenizer, train["harmful"], train["harmless"],
-                              layer, mean_diffs[p, layer], options.target_tokens, settings.evaluate.batch_size)
+                              layer, mean_diffs[p, layer], options.target_tokens, settings.evaluate.batch_size,
+                              share_prefix=shares_prefix(loaded.model, train["harmful"], settings))
         init = initial_basis(options, mean_diffs[p, layer])
         result = fit_rdo(loaded.model, loaded.adapter, train["harmful"], train["harmless"], targets, layer, init,
                          options, k=k, progress=task("rdo steps", 0))

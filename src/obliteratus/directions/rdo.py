@@ -145,10 +145,12 @@ def _before_period(tokenizer, ids: list[int]) -> list[int]:
 
 
 def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, layer: int, mean_diff: torch.Tensor,
-                max_new_tokens: int = 30, batch_size: int = 32) -> RdoTargets:
+                max_new_tokens: int = 30, batch_size: int = 32, share_prefix: bool = False) -> RdoTargets:
     """The paper's targets: greedy completions (``max_new_tokens``, paper 30) of harmful prompts under
     DIM ablation, of harmless prompts under DIM addition (α = ‖mean_diff‖, cut before the first "."),
-    and of harmless prompts unedited (max_new_tokens − 1)."""
+    and of harmless prompts unedited (max_new_tokens − 1). With `share_prefix`, the prompts' common
+    prefix runs once per batch, under the same hooks (evaluate/prefix.py; check the model with
+    ``can_share_prefix`` first)."""
     from ..evaluate.generate import eos_ids, generate
 
     alpha = float(mean_diff.double().norm())
@@ -156,11 +158,12 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
         raise ObliteratusError("rdo targets: the difference of means at the source layer is zero")
     r = mean_diff.detach().float().to(next(model.parameters()).device)
     stop = eos_ids(model, tokenizer) | set(tokenizer.all_special_ids)
+    share = {"share_prefix": share_prefix}
     with hooked(adapter, ablation_hooks(adapter.n_layers, r)):
-        ablation = generate(model, tokenizer, harmful, max_new_tokens, batch_size)
+        ablation = generate(model, tokenizer, harmful, max_new_tokens, batch_size, **share)
     with hooked(adapter, addition_hooks(adapter.n_layers, layer, r, alpha)):
-        addition = generate(model, tokenizer, harmless, max_new_tokens, batch_size)
-    retain = generate(model, tokenizer, harmless, max(1, max_new_tokens - 1), batch_size)
+        addition = generate(model, tokenizer, harmless, max_new_tokens, batch_size, **share)
+    retain = generate(model, tokenizer, harmless, max(1, max_new_tokens - 1), batch_size, **share)
     addition = [_before_period(tokenizer, _strip(t, stop)) for t in addition]
     return RdoTargets([_strip(t, stop) for t in ablation], addition, [_strip(t, stop) for t in retain], alpha)
 
