@@ -29,6 +29,7 @@ class DirectionMethod:
     max_directions: int | None  # None = any k
     options: type[BaseModel] = NoOptions
     needs_model: bool = False
+    reports_fit: bool = False  # fit(..., info=dict) fills in what the fit did, for the run's metadata
 
     def parse_options(self, table: dict | None) -> BaseModel:
         return parse_options(self.options, table, f"[directions.{self.name}]")
@@ -38,14 +39,15 @@ _REGISTRY: dict[str, DirectionMethod] = {}
 
 
 def register_direction_method(name: str, description: str, fit: FitFn, max_directions: int | None = None, *,
-                              options: type[BaseModel] = NoOptions, needs_model: bool = False) -> None:
+                              options: type[BaseModel] = NoOptions, needs_model: bool = False,
+                              reports_fit: bool = False) -> None:
     if not name.isidentifier():
         raise ValueError(f"direction method name {name!r} must be an identifier")
     if name in _REGISTRY:
         raise ValueError(f"direction method {name!r} is already registered")
     if options.model_config.get("extra") != "forbid":
         raise ValueError(f"options model of {name!r} must set extra='forbid'")
-    _REGISTRY[name] = DirectionMethod(name, description, fit, max_directions, options, needs_model)
+    _REGISTRY[name] = DirectionMethod(name, description, fit, max_directions, options, needs_model, reports_fit)
 
 
 def direction_methods() -> dict[str, DirectionMethod]:

@@ -167,17 +167,14 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
 
         return method.fit(positive, negative, k, options, harmful=cache.harmful[:, p, layer],
                           labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer]), {}
-    if method.name == "sae":  # the fit's epochs and held-out losses go into the run's metadata
-        from .sae import sae_directions
-
-        device = next(loaded.model.parameters()).device  # the SAE trains where the model lives
-        info: dict = {}
-        basis = sae_directions(positive.to(device), negative.to(device), k, options, info=info)
-        return basis.float().cpu(), {"sae": info}
     if method.needs_model:
         raise ConfigError(f"direction method {method.name!r} needs the model and is not wired into the pipeline")
     device = next(loaded.model.parameters()).device  # e.g. the SAE trains where the model lives
-    return method.fit(positive.to(device), negative.to(device), k, options).float().cpu(), {}
+    if not method.reports_fit:
+        return method.fit(positive.to(device), negative.to(device), k, options).float().cpu(), {}
+    info: dict = {}  # e.g. the SAE's epochs and held-out losses
+    basis = method.fit(positive.to(device), negative.to(device), k, options, info=info)
+    return basis.float().cpu(), {method.name: info}
 
 
 def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],

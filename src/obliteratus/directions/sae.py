@@ -178,5 +178,5 @@ def fit_info(fit: SaeFit, top: torch.Tensor, effect: torch.Tensor) -> dict:
 
 register_direction_method(
     "sae", "top-k sparse-autoencoder features by harmful-vs-harmless effect size (decoder columns)",
-    sae_directions, options=SaeOptions,
+    sae_directions, options=SaeOptions, reports_fit=True,
 )
