@@ -205,3 +205,30 @@ def test_probe_with_the_prefix_shared(family, positions):
     torch.testing.assert_close(collect(adapter, enc, positions, 4, share_prefix=True), plain, atol=1e-4, rtol=1e-4)
     longest = max(len(r) for r in enc.ids)
     assert shared_prefix(adapter, enc, longest) is None  # no row keeps that many tokens outside a prefix
+
+
+def test_prefix_cache_reads_the_current_cache_name_first():
+    """transformers >= 5 names the output's KV cache `cache` and only warns (deprecation) when
+    `past_key_values` is read; older versions have only `past_key_values`. Both are found, and the
+    deprecated name is not touched when the current one is there."""
+    from obliteratus.batching import Batch
+    from obliteratus.evaluate.prefix import prefix_cache
+
+    class Cache:
+        def batch_repeat_interleave(self, n):
+            self.rows = n
+
+    class Current:
+        cache = Cache()
+
+        @property
+        def past_key_values(self):
+            raise AssertionError("the deprecated name was read")
+
+    class Old:
+        past_key_values = Cache()
+
+    batch = Batch([0, 1], torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), prefix=[5, 6])
+    for out in (Current(), Old()):
+        got = prefix_cache(lambda **kw: out, batch)
+        assert isinstance(got, Cache) and got.rows == 2
