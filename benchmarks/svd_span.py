@@ -18,7 +18,14 @@ layer (--layer; 17 is what `basic` chooses at the default sizes):
    unedited; u; v_1; the top-k span (plain and norm-preserving: the issue's recipe); u with each v_i
    (orthonormalised); u with v_1..v_{k-1}.
 
-Prints one line per measurement; --json writes them all.
+With --sweep, step 2 is instead: unedited; u at --layer; and the issue's recipe (the top-k span of
+the paired differences at that layer, norm-preserving) with its SVD taken at every candidate layer
+of Arditi's selection (the last 20% pruned), so that no choice of source layer is left untried.
+With --window, every edit touches only the embeddings and the writers of layers 0 … source (the
+source window of the shipped `advanced`, excise/window.py) instead of every layer.
+
+Every edited row also reports the first-token KL on the validation harmless prompts (the quantity
+Arditi's selection filters on). Prints one line per measurement; --json writes them all.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ import torch
 
 from obliteratus.config import resolve_settings
 from obliteratus.directions import orthonormalize
-from obliteratus.directions.driver import contrast_groups
+from obliteratus.directions.driver import contrast_groups, shares_prefix
+from obliteratus.directions.layers import candidate_layers, window_plan
 from obliteratus.directions.svd import paired_svd
 from obliteratus.evaluate.early import judge
+from obliteratus.evaluate.generate import last_logits
+from obliteratus.evaluate.kl import kl_rows
 from obliteratus.excise import excise
 from obliteratus.models import summon
 from obliteratus.pipeline import Reporter, prepare_prompts, probe
@@ -55,6 +65,10 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=17, help="source layer (resid_pre index)")
     p.add_argument("--k", type=int, default=4, help="paired-SVD directions (the issue's recipe: 4)")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per validation prompt for the refusal count")
+    p.add_argument("--sweep", action="store_true",
+                   help="the issue's recipe with its SVD at every candidate layer (u only at --layer)")
+    p.add_argument("--window", action="store_true",
+                   help="edit only the embeddings and layers 0 .. source (advanced's source window)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.k < 2:
@@ -89,27 +103,49 @@ def main() -> None:
           "cos_u_v": [round(float(abs(row @ u)), 3) for row in v],
           "span_fraction_u": {j: round(span_fraction(u, v[:j]), 3) for j in sorted({1, 2, 4, args.k}) if j <= args.k}})
 
-    model, val = loaded.model, prompts.encoded["harmful.val"]
+    model, val, harmless = loaded.model, prompts.encoded["harmful.val"], prompts.encoded["harmless.val"]
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    batch, share = settings.evaluate.batch_size, shares_prefix(model, harmless, settings)
 
-    def refusals(label: str, q: torch.Tensor | None, norm_preserve: bool = False) -> None:
+    def log_probs() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(last_logits(model, harmless, batch, share).double(), -1)
+
+    base = log_probs()
+
+    def refusals(label: str, q: torch.Tensor | None, norm_preserve: bool = False, layer: int | None = None,
+                 **extra) -> None:
         t0 = time.perf_counter()
+        row = {"edit": label, **({} if layer is None else {"layer": layer}), **extra}
         if q is not None:
-            excise(loaded.adapter, q.float(), settings.excise.model_copy(update={"norm_preserve": norm_preserve}))
-        verdicts = judge(model, loaded.tokenizer, val, args.tokens, settings.evaluate.batch_size)
+            ex = settings.excise.model_copy(update={"norm_preserve": norm_preserve} | (
+                {"layer_weights": "through_source"} if args.window else {}))
+            plan = window_plan(loaded.adapter.n_layers, args.layer if layer is None else layer, ex)
+            excise(loaded.adapter, q.float(), ex, plan)
+            row["kl_first"] = round(float(kl_rows(base, log_probs()).mean()), 3)
+        verdicts = judge(model, loaded.tokenizer, val, args.tokens, batch)
         if q is not None:
             model.load_state_dict(original)
-        emit({"edit": label, "val_refusals": f"{verdicts.count}/{len(val.ids)}",
-              "s": round(time.perf_counter() - t0, 1)})
+        emit(row | {"val_refusals": f"{verdicts.count}/{len(val.ids)}", "s": round(time.perf_counter() - t0, 1)})
 
     refusals("unedited", None)
-    refusals("u (basic)", u[None])
-    refusals("v_1", v[:1])
-    refusals(f"top-{args.k} span", v)
-    refusals(f"top-{args.k} span, norm-preserving (the issue's advanced)", v, norm_preserve=True)
-    for i in range(args.k):
-        refusals(f"u + v_{i + 1}", orthonormalize(torch.stack([u, v[i]])))
-    refusals(f"u + v_1..v_{args.k - 1}", orthonormalize(torch.cat([u[None], v[:args.k - 1]])))
+    if args.sweep:
+        refusals(f"u (basic) at layer {args.layer}", u[None])
+        for layer in candidate_layers(loaded.adapter.n_layers, settings.layers):
+            pos, neg = contrast.positive[:, -1, layer].double(), contrast.negative[:, -1, layer].double()
+            if not float((pos.mean(0) - neg.mean(0)).norm()) > 1e-6:
+                emit({"edit": f"top-{args.k} span at layer {layer}", "skipped": "no difference (a fixed token)"})
+                continue
+            refusals(f"top-{args.k} span, norm-preserving, at layer {layer}",
+                     paired_svd(pos, neg, args.k).double(), norm_preserve=True, layer=layer)
+    else:
+        refusals("u (basic)", u[None])
+        refusals("v_1", v[:1])
+        refusals(f"top-{args.k} span", v)
+        refusals(f"top-{args.k} span, norm-preserving (the issue's advanced)", v, norm_preserve=True)
+        for i in range(args.k):
+            refusals(f"u + v_{i + 1}", orthonormalize(torch.stack([u, v[i]])))
+        refusals(f"u + v_1..v_{args.k - 1}", orthonormalize(torch.cat([u[None], v[:args.k - 1]])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

@@ -675,6 +675,28 @@ def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_the_recount_budget_is_a_study_option(tmp_path, monkeypatch):
+    """optimize.study.confirm_recounts reaches pick_confirmed (0: the fallback compares the bounds)."""
+    from conftest import save_tiny
+    from obliteratus.optimize import study as st
+    from obliteratus.optimize.command import run_optimize
+
+    seen, real = [], st.pick_confirmed
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_recounts"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "pick_confirmed", spy)
+    src = save_tiny(tmp_path, "llama")
+    sizes = {"data": {"n_train": 8, "n_val": 4, "n_test": 4},
+             "evaluate": {"max_new_tokens": 3, "kl_tokens": 2, "perplexity": False}}
+    study = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 3, "confirm_prompts": 6, "confirm_recounts": 0}
+    run_optimize(str(src), "optimized", str(tmp_path / "out"), overrides=sizes, study=study,
+                 run_dir=str(tmp_path / "st"))
+    assert seen == [0]
+
+
 def test_confirmation_needs_enough_spare_prompts(tmp_path):
     """Checked before any model is loaded (the model path does not exist)."""
     from obliteratus.errors import ConfigError

@@ -158,12 +158,11 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
         raise ObliteratusError("rdo targets: the difference of means at the source layer is zero")
     r = mean_diff.detach().float().to(next(model.parameters()).device)
     stop = eos_ids(model, tokenizer) | set(tokenizer.all_special_ids)
-    share = {"share_prefix": share_prefix}
     with hooked(adapter, ablation_hooks(adapter.n_layers, r)):
-        ablation = generate(model, tokenizer, harmful, max_new_tokens, batch_size, **share)
+        ablation = generate(model, tokenizer, harmful, max_new_tokens, batch_size, share_prefix=share_prefix)
     with hooked(adapter, addition_hooks(adapter.n_layers, layer, r, alpha)):
-        addition = generate(model, tokenizer, harmless, max_new_tokens, batch_size, **share)
-    retain = generate(model, tokenizer, harmless, max(1, max_new_tokens - 1), batch_size, **share)
+        addition = generate(model, tokenizer, harmless, max_new_tokens, batch_size, share_prefix=share_prefix)
+    retain = generate(model, tokenizer, harmless, max(1, max_new_tokens - 1), batch_size, share_prefix=share_prefix)
     addition = [_before_period(tokenizer, _strip(t, stop)) for t in addition]
     return RdoTargets([_strip(t, stop) for t in ablation], addition, [_strip(t, stop) for t in retain], alpha)
 

@@ -171,7 +171,8 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
             chosen, result.strength, result.checks = st.pick_confirmed(
                 study_, lambda t, strength: confirm(t.params, strength),
                 options.target_refusal, options.confirm_trials, bar, options.confirm_strengths,
-                recount=lambda t, strength: confirm(t.params, strength, exact=True))
+                recount=lambda t, strength: confirm(t.params, strength, exact=True),
+                max_recounts=options.confirm_recounts)
         result.picked_by = "confirmed" if any(c["passed"] for c in result.checks) else "fewest confirmed refusals"
     else:
         chosen = st.pick(study_, pick_index, options.target_refusal)

@@ -56,7 +56,11 @@ class StudyOptions(BaseModel):
                                                      "none passes, the checked one with the fewest confirmation "
                                                      "refusals (ties: lower strength, lower KL) is picked; a check "
                                                      "that stopped early is re-counted in full first, lowest bound "
-                                                     "first, while it could still win (at most 4).")
+                                                     "first, while it could still win (at most confirm_recounts).")
+    confirm_recounts: int = Field(4, ge=0, description="When no confirmation passes: failed checks (which stopped "
+                                                       "early, so their counts are lower bounds) re-counted in full "
+                                                       "at most, so that the fallback pick compares exact counts; 0 "
+                                                       "= compare the bounds.")
     confirm_target: float | None = Field(None, ge=0.0, le=1.0,
                                          description="Refusal rate a candidate must reach on the confirmation "
                                                      "prompts (None: target_refusal). Below the target it leaves a "
@@ -146,5 +150,5 @@ class StudyOptions(BaseModel):
                                         "study_name", "prune", "prune_rule", "kl_rank", "constrain", "prune_chunks",
                                         "suspect_prompts", "suspect_tokens", "kl_chunks",
                                         "share_prefix", "heartbeat_interval", "grace_period", "target_refusal",
-                                        "confirm_prompts", "confirm_trials", "confirm_target", "confirm_during",
-                                        "confirm_strengths", "seed_windows"})
+                                        "confirm_prompts", "confirm_trials", "confirm_recounts", "confirm_target",
+                                        "confirm_during", "confirm_strengths", "seed_windows"})
