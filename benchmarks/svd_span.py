@@ -92,7 +92,12 @@ def main() -> None:
     del cache
     if not 0 <= args.layer <= loaded.adapter.n_layers:
         p.error(f"--layer must be in 0..{loaded.adapter.n_layers}")
-    positive, negative = contrast.positive[:, -1, args.layer].double(), contrast.negative[:, -1, args.layer].double()
+
+    def groups(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The refused-harmful and answered-harmless rows [n, d], [m, d] at `layer`, last position."""
+        return contrast.positive[:, -1, layer].double(), contrast.negative[:, -1, layer].double()
+
+    positive, negative = groups(args.layer)
     emit({"setup_s": round(time.perf_counter() - start, 1), "refused_harmful": len(positive),
           "answered_harmless": len(negative), "layer": args.layer})
 
@@ -132,7 +137,7 @@ def main() -> None:
     if args.sweep:
         refusals(f"u (basic) at layer {args.layer}", u[None])
         for layer in candidate_layers(loaded.adapter.n_layers, settings.layers):
-            pos, neg = contrast.positive[:, -1, layer].double(), contrast.negative[:, -1, layer].double()
+            pos, neg = groups(layer)
             if not float((pos.mean(0) - neg.mean(0)).norm()) > 1e-6:
                 emit({"edit": f"top-{args.k} span at layer {layer}", "skipped": "no difference (a fixed token)"})
                 continue

@@ -170,11 +170,10 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
     if method.needs_model:
         raise ConfigError(f"direction method {method.name!r} needs the model and is not wired into the pipeline")
     device = next(loaded.model.parameters()).device  # e.g. the SAE trains where the model lives
-    if not method.reports_fit:
-        return method.fit(positive.to(device), negative.to(device), k, options).float().cpu(), {}
-    info: dict = {}  # e.g. the SAE's epochs and held-out losses
-    basis = method.fit(positive.to(device), negative.to(device), k, options, info=info)
-    return basis.float().cpu(), {method.name: info}
+    info: dict = {}  # e.g. the SAE's epochs and held-out losses, when the method reports its fit
+    report = {"info": info} if method.reports_fit else {}
+    basis = method.fit(positive.to(device), negative.to(device), k, options, **report)
+    return basis.float().cpu(), ({method.name: info} if method.reports_fit else {})
 
 
 def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],
