@@ -12,7 +12,11 @@ Each entry acts on one named activation h ``[batch, seq, d]`` (``models/adapters
 ``positions`` is ``all`` (every position of every forward call) or ``last`` (the last position
 of each call: with a KV cache, the last prompt token and then each generated token).
 Ablating at ``embed`` and every ``attn_out`` / ``mlp_out`` is the hook form of the projection
-weight edit with biases (``excise/hooks.py`` ``ablated``) on a model without a tied lm_head.
+weight edit with biases (``excise/hooks.py`` ``ablated``); with a tied lm_head the edited embedding
+is also the unembedding, logits = x (E − λ·E QᵀQ)ᵀ = (x − λ·(x Qᵀ) Q) Eᵀ, so the hook form adds the
+same ablation at ``lm_head_in`` (the lm_head option of an untied head is that entry alone). On MoE
+layers whose routed and shared experts are not all edited, the entries sit at ``experts_out`` /
+``shared_expert_out`` instead of the whole block's ``mlp_out`` (``pipeline.steering_spec``).
 
 File format (version 1)::
 
@@ -108,7 +112,8 @@ def _hooks(adapter: ArchitectureAdapter, spec: SteeringSpec) -> list:
     for e in spec.entries:
         if e.hook not in valid:
             raise ObliteratusError(f"steering hook {e.hook!r} is not a hook of this {adapter.family} model; valid: "
-                                   f"embed, layers.0..{adapter.n_layers - 1}.resid_pre|resid_post|attn_out|mlp_out")
+                                   f"embed, layers.0..{adapter.n_layers - 1}.resid_pre|resid_post|attn_out|mlp_out, "
+                                   "lm_head_in (MoE layers also: experts_out, shared_expert_out)")
         if e.vector.shape[-1] != adapter.d_model:
             raise ObliteratusError(f"steering vector at {e.hook} has d = {e.vector.shape[-1]}; the model has "
                                    f"d_model = {adapter.d_model}")
@@ -149,6 +154,41 @@ class SteeringHandle:
 def attach_steering(adapter: ArchitectureAdapter, spec: SteeringSpec, source: str | None = None) -> SteeringHandle:
     """Attach the steering hooks persistently; ``handle.remove()`` takes them off."""
     return SteeringHandle(adapter, spec, source)
+
+
+def ablation_points(adapter: ArchitectureAdapter, *, attention: bool, mlp: bool, experts: bool, embeddings: bool,
+                    lm_head: bool, biases: bool) -> list[str]:
+    """Hook names at which ``ablate`` entries equal the projection weight edit of the same writers
+    (``excise.apply.excise`` with these settings): each writer's output, the whole MoE block
+    (``mlp_out``) when all its experts are edited, else ``experts_out`` / ``shared_expert_out``;
+    ``lm_head_in`` when the lm_head's input side is edited (a tied head with the embeddings, or the
+    lm_head option of an untied one). Raises ConfigError where no such hook exists."""
+    from .errors import ConfigError
+
+    names: list[str] = []
+    for w in adapter.writers(attention=attention, mlp=mlp, embeddings=False, experts=experts):
+        if not biases and w.bias is not None:
+            raise ConfigError("mode = 'hooks' ablates the whole writer output, bias included; biases = false (keep "
+                              "the biases' component) needs mode = 'weights'")
+        i = int(w.name.split(".")[1])
+        if w.kind == "attn":
+            name = f"layers.{i}.attn_out"
+        elif w.moe is None or mlp and experts:  # dense MLP, or every MLP-side writer of the MoE block
+            name = f"layers.{i}.mlp_out"
+        elif w.moe == "shared":
+            name = f"layers.{i}.shared_expert_out"
+        elif w.fused:
+            name = f"layers.{i}.experts_out"
+        else:
+            raise ConfigError(f"mode = 'hooks' with excise.experts != excise.mlp needs fused experts; {w.name} is one "
+                              "expert module of a list: use mode = 'weights'")
+        if name not in names:
+            names.append(name)
+    if embeddings:
+        names.insert(0, "embed")
+    if (embeddings and adapter.tied_lm_head) or (lm_head and not adapter.tied_lm_head):
+        names.append("lm_head_in")
+    return names
 
 
 # --- files -------------------------------------------------------------------------------------

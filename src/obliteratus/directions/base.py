@@ -61,12 +61,36 @@ def get_direction_method(name: str) -> DirectionMethod:
         raise ConfigError(f"unknown direction method {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
-    """Rows of `basis` [k, d] -> orthonormal rows spanning the same space, each keeping its sign."""
-    q, r = torch.linalg.qr(basis.T.to(torch.float64))  # q: [d, k]
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    return (q * signs).T.to(basis.dtype)
+RANK_RTOL = torch.finfo(torch.float32).eps ** 0.5  # ≈ 3.5e-4: below this a float32 row is rounding noise
+
+
+def orthonormalize(basis: torch.Tensor, rtol: float = RANK_RTOL, min_rows: int = 1) -> torch.Tensor:
+    """Rows of `basis` [k, d] -> [m, d] (m ≤ k) orthonormal rows spanning the same space, each keeping
+    its sign (row i has a positive component along input row i). Rank-checked Gram–Schmidt, twice
+    ("twice is enough": orthogonal to rounding), in float64:
+
+        v_i = b_i − Σ_{j<i} (b_i·q_j) q_j,   q_i = v_i / ‖v_i‖   kept only if ‖v_i‖ > rtol·‖b_i‖
+
+    A row that (nearly) lies in the span of the rows before it is dropped: normalising its residual
+    would blow rounding noise up to a unit vector, an unrelated direction. Raises ActivationError
+    when fewer than `min_rows` rows are left (min_rows = k: every row must be independent)."""
+    from ..errors import ActivationError
+
+    b = basis.detach().to(torch.float64)  # [k, d]
+    if b.ndim != 2:
+        raise ActivationError(f"orthonormalize: expected [k, d] rows, got shape {tuple(basis.shape)}")
+    q = b.new_zeros((0, b.shape[1]))  # [m, d]
+    for row in b:
+        v = row - q.T @ (q @ row)
+        v = v - q.T @ (q @ v)  # second pass
+        norm = v.norm()
+        if torch.isfinite(norm) and norm > rtol * row.norm() and norm > 0:
+            q = torch.cat([q, (v / norm)[None]])
+    if len(q) < min_rows:
+        raise ActivationError(f"orthonormalize: only {len(q)} of {len(b)} rows are linearly independent (a row "
+                              f"keeps less than {rtol:.1e} of its norm outside the span of the others, or is zero); "
+                              f"{min_rows} needed")
+    return q.to(basis.dtype)
 
 
 def point_toward(basis: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -90,7 +114,7 @@ class Directions:
     contrast: dict = field(default_factory=dict)  # which groups were contrasted (Contrast.info())
     layer_bases: dict[int, torch.Tensor] | None = None  # per-layer scope: {layer: [k, d]} for that layer's writers
     read: torch.Tensor | None = None  # LEACE: oblique read rows [k, d] with read·basisᵀ = I
-    harmless_mean: torch.Tensor | None = None  # [d] at (layer, position): Householder's harmless target
+    harmless_mean: torch.Tensor | None = None  # [d] harmless mean at (layer, position)
     layer_weights: dict[int, float] | None = None  # per-layer strengths (spectral / informed), layer -> w
     mean_diffs: torch.Tensor | None = None  # [L+1, d] mean differences of every layer at `position` (report)
     fit: dict = field(default_factory=dict)  # what an iterative method reports about its fit (RDO: steps, losses)

@@ -44,8 +44,7 @@ from ..evaluate.kl import kl_rows
 from ..excise.hooks import ablated
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
-from .layers import Candidate, LayerSelection, candidate_layers, window_plan
-from .project_harmless import orthogonalize_against
+from .layers import Candidate, LayerSelection, candidate_basis, candidate_layers, window_plan
 
 # --- pure math --------------------------------------------------------------------------------
 
@@ -172,7 +171,8 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     ref_harmful, ref_harmless = mean_unit(base_harmful), mean_unit(base_harmless)  # [d] each
     need_kl = settings.kl_threshold is not None
     base_logp = logp() if need_kl else None
-    toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
+    toggles = dict(attention=excise.attention, mlp=excise.mlp, experts=excise.experts, embeddings=excise.embeddings,
+                   biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings)) - {adapter.n_layers}  # axis L cannot be steered
     device = next(model.parameters()).device
     candidates: list[CosmicCandidate] = []
@@ -190,9 +190,12 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                 if progress:
                     progress(1)
                 continue
-            q = (r / norm)[None, :]  # [1, d]
-            if orthogonal_to is not None:
-                q = orthogonalize_against(q, orthogonal_to[p, layer])
+            q = candidate_basis(r, None if orthogonal_to is None else orthogonal_to[p, layer])
+            if q is None:  # r lies along the harmless mean: projected, nothing is left to ablate
+                c.status = "zero-direction"
+                if progress:
+                    progress(1)
+                continue
             plan = window_plan(adapter.n_layers, layer, excise)  # None unless layer_weights = through_source
             ablate = lambda: ablated(adapter, q, excise.lam, **toggles, plan=plan)  # noqa: E731
             add = lambda v=r.to(device): hooked(  # noqa: E731

@@ -123,6 +123,15 @@ def pick(candidates: list[Candidate], settings: LayerSettings, harmless_baseline
     return best
 
 
+def candidate_basis(r: torch.Tensor, harmless_mean: torch.Tensor | None) -> torch.Tensor | None:
+    """The [1, d] basis a layer candidate ablates: r normalised, projected off `harmless_mean` when
+    given (projected abliteration); None when nothing is left (r lies along the harmless mean)."""
+    q = (r / r.norm())[None, :]
+    if harmless_mean is not None:
+        q = orthogonalize_against(q, harmless_mean, min_rows=0)
+    return q if len(q) else None
+
+
 def window_plan(n_layers: int, layer: int, excise: ExciseSettings) -> EditPlan | None:
     """The edit a candidate at resid_pre index `layer` would get: the source window's writers when
     ``excise.layer_weights = "through_source"`` (excise/window.py), else None (every writer)."""
@@ -152,7 +161,8 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     base_harmless = torch.log_softmax(logits(val_harmless).double(), -1)
     baseline = float(refusal_log_odds(logits(val_harmful), tokens).mean())
     harmless_baseline = float(refusal_log_odds(base_harmless, tokens).mean())
-    toggles = dict(attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings, biases=excise.biases)
+    toggles = dict(attention=excise.attention, mlp=excise.mlp, experts=excise.experts, embeddings=excise.embeddings,
+                   biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings))
     candidates: list[Candidate] = []
     for p in range(n_pos):
@@ -169,9 +179,12 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                 if on_candidate:
                     on_candidate(1)
                 continue
-            q = (r / r.norm())[None, :]  # [1, d]
-            if orthogonal_to is not None:
-                q = orthogonalize_against(q, orthogonal_to[p, layer])
+            q = candidate_basis(r, None if orthogonal_to is None else orthogonal_to[p, layer])
+            if q is None:
+                c.status = "zero-direction"
+                if on_candidate:
+                    on_candidate(1)
+                continue
             with ablated(adapter, q, excise.lam, **toggles, plan=window_plan(adapter.n_layers, layer, excise)):
                 c.bypass = float(refusal_log_odds(logits(val_harmful), tokens).mean())
                 now = torch.log_softmax(logits(val_harmless).double(), -1)

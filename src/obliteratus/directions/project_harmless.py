@@ -14,8 +14,20 @@ import torch
 from .base import orthonormalize
 
 
-def orthogonalize_against(basis: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[k, d] rows, [d] -> [k, d] orthonormal rows, each orthogonal to v."""
-    u = (v.double() / v.double().norm())  # [d]
+def orthogonalize_against(basis: torch.Tensor, v: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+    """[k, d] rows, [d] -> [m, d] (float32) orthonormal rows, each orthogonal to v: the rank-checked
+    orthonormalisation of [v̂; basis] without its first row, so a row (nearly) parallel to v is dropped
+    instead of becoming its normalised rounding noise. Raises ActivationError when fewer than
+    `min_rows` rows are left (min_rows = 0: an empty [0, d] answer is the caller's to handle)."""
+    from ..errors import ActivationError
+
     b = basis.double()
-    return orthonormalize((b - (b @ u)[:, None] * u[None, :]).float())
+    if not float(v.double().norm()) > 0:
+        return orthonormalize(b, min_rows=min_rows).float()
+    u = (v.double() / v.double().norm())[None]  # [1, d]
+    q = orthonormalize(torch.cat([u, b]), min_rows=1)[1:]  # [m, d]
+    if len(q) < min_rows:
+        raise ActivationError(f"project_harmless: {len(b) - len(q)} of {len(b)} directions lie along the harmless "
+                              "mean (nothing is left once it is projected out); turn directions.project_harmless "
+                              "off or use another layer")
+    return q.float()

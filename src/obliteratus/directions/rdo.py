@@ -291,7 +291,7 @@ def _fit_dim(problem: _Problem, init: torch.Tensor, n: int, options: RdoOptions,
         torch.nn.utils.clip_grad_norm_([basis], options.grad_clip)
         opt.step()
         with torch.no_grad():
-            basis.copy_(orthonormalize(basis))
+            basis.copy_(orthonormalize(basis, min_rows=len(basis)))  # the k rows must stay independent
         steps += 1
         if progress:
             progress(1)

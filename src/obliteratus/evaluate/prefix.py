@@ -69,15 +69,39 @@ def generate_inputs(model, batch: Batch) -> dict:
 _AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def can_share_prefix(model, encoded: Encoded, tol: float = 1e-3) -> bool:
+def sliding_window(model) -> int | None:
+    """The attention window of the model's sliding-window layers (None when no layer has one).
+    transformers marks them in ``config.layer_types`` ("sliding_attention"), or with
+    ``use_sliding_window``; Mistral just sets ``sliding_window``."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and not any("sliding" in str(t) for t in types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def can_share_prefix(model, encoded: Encoded, tol: float = 1e-3, new_tokens: int | None = None) -> bool:
     """Whether `encoded`'s prompts can be run with their common prefix shared: they have one, and
     this model gives the same last-position log-probs (within `tol`) with the prefix cache as in a
     plain left-padded batch. Gemma 2 and Gemma 3 build a different attention mask when a cache is
     followed by padding, so for them it is False (with a warning). The model is checked once, on
-    the two longest and two shortest prompts (padding between prefix and rest is what differs)."""
+    the two longest and two shortest prompts (padding between prefix and rest is what differs).
+
+    Sliding-window attention counts cache slots, and the shared layout puts the padding inside them
+    (prefix, padding, rest): once a sequence is longer than the window, a token's window holds
+    padding instead of prefix tokens and the results differ. So with a window the answer is False
+    unless every sequence fits: the longest prompt plus `new_tokens` (the tokens the caller appends:
+    generated or teacher-forced; None = unknown, then any window rules sharing out). This part
+    depends on the prompts and is decided on every call; only the model check above is cached."""
     from .generate import last_logits
 
     if not encoded.common_prefix():
+        return False
+    window = sliding_window(model)
+    if window is not None and (new_tokens is None or max(len(r) for r in encoded.ids) + new_tokens > window):
         return False
     if model not in _AGREES:
         order = encoded.order

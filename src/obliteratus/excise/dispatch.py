@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..batching import Encoded
 from ..errors import ConfigError
 from ..models.adapters import ArchitectureAdapter
@@ -47,7 +45,8 @@ def build_plan(adapter: ArchitectureAdapter, directions: Directions, settings: E
     read = directions.read if settings.method == "leace" else None
     if settings.method == "leace" and read is None:
         raise ConfigError("excise.method = 'leace' needs the LEACE read basis from DISTILL")
-    if directions.layer_bases is None and not strength and read is None and not (settings.lm_head and not adapter.tied_lm_head):
+    # an empty table is a plan too: every writer it leaves out (here: all of them) has strength 0
+    if directions.layer_bases is None and strength is None and read is None and not (settings.lm_head and not adapter.tied_lm_head):
         return None
     # A tied lm_head is the embedding matrix: the embeddings edit already covers it.
     head = settings.lm_head and not adapter.tied_lm_head
@@ -55,10 +54,9 @@ def build_plan(adapter: ArchitectureAdapter, directions: Directions, settings: E
 
 
 def apply_edit(adapter: ArchitectureAdapter, directions: Directions, settings: ExciseSettings, *,
-               harmful: Encoded | None = None, harmless: Encoded | None = None, batch_size: int = 32,
-               harmless_mean: torch.Tensor | None = None) -> EditReport:
+               harmful: Encoded | None = None, harmless: Encoded | None = None, batch_size: int = 32) -> EditReport:
     """Edit the model in place as `settings` say. `harmful`/`harmless` (train prompts) are needed
-    only for MoE routing statistics; `harmless_mean` [d] only for Householder's harmless target."""
+    only for MoE routing statistics."""
     q = directions.basis
     plan = build_plan(adapter, directions, settings)
     moe = settings.moe
@@ -78,15 +76,10 @@ def apply_edit(adapter: ArchitectureAdapter, directions: Directions, settings: E
     if moe.expert_directions and use_moe:
         settings = settings.model_copy(update={"experts": False})  # routed experts get their own directions below
 
-    if settings.method == "householder":
-        target = None
-        if settings.householder.target == "harmless_mean":
-            if harmless_mean is None:
-                raise ConfigError("householder target 'harmless_mean' needs the harmless mean")
-            target = harmless_mean.float() / harmless_mean.float().norm()
+    if settings.method == "householder":  # target "negate" (the only one): H = I − 2 d dᵀ
         if q.shape[0] != 1:
             raise ConfigError("the Householder variant reflects one direction; set directions.n_directions = 1")
-        report = householder_excise(adapter, q[0], settings, target, plan)
+        report = householder_excise(adapter, q[0], settings, None, plan)
     elif settings.method == "heads":
         if plan is not None:
             raise ConfigError("head surgery edits o_proj slices with the global basis: no kernels, per-layer scope, "

@@ -10,8 +10,12 @@ output is y' = H y, hence
     dᵀ y' = (H d)ᵀ y = tᵀ y    — the component along d becomes what the component along t was,
     tᵀ y' = dᵀ y               — and the old refusal component is moved onto t.
 
-Targets: t = −d ("negate"; then v = d and H = I − 2ddᵀ, the λ = 2 reflection of project_out), or a
-chosen direction such as the normalised harmless mean. The weight edit is W' = H W (out_in),
+Target (settings): t = −d ("negate"; then v = d and H = I − 2ddᵀ, the λ = 2 reflection of project_out).
+:func:`householder_excise` also takes any other unit t, but then tᵀ y' = dᵀ y: H is an involution,
+so it sends t onto d as well as d onto t. The former settings target "harmless_mean" (t = μ̂_harmless)
+therefore moved the harmless mean's large component onto the refusal direction (on a tiny model the
+mean d·y of harmless activations went from 0.003 to 2.35); it was removed, and a config naming it is
+rejected (a ConfigError that says why). The weight edit is W' = H W (out_in),
 W' = W H (in_out), b' = H b, which is the EditPlan projection with basis v and λ = 2, so the weight
 and hook paths of plan.py implement it unchanged.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import EditError
 from ..models.adapters import ArchitectureAdapter
@@ -39,8 +43,16 @@ if TYPE_CHECKING:  # config imports the option models of this package
 class HouseholderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target: Literal["negate", "harmless_mean"] = Field(
-        "negate", description="Where the reflection sends d: −d, or the normalised harmless mean direction.")
+    target: Literal["negate"] = Field("negate", description="Where the reflection sends d: −d (the only target).")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _removed_target(cls, value):
+        if value == "harmless_mean":
+            raise ValueError("the Householder target 'harmless_mean' was removed: a reflection that sends d to the "
+                             "harmless mean also sends the harmless mean to d, so it wrote the harmless activations' "
+                             "large mean component onto the refusal direction; use target = 'negate'")
+        return value
 
 
 def householder_vector(d: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

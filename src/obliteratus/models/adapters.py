@@ -8,6 +8,11 @@ Every activation we read or edit has a stable hook name:
     layers.{i}.attn_out   output of layer i's attention output projection  [batch, seq, d]
     layers.{i}.mlp_out    output of layer i's MLP down projection          [batch, seq, d]
                           (MoE layers: output of the whole sparse block, routed + shared experts)
+    layers.{i}.experts_out        MoE layers with fused experts: output of the routed experts module
+                                  (routing-weighted sum of every expert's down projection) [tokens, d]
+    layers.{i}.shared_expert_out  MoE layers with a shared expert: output of its down projection
+                                  (before its sigmoid gate)                              [tokens, d]
+    lm_head_in            input of the lm_head (after the final norm)     [batch, seq, d]
 
 Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss) have several writers behind
 ``mlp_out``. transformers 5 stores the routed experts *fused*: one 3-D parameter
@@ -376,13 +381,18 @@ class ArchitectureAdapter:
         names = ["embed"]
         for i in range(self.n_layers):
             names += [f"layers.{i}.{p}" for p in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
-        return names
+            if i in self.moe_layers:
+                names += [f"layers.{i}.experts_out"] if self.expert_writers(i)[0].fused else []
+                names += [f"layers.{i}.shared_expert_out"] if self.shared_expert_writer(i) is not None else []
+        return names + ["lm_head_in"]
 
     def module_for(self, name: str) -> tuple[nn.Module, Literal["output", "input"]]:
         """The module and the side (its input or output) that carries the activation `name`."""
         parts = name.split(".")
         if name == "embed":
             return self.layers[0], "input"
+        if name == "lm_head_in":
+            return self.lm_head, "input"
         if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) < self.n_layers:
             i, point = int(parts[1]), parts[2]
             if point == "resid_pre":
@@ -393,5 +403,8 @@ class ArchitectureAdapter:
                 return self.attn_out(i), "output"
             if point == "mlp_out":
                 return self.mlp_out(i), "output"
+            if point in ("experts_out", "shared_expert_out") and name in self.hook_names():
+                return (self.experts(i) if point == "experts_out" else self.shared_expert_writer(i).module), "output"
         valid = ", ".join(self.hook_names()[:6])
-        raise KeyError(f"unknown hook name {name!r}; valid names: {valid}, ... layers.{self.n_layers - 1}.mlp_out")
+        raise KeyError(f"unknown hook name {name!r}; valid names: {valid}, ... layers.{self.n_layers - 1}.mlp_out, "
+                       "lm_head_in (MoE layers also: layers.{i}.experts_out, layers.{i}.shared_expert_out)")

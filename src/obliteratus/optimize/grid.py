@@ -70,14 +70,18 @@ def choose(trials: list[Trial], tolerance: float) -> Trial:
 @torch.inference_mode()
 def search(adapter, q: torch.Tensor, lam: float, val_harmful: Encoded, val_harmless: Encoded, token_ids: list[int],
            options: GridOptions, *, embeddings: bool = True, biases: bool = True, batch_size: int = 32,
-           progress: Callable[[int], None] | None = None) -> GridResult:
+           progress: Callable[[int], None] | None = None, attention: bool = True, mlp: bool = True,
+           experts: bool | None = None) -> GridResult:
+    """Score the plain edit and every kernel of the grid on the writers the bake edits (`attention`,
+    `mlp`, `experts`, `embeddings`, `biases`: the excise settings)."""
     from ..directions.layers import refusal_log_odds  # late: directions imports config, which imports this package
 
     model = adapter.model
     base = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
 
     def score(plan: EditPlan | None, kernel: dict | None) -> Trial:
-        with ablated(adapter, q, lam, embeddings=embeddings, biases=biases, plan=plan):
+        with ablated(adapter, q, lam, attention=attention, mlp=mlp, experts=experts, embeddings=embeddings,
+                     biases=biases, plan=plan):
             refusal = float(refusal_log_odds(last_logits(model, val_harmful, batch_size), token_ids).mean())
             kl = float(kl_rows(base, torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)).mean())
         if progress:

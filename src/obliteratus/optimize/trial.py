@@ -168,7 +168,7 @@ def plan_from_params(params: dict, mean_diffs: torch.Tensor, n_layers: int,
     if n > 1 and (basis is None or basis.shape[0] < n - 1):
         raise ConfigError(f"n_directions = {n} needs a distilled basis with at least {n - 1} rows")
 
-    def widen(r: torch.Tensor) -> torch.Tensor:  # [d] -> [n, d]
+    def widen(r: torch.Tensor) -> torch.Tensor:  # [d] -> [≤ n, d]: rows in the span of earlier ones are dropped
         if n == 1:
             return r[None].float()
         return orthonormalize(torch.cat([r[None].double(), basis[: n - 1].double()])).float()
@@ -387,7 +387,7 @@ def trial_hooks(adapter, q: torch.Tensor | None, plan: EditPlan, excise):
     from ..excise.hooks import ablated
 
     return ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
-                   biases=excise.biases, plan=plan)
+                   biases=excise.biases, plan=plan, experts=excise.experts)
 
 
 @dataclass

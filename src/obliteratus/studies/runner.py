@@ -54,11 +54,11 @@ def load_study(path: str | Path) -> StudyConfig:
     """Parse and validate a study YAML file; every field error is reported at once."""
     import yaml
 
+    from ..data.prompts import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text("utf-8"))
+        data = yaml.safe_load(read_text(path, ConfigError, "study config"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({err})") from None
     try:
