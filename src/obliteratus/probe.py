@@ -35,9 +35,10 @@ class ActivationCache:
                 raise ActivationError(f"{name} activations must be [n, k, layers+1, d], got {tuple(x.shape)}")
             if not torch.isfinite(x).all():
                 bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+                where = "the embedding output" if bad[2] == 0 else f"the output of layer {bad[2] - 1}"
                 raise ActivationError(
-                    f"{name} activations contain NaN/inf (first at prompt {bad[0]}, position {bad[1]}, layer {bad[2]}); "
-                    "the model overflows in this dtype: try --dtype float32"
+                    f"{name} activations contain NaN/inf (first at prompt {bad[0]}, position {bad[1]}, {where}): the "
+                    "model overflows; in float16 or bfloat16 try --dtype float32, in float32 its weights are broken"
                 )
         if self.harmful.shape[1:] != self.harmless.shape[1:]:
             raise ActivationError("harmful and harmless activations differ in shape")
@@ -77,7 +78,7 @@ def shared_prefix(adapter: ArchitectureAdapter, encoded: Encoded, positions: int
     from .evaluate.prefix import can_share_prefix
 
     common = encoded.common_prefix()[:max(0, min(len(x) for x in encoded.ids) - positions)]
-    return common if common and can_share_prefix(adapter.model, encoded) else None
+    return common if common and can_share_prefix(adapter.model, encoded, new_tokens=0) else None
 
 
 def collect(

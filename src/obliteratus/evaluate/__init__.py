@@ -3,12 +3,14 @@ the original model over several tokens, perplexity on held-out text."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..batching import Encoded
 from ..config import EvalSettings
 from ..data.prompts import heldout_text, load_prompts
+from ..errors import ActivationError
 from .generate import LogprobRecorder, decode, generate
 from .kl import KLReference, kl_to_reference, recorded_reference, reference
 from .prefix import can_share_prefix
@@ -41,6 +43,18 @@ def verdict_rates(refused: list[bool], harmless: list[str], flagged: list[bool],
     return {"refusal": sum(refused) / max(len(refused), 1), "over_refusal": sum(flagged) / max(len(flagged), 1),
             "over_refusal_sensitive": (sum(sens) / len(sens)) if sens else None,
             "n_harmful": len(refused), "n_harmless": len(harmless), "n_sensitive": len(sens)}
+
+
+def check_finite_metrics(metrics: dict[str, object]) -> None:
+    """VERIFY's numbers are finite: NaN or inf means the model's logits overflowed (issue 24: such a
+    run used to save the model with metrics `nan`)."""
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ActivationError(f"VERIFY: {key} is {bad[0]}: the model's logits are NaN, inf or absurdly large; in "
+                                  "float16 or bfloat16 try --dtype float32, in float32 the weights (or the edit) are "
+                                  "broken")
 
 
 def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmless: tuple[list[str], Encoded],
@@ -80,6 +94,7 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
     if record is not None:
         reference = recorded_reference(enc_harmless, harmless_ids,
                                        {i - n: lp for i, lp in record.logprobs.items()}, settings.kl_tokens)
+    check_finite_metrics(metrics)
     return Evaluation(metrics, harmful_text, harmless_text, harmless_ids, reference)
 
 

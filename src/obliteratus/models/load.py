@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import ModelNotFoundError
+from ..errors import IntegrityError, ModelNotFoundError
 from .adapters import ArchitectureAdapter, spec_for
 from .aliases import ALIASES, prepare
+from .trust import (check_finite, check_gguf, check_loading_info, check_local_dir, check_tokenizer,
+                    corrupt_safetensors, explain_load_error)
 
 if TYPE_CHECKING:
     from ..config import ModelSettings
@@ -49,8 +51,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint through transformers and save it as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    check_loading_info(info, str(gguf))  # a tensor it lacks would be saved as random weights
+    check_finite(model, str(gguf), torch.float32)
     strip_gguf_quantizer(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -102,7 +108,8 @@ def read_config(where: str, gguf_file: str | None, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load the model config of {where!r}: {str(err).splitlines()[0]}") from None
+        raise ModelNotFoundError(f"cannot load the model config of {where!r}: "
+                                 f"{explain_load_error(err, where, trust_remote_code)}") from None
 
 
 def summon(source: str, settings: ModelSettings | None = None, *, steering: bool = True) -> Loaded:
@@ -111,6 +118,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     A local model directory with ``steering.json`` + ``steering.safetensors`` (see
     :mod:`obliteratus.steering`) gets those hooks attached, so the model evaluated is the model that
     was saved (``Loaded.steering`` holds the handle); ``steering=False`` loads the bare weights."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if settings is None:
@@ -118,32 +126,53 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
 
         settings = ModelSettings()
     where, gguf_file = resolve_source(source)
+    if gguf_file:
+        check_gguf(Path(where) / gguf_file)
+    elif Path(where).is_dir():
+        check_local_dir(Path(where), settings.allow_pickle)
     config = read_config(where, gguf_file, settings.trust_remote_code)
     spec_for(config.model_type)  # fail before loading any weights
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, config)
-    kwargs: dict = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code)
+    # mismatched shapes are reported in the loading info and refused below, with the tensor named
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, output_loading_info=True,
+                        ignore_mismatched_sizes=True, use_safetensors=None if settings.allow_pickle else True)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if device == "cuda" and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=settings.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as err:  # no tokenizer files, or ones it cannot build
+        needs = "" if gguf_file else " (a model directory needs tokenizer.json or the files it is built from)"
+        raise ModelNotFoundError(f"cannot load the tokenizer of {source!r}: "
+                                 f"{explain_load_error(err, where, settings.trust_remote_code)}{needs}") from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except SafetensorError as err:
+        raise IntegrityError(corrupt_safetensors(where, err)) from None
     except OSError as err:
-        raise ModelNotFoundError(f"cannot load {source!r}: {str(err).splitlines()[0]}") from None
+        hint = ("; only safetensors weights are loaded unless you pass --set model.allow_pickle=true"
+                if not settings.allow_pickle and "safetensors" in str(err) else "")
+        raise ModelNotFoundError(f"cannot load {source!r}: {str(err).splitlines()[0]}{hint}") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ModelNotFoundError(f"cannot load {source!r}: "
+                                 f"{explain_load_error(err, where, settings.trust_remote_code)}") from None
+    check_loading_info(info, source)
     if gguf_file:
         strip_gguf_quantizer(model)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    check_finite(model, source, dtype)  # before packing: the packed copies are made from these weights
     if device == "cpu" and settings.cpu_pack == "auto":
         from .packed import pack_linears
 
         pack_linears(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    check_tokenizer(tokenizer, source)  # pad = eos when it has no pad token; the chat template renders
     tokenizer.padding_side = "left"
     loaded = Loaded(model, tokenizer, ArchitectureAdapter(model), source,
                     gguf_file and str(Path(where) / gguf_file) or where)
