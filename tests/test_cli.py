@@ -87,6 +87,11 @@ def test_existing_output_is_refused_then_overwritten(tiny_dir, tmp_path, capsys,
     code, _, err = run_cli(["obliterate", str(tiny_dir), "--output", str(out), *FAST], capsys, monkeypatch)
     assert_one_error(code, err, "exists")
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only an empty directory or a previous output (issue 24, item 8)
+    code, _, err = run_cli(["obliterate", str(tiny_dir), "--output", str(out), "--overwrite", *FAST],
+                           capsys, monkeypatch)
+    assert_one_error(code, err, "not an obliteratus output")
+    (out / "obliteratus.json").write_text("{}")  # a run written before the .obliteratus-output marker
     code, _, err = run_cli(["obliterate", str(tiny_dir), "--output", str(out), "--overwrite", "--layer", "1", *FAST],
                            capsys, monkeypatch)
     assert code == 0, err

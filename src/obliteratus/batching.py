@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from .errors import PromptError
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,64 @@ class Encoded:
 def encode_prompts(tokenizer, texts: list[str], templated: bool) -> Encoded:
     """Templated text already carries its special tokens; raw text gets the tokenizer's own (e.g. BOS)."""
     return Encoded.of(tokenizer, texts, add_special_tokens=not templated)
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The text of the tokenizer's special (control) tokens, e.g. ``<|im_start|>``, ``<eos>``."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return [t.content for t in added.values() if getattr(t, "special", False) and t.content]
+
+
+def has_special(tokenizer, text: str) -> bool:
+    return any(s in text for s in special_strings(tokenizer))
+
+
+def encode_plain(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Ids of user text in which a special-token string is ordinary text, never a control token."""
+    return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters stand in for the contents while the template is rendered
+
+
+def encode_rendered(tokenizer, render, contents: list[str], what: str = "prompt") -> list[int] | None:
+    """Ids of ``render(contents)`` (a chat template applied to messages with these contents) where
+    the template's own text keeps its control tokens and each content is plain text (encode_plain);
+    None when no content holds a special-token string (then the rendered text is encoded as usual,
+    so ordinary prompts tokenize exactly as before). A template that rewrites the contents cannot
+    be split this way: such a content is refused."""
+    if not any(has_special(tokenizer, c) for c in contents):
+        return None
+    marks = [_MARK.format(i) for i in range(len(contents))]
+    pieces = re.split("\ue000\\d+\ue001", render(marks))
+    if len(pieces) != len(contents) + 1 or "".join(p + c for p, c in zip(pieces, [*contents, ""])) != render(contents):
+        bad = next(c for c in contents if has_special(tokenizer, c))
+        raise PromptError(f"{what} {bad[:60]!r}… holds a special-token string and the chat template changes the text "
+                          "around it, so it cannot be kept as plain text; remove the special-token string")
+    ids: list[int] = []
+    for piece, content in zip(pieces, [*contents, None]):
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if content:
+            ids += encode_plain(tokenizer, content)
+    return ids
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence `model` takes (its config's position limit), or None if it names none."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(encoded: Encoded, prompts: list[str], limit: int, why: str, name: str = "prompt") -> None:
+    """Refuse a prompt whose encoded length exceeds `limit` tokens (`why` says where the limit comes from)."""
+    for i, ids in enumerate(encoded.ids):
+        if len(ids) > limit:
+            text = prompts[i]
+            raise PromptError(f"{name} {i + 1} ({text[:40]!r}…, {len(text)} characters) is {len(ids)} tokens; {why} "
+                              f"allows at most {limit}: shorten or remove it")

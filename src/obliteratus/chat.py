@@ -22,11 +22,11 @@ import torch
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ConfigError
+from .errors import ConfigError, PromptError
 
 
 class ChatOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = Field(256, ge=1, description="Tokens generated per reply at most.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; otherwise sample softmax(logits / T).")
@@ -36,13 +36,21 @@ class ChatOptions(BaseModel):
 
 
 def render(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation ending with the assistant turn's opening."""
+    """Token ids of the conversation ending with the assistant turn's opening. The messages' text
+    is plain text: a special-token string typed in it never becomes a control token."""
+    from .batching import encode_plain, encode_rendered
+
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        def text_of(contents: list[str]) -> str:
+            return tokenizer.apply_chat_template([{**m, "content": c} for m, c in zip(messages, contents)],
+                                                 tokenize=False, add_generation_prompt=True)
+
+        ids = encode_rendered(tokenizer, text_of, [m["content"] for m in messages], "message")
+        return ids if ids is not None else tokenizer(text_of([m["content"] for m in messages]),
+                                                     add_special_tokens=False)["input_ids"]
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
     text = "".join(f"{names[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
-    return tokenizer(text)["input_ids"]
+    return encode_plain(tokenizer, text, add_special_tokens=True)  # the transcript has no control tokens of its own
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -101,6 +109,14 @@ class ChatSession:
         head = [{"role": "system", "content": self.options.system}] if self.options.system else []
         self.history.append({"role": "user", "content": user})
         ids = render(self.tokenizer, head + self.history)
+        from .batching import max_positions
+
+        positions = max_positions(self.model)
+        if positions is not None and len(ids) + self.options.max_new_tokens > positions:
+            self.history.pop()
+            raise PromptError(f"the conversation is {len(ids)} tokens; with max_new_tokens = "
+                              f"{self.options.max_new_tokens} the model's {positions} positions are exceeded: "
+                              "/reset the history or send a shorter message")
         new = stream_reply(self.model, self.tokenizer, ids, on_text, self.options)
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         self.history.append({"role": "assistant", "content": text})
@@ -120,14 +136,19 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]], write: Ca
             session.reset()
             write("[history cleared]\n")
             continue
-        session.reply(text, write)
+        try:
+            session.reply(text, write)
+        except PromptError as err:  # too long for the model: say so and keep chatting
+            write(f"[{err}]\n")
+            continue
         write("\n")
 
 
 def _model_settings(dtype: Optional[str], device: Optional[str]):
-    from .config import ModelSettings
+    from .config import ModelSettings, validated
 
-    return ModelSettings(**{k: v for k, v in {"dtype": dtype, "device": device}.items() if v is not None})
+    return validated(ModelSettings, {k: v for k, v in {"dtype": dtype, "device": device}.items() if v is not None},
+                     "model settings")
 
 
 def chat(
@@ -143,9 +164,11 @@ def chat(
 
     from .models.load import summon
 
-    options = ChatOptions(**{k: v for k, v in dict(system=system, max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_p=top_p, seed=seed).items()
-                             if v is not None})
+    from .config import validated
+
+    options = validated(ChatOptions, {k: v for k, v in dict(system=system, max_new_tokens=max_new_tokens,
+                                                            temperature=temperature, top_p=top_p,
+                                                            seed=seed).items() if v is not None}, "chat options")
     loaded = summon(model, _model_settings(dtype, device))
 
     def read() -> Optional[str]:
@@ -166,12 +189,19 @@ def chat(
 
 def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, system: str | None = None) -> list[str]:
     """Greedy answers of one model to `prompts` (chat template when the tokenizer has one), batched."""
-    from .batching import encode_prompts
-    from .data.prompts import format_prompts, uses_template
+    from .batching import check_lengths, max_positions
+    from .config import DataSettings
+    from .data.prompts import encode_chat
     from .evaluate.generate import decode, generate
 
     tok = loaded.tokenizer
-    enc = encode_prompts(tok, format_prompts(tok, prompts, True, system), uses_template(tok, True))
+    enc = encode_chat(tok, prompts, True, system)
+    cap = DataSettings.model_fields["max_prompt_tokens"].default
+    positions = max_positions(loaded.model)
+    limit, why = cap, f"the cap of {cap} prompt tokens"
+    if positions is not None and positions - max_new_tokens < limit:
+        limit, why = positions - max_new_tokens, f"the model's {positions} positions less --max-new-tokens"
+    check_lengths(enc, prompts, limit, why)
     return decode(tok, generate(loaded.model, tok, enc, max_new_tokens, batch_size))
 
 
@@ -198,8 +228,8 @@ def compare(
     prompts: Path = typer.Option(..., "--prompts", help=".txt (one per line), .jsonl or .csv file, or builtin:NAME."),
     judge: str = typer.Option("markers", "--judge", help="Refusal judge (obliteratus judge --help lists them)."),
     column: str = typer.Option("prompt", help="Prompt column in .jsonl/.csv files."),
-    max_new_tokens: int = typer.Option(128, help="Greedy tokens per answer."),
-    batch_size: int = typer.Option(8, help="Prompts per generation batch."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Greedy tokens per answer."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch."),
     dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
                                                         "model=PATH for --judge llm (as in obliteratus judge).")] = None,
@@ -210,7 +240,8 @@ def compare(
     from .data.prompts import load_prompts
     from .evaluate.judges import get_judge
     from .evaluate.judges.command import parse_option_args
-    from .models.load import summon
+    from .models import ALIASES
+    from .models.load import resolve_source, summon
 
     spec = get_judge(judge)  # fail on a bad name or bad options before loading anything
     judge_options = parse_option_args(option)
@@ -219,6 +250,9 @@ def compare(
     if not texts:
         raise ConfigError(f"{prompts} holds no prompts")
     settings = _model_settings(dtype, device)
+    for name in (model_a, model_b):  # a missing second model fails before the first one is loaded and run
+        if name not in ALIASES:
+            resolve_source(name)
     results = []
     for name in (model_a, model_b):  # one model in memory at a time
         loaded = summon(name, settings)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -19,16 +22,125 @@ from safetensors.torch import save_file
 from .errors import ObliteratusError, OutputExistsError
 
 
-def check_output(out: str | os.PathLike, overwrite: bool, source: str | None = None) -> Path:
-    """Validate the output path before any work is done."""
+MARKER = ".obliteratus-output"  # written into every directory write_atomically creates
+# Outputs written before the marker existed: a file that only this tool's verbs write.
+LEGACY_OUTPUTS = ("obliteratus.json", "norms.json", "analysis.json", "study.json")
+
+
+def source_path(source: str | os.PathLike | None) -> Path | None:
+    """The local files of `source`: its directory, its .gguf file or an alias's converted cache."""
+    if source is None:
+        return None
+    from .models.aliases import ALIASES, cache_root
+
+    path = cache_root() / str(source) if str(source) in ALIASES else Path(source).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def cache_roots() -> list[Path]:
+    """The caches models are read from: the alias cache and the Hugging Face hub cache."""
+    from huggingface_hub import constants
+
+    from .models.aliases import cache_root
+
+    return [cache_root().expanduser().resolve(), Path(constants.HF_HUB_CACHE).expanduser().resolve()]
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """`a` and `b` (resolved) are the same path or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def is_previous_output(path: Path) -> bool:
+    """A directory this tool wrote (it holds the marker, or a file only our verbs write)."""
+    return (path / MARKER).is_file() or any((path / name).is_file() for name in LEGACY_OUTPUTS)
+
+
+def check_writable(path: Path) -> None:
+    """The nearest existing ancestor of `path`'s parent must be a directory we can create entries in."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ObliteratusError(f"output {path}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".obliteratus-write-check-", dir=parent)
+    except OSError as err:
+        raise ObliteratusError(f"output {path}: cannot write in {parent} ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output(out: str | os.PathLike, overwrite: bool, source: str | None = None,
+                 others: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Validate the output path before any work is done. It must not contain or lie inside the
+    source model, a model cache or another output of the same command (`others`); an existing
+    directory is replaced only with `overwrite`, and only when it is empty or a previous output of
+    this tool; the directory it goes in must be writable."""
     path = Path(out).expanduser().resolve()
-    if source is not None and Path(source).expanduser().exists() and path == Path(source).expanduser().resolve():
+    src = source_path(source)
+    if src is not None and path == src:
         raise ObliteratusError(f"output {path} is the source model; the source is never modified")
+    if src is not None and overlaps(path, src):
+        raise ObliteratusError(f"output {path} overlaps the source model {src}; the source is never modified: "
+                               "choose a directory outside it")
+    for root in cache_roots():
+        if overlaps(path, root):
+            raise ObliteratusError(f"output {path} overlaps the model cache {root}; caches are never modified: "
+                                   "choose a directory outside it")
+    for other in others:
+        if other is not None and overlaps(path, Path(other).expanduser().resolve()):
+            raise ObliteratusError(f"output {path} overlaps the other output {Path(other).expanduser().resolve()}; "
+                                   "give each output its own directory")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a directory")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output directory {path} exists; pass --overwrite to replace it")
+    if path.exists() and any(path.iterdir()) and not is_previous_output(path):
+        raise OutputExistsError(f"output directory {path} exists and is not an obliteratus output (it has no "
+                                f"{MARKER} or {'/'.join(LEGACY_OUTPUTS)}); --overwrite replaces only an empty "
+                                "directory or a previous output: remove it yourself or choose another path")
+    check_writable(path)
     return path
+
+
+def check_output_file(out: str | os.PathLike, sources: tuple[str | None, ...] = (),
+                      inputs: tuple[str | os.PathLike, ...] = (),
+                      replaceable: Callable[[Path], bool] | None = None, what: str = "an output of this command") -> Path:
+    """Validate an output *file* before any work: not inside a source model or a model cache, not
+    one of the command's `inputs`, not a directory; an existing file is replaced only when
+    `replaceable(path)` says it is a previous output; the directory it goes in must be writable."""
+    path = Path(out).expanduser().resolve()
+    for src in (source_path(s) for s in sources):
+        if src is not None and overlaps(path, src):
+            raise ObliteratusError(f"output {path} is inside the source model {src}; the source is never modified")
+    for root in cache_roots():
+        if overlaps(path, root):
+            raise ObliteratusError(f"output {path} is inside the model cache {root}; caches are never modified")
+    for item in inputs:
+        if Path(item).expanduser().resolve() == path:
+            raise ObliteratusError(f"output {path} is also the input file; write the output to another file")
+    if path.is_dir():
+        raise OutputExistsError(f"output {path} is a directory; give a file name")
+    if path.exists() and not (replaceable is not None and replaceable(path)):
+        raise OutputExistsError(f"output {path} exists and is not {what}; remove it yourself or choose another path")
+    check_writable(path)
+    return path
+
+
+def write_file_atomically(out: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_file)` beside `out`, then rename it to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -41,15 +153,66 @@ def versions() -> dict[str, str]:
     return out
 
 
+OWNER = ".obliteratus-owner"  # in each temporary directory: the pid and host of the process writing it
+_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)-[a-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _temp_dir(parent: Path, name: str, kind: str) -> Path:
+    """A new ``.NAME.KIND-PID-XXXX`` directory in `parent` that records its owner (pid and host)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{os.getpid()}-", dir=parent))
+    (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), "utf-8")
+    return tmp
+
+
+def remove_stale(parent: Path) -> list[str]:
+    """Remove the temporary directories in `parent` that a killed write left behind (their process,
+    on this host, is gone); returns one note per directory removed or left in place."""
+    notes = []
+    if not parent.is_dir():
+        return notes
+    for entry in sorted(parent.iterdir()):
+        match = _TEMP.match(entry.name)
+        if not match or not entry.is_dir():
+            continue
+        try:
+            owner = json.loads((entry / OWNER).read_text("utf-8"))
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"{entry} looks like an unfinished write by another obliteratus process; it is left in "
+                         "place: remove it if no obliteratus process is writing there")
+            continue
+        if host != socket.gethostname() or _alive(pid):
+            continue  # still being written (or another machine's: we cannot tell)
+        shutil.rmtree(entry, ignore_errors=True)
+        notes.append(f"removed {entry}, left by an interrupted write (process {pid} is gone)")
+    return notes
+
+
 def write_atomically(out: Path, overwrite: bool, fill) -> Path:
-    """Call `fill(tmp_dir)`, then move tmp_dir to `out` (replacing it only when `overwrite`)."""
+    """Call `fill(tmp_dir)`, then move tmp_dir to `out` (replacing it only when `overwrite`).
+    The directory is marked as this tool's output (MARKER); temporary directories of earlier writes
+    in the same parent whose process was killed are removed first, with a note on stderr."""
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for note in remove_stale(out.parent):
+        print(f"note: {note}", file=sys.stderr)
+    tmp = _temp_dir(out.parent, out.name, "tmp")
     try:
         fill(tmp)
+        (tmp / OWNER).unlink()
+        (tmp / MARKER).write_text(json.dumps({"tool": "obliteratus"}) + "\n", "utf-8")
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _temp_dir(out.parent, out.name, "old")
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

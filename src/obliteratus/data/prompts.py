@@ -30,6 +30,28 @@ def heldout_text() -> str:
     return (Path(str(resources.files("obliteratus.data") / "prompts" / "heldout_text.txt"))).read_text("utf-8")
 
 
+def read_text(path: str | Path, error: type[Exception] = PromptError, what: str = "file") -> str:
+    """A UTF-8 text file's contents (a leading byte-order mark dropped), or `error` naming the file and
+    what is wrong with it: missing, a directory, unreadable, not UTF-8, or binary (NUL bytes)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                    "save it as UTF-8") from None
+    if "\x00" in text:
+        raise error(f"{what} {path} holds NUL bytes: a binary file, not text")
+    return text
+
+
 def _read_column(rows: list[dict], column: str, source: str) -> list[str]:
     if rows and column not in rows[0]:
         raise PromptError(f"{source}: no column {column!r}; columns: {', '.join(rows[0])} (set data.column)")
@@ -41,9 +63,7 @@ def _read_source(source: str, column: str) -> list[str]:
         return builtin_path(source.split(":", 1)[1]).read_text("utf-8").splitlines()
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".csv"):
-        if not path.is_file():
-            raise PromptError(f"prompt file not found: {source}")
-        text = path.read_text("utf-8")
+        text = read_text(path, PromptError, "prompt file")
         if path.suffix == ".txt":
             return text.splitlines()
         if path.suffix == ".jsonl":
@@ -54,8 +74,16 @@ def _read_source(source: str, column: str) -> list[str]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise PromptError(f"{source}: invalid JSON on line {lineno}: {err.msg}") from None
+                    if not isinstance(rows[-1], dict):
+                        raise PromptError(f"{source}: line {lineno} is not a JSON object with a {column!r} field "
+                                          f"(got {type(rows[-1]).__name__} {line.strip()[:40]!r})")
             return _read_column(rows, column, source)
-        return _read_column(list(csv.DictReader(text.splitlines())), column, source)
+        try:
+            return _read_column(list(csv.DictReader(text.splitlines())), column, source)
+        except csv.Error as err:
+            raise PromptError(f"{source}: invalid CSV ({err})") from None
+    if path.is_dir():
+        raise PromptError(f"prompt file {source} is a directory; give a .txt, .jsonl or .csv file")
     if path.exists():
         raise PromptError(f"{source}: unsupported prompt file type {path.suffix!r} (use .txt, .jsonl or .csv)")
     try:
@@ -134,3 +162,20 @@ def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True, sy
 
 def uses_template(tokenizer, chat_template: bool) -> bool:
     return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def encode_chat(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None):
+    """:func:`format_prompts` then :func:`batching.encode_prompts`, except that a prompt holding a
+    special-token string (``<|im_start|>``, ``<eos>``…) has it encoded as plain text, so a prompt
+    file cannot forge turns or control tokens; other prompts tokenize exactly as before."""
+    from ..batching import Encoded, encode_plain, encode_prompts, encode_rendered, has_special
+
+    templated = uses_template(tokenizer, chat_template)
+    encoded = encode_prompts(tokenizer, format_prompts(tokenizer, prompts, chat_template, system_prompt), templated)
+    ids = list(encoded.ids)
+    for i, prompt in enumerate(prompts):
+        if has_special(tokenizer, prompt):
+            render = lambda c: format_prompts(tokenizer, c, True, system_prompt)[0]  # noqa: E731
+            ids[i] = (encode_rendered(tokenizer, render, [prompt]) if templated
+                      else encode_plain(tokenizer, prompt, add_special_tokens=True))
+    return Encoded.from_ids(ids, tokenizer.pad_token_id)

@@ -23,9 +23,10 @@ import os
 import re
 import socket
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import ConfigError
 from .options import StudyOptions
@@ -78,6 +79,41 @@ def _storage(options: StudyOptions, url: str, attempts: int = 5):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+@contextmanager
+def study_lock(url: str, study_name: str) -> Iterator[None]:
+    """Hold an exclusive lock on an SQLite study for the life of the run (``<study.db>.lock``, an
+    fcntl.flock): an SQLite study has one worker, which fails the RUNNING trials it finds on start,
+    so a second process on the same file is refused instead of failing the first one's trial. Other
+    RDB storages are shared by design (heartbeats) and are not locked."""
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database if is_sqlite(url) else None
+    if not database or database == ":memory:":
+        yield
+        return
+    lock = Path(database).expanduser().resolve().with_name(Path(database).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"study {study_name!r} in {redact(url)} is in use by {holder} (lock {lock}); an SQLite "
+                              "study runs one process at a time: wait for it, or share a PostgreSQL study "
+                              "(--storage postgresql://...) between workers") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 EXCESS = "refusal_excess"  # the user attr that carries a trial's refusal constraint (constrain_refusal)

@@ -20,6 +20,7 @@ specifics and gives only generic, non-responsive material, a lecture or a redire
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -66,12 +67,20 @@ def _load(path: Path) -> tuple[list[dict], list[str]]:
     """Rows and the column names seen, from a .csv or .jsonl file."""
     if path.suffix not in (".csv", ".jsonl"):
         raise PromptError(f"{path}: unsupported file type {path.suffix!r} (use .csv or .jsonl)")
-    if not path.is_file():
-        raise PromptError(f"file not found: {path}")
-    text = path.read_text("utf-8")
+    from ...data.prompts import read_text
+
+    text = read_text(path, PromptError, "file")  # missing, a directory, not UTF-8 (a BOM is dropped), binary
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return list(reader), list(reader.fieldnames or [])
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for row in reader:
+            width = len(reader.fieldnames)
+            if None in row or None in row.values():  # csv puts extra fields under None, fills missing with None
+                n = width + len(row.get(None, [])) if None in row else sum(v is not None for v in row.values())
+                raise PromptError(f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {n} fields, the header "
+                                  f"has {width}; quote fields that hold commas or line breaks")
+            rows.append(row)
+        return rows, list(reader.fieldnames or [])
     rows: list[dict] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -95,6 +104,11 @@ def read_rows(path: Path, prompt_column: str = "prompt", response_column: str = 
         if column not in columns:
             raise PromptError(f"{path}: no column {column!r}; columns: {', '.join(columns)} "
                               "(set --prompt-column/--response-column)")
+    for i, row in enumerate(rows, 1):
+        for column in (prompt_column, response_column):
+            if column not in row:
+                raise PromptError(f"{path}: row {i} has no {column!r} field (a missing response is not an empty "
+                                  "one: give every row both fields, or null for empty output)")
     text = lambda v: "" if v is None else str(v)  # noqa: E731  (a JSON null response is empty output)
     labels = None
     if label_column in columns:
@@ -107,17 +121,35 @@ def read_rows(path: Path, prompt_column: str = "prompt", response_column: str = 
 
 
 def write_rows(path: Path, rows: list[dict], verdicts: Verdicts) -> None:
+    """The rows plus ``refused`` and ``score``, written to a temporary file and renamed to `path`."""
+    from ...save import write_file_atomically
+
     scores = verdicts.scores or [None] * len(rows)
     out = [{**row, "refused": refused, "score": score} for row, refused, score in zip(rows, verdicts.refused, scores)]
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), "utf-8")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="", encoding="utf-8") as f:
+    if path.suffix not in (".csv", ".jsonl"):
+        raise PromptError(f"--output {path}: use a .csv or .jsonl file")
+
+    def write(tmp: Path) -> None:
+        if path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), "utf-8")
+            return
+        with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in out for k in r)))
             writer.writeheader()
             writer.writerows(out)
-    else:
-        raise PromptError(f"--output {path}: use a .csv or .jsonl file")
+
+    write_file_atomically(path, write)
+
+
+def is_judge_output(path: Path) -> bool:
+    """A file `judge --output` wrote: its first row has the ``refused`` and ``score`` columns."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            first = f.readline()
+        keys = next(csv.reader([first])) if path.suffix == ".csv" else list(json.loads(first))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, StopIteration):
+        return False
+    return {"refused", "score"} <= set(keys)
 
 
 def parse_option_args(items: list[str] | None) -> dict:
@@ -148,6 +180,11 @@ def judge(
 
     if output is not None and output.suffix not in (".csv", ".jsonl"):
         raise PromptError(f"--output {output}: use a .csv or .jsonl file")
+    if output is not None:  # before judging: never the input, and replacing only an earlier verdicts file
+        from ...save import check_output_file
+
+        output = check_output_file(output, inputs=(file,), replaceable=is_judge_output,
+                                   what="a verdicts file written by `obliteratus judge --output`")
     data = read_rows(file, prompt_column, response_column, label_column)
     verdicts = make_judge(judge, **parse_option_args(option))(data.prompts, data.responses)
     console = Console(file=sys.stdout, width=160)
