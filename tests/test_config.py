@@ -145,3 +145,20 @@ def test_merge_helpers():
     assert base == {"a": {"b": 1}}  # inputs are not mutated
     assert nest({"a.b": 1, "a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
     assert nest({"x__y__z": 1}, sep="__") == {"x": {"y": {"z": 1}}}
+
+
+@pytest.mark.parametrize("override", [{"excise": {"lam": float("inf")}}, {"excise": {"lam": float("nan")}},
+                                      {"layers": {"kl_threshold": float("-inf")}},
+                                      {"optimize": {"max_weight": [1.0, float("nan")]}},
+                                      {"excise": {"kernel_attn": {"max_weight": float("nan")}}}])
+def test_nan_and_inf_settings_are_refused_by_the_python_api(override):
+    with pytest.raises(ConfigError, match="finite number"):
+        resolve_settings(cli=override, environ={})
+
+
+@pytest.mark.parametrize("flat, needle", [({"": 5}, "no setting name"), ({"..": 5}, "no setting name"),
+                                          ({"excise.lam": 1, "excise.lam.x": 2}, "value and sub-settings"),
+                                          ({"excise.lam.x": 2, "excise.lam": 1}, "value and sub-settings")])
+def test_nest_refuses_empty_and_conflicting_keys(flat, needle):
+    with pytest.raises(ConfigError, match=needle):
+        nest(flat)

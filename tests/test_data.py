@@ -165,3 +165,28 @@ def test_split_spare_is_the_rest_and_in_no_part(builtin):
     # a larger train part takes its extra prompts from the front of the spare ones; the rest stay spare
     wider = split_prompts(prompts, 110, 30, 60, seed=0)
     assert wider.test == s.test and wider.val == s.val and wider.spare == s.spare[10:]
+
+
+@pytest.mark.parametrize("name, data, needle", [
+    ("p.txt", b"ok\n\xff\xfe\n", "not UTF-8"),
+    ("p.txt", b"a\x00b\nc\n", "NUL bytes"),
+    ("p.jsonl", b"1\n2\n", "not a JSON object"),
+    ("p.jsonl", b'["a"]\n', "not a JSON object"),
+    ("p.csv", b"prompt\n\xe9\n", "not UTF-8"),
+])
+def test_unreadable_prompt_files_name_the_problem(tmp_path, name, data, needle):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(PromptError, match=needle):
+        load_prompts(str(tmp_path / name))
+
+
+def test_a_directory_is_not_a_prompt_file(tmp_path):
+    for name in ("d.txt", "d"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(PromptError, match="directory"):
+            load_prompts(str(tmp_path / name))
+
+
+def test_csv_with_a_byte_order_mark_has_its_prompt_column(tmp_path):
+    (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbfprompt\nhello\nworld\n")
+    assert load_prompts(str(tmp_path / "p.csv")) == ["hello", "world"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
-from .config import parse_value
 from .errors import ConfigError, ObliteratusError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -49,12 +49,12 @@ class RichReporter:
 
 def gather(pairs: dict[str, object], sets: list[str] | None) -> dict:
     """CLI overrides as a nested dict: only options the user gave, then --set key.path=value."""
-    from .config import deep_merge, nest
+    from .config import deep_merge, nest, parse_value
 
     flat = {k: v for k, v in pairs.items() if v is not None}
     for item in sets or []:
-        if "=" not in item:
-            raise ObliteratusError(f"--set expects key.path=value, got {item!r}")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
         key, value = item.split("=", 1)
         flat[key.strip()] = parse_value(value.strip())
     return deep_merge({}, nest(flat))
@@ -165,19 +165,33 @@ def evaluate(
     """VERIFY alone: refusal, over-refusal, perplexity (and KL with --base) on the held-out test split."""
     from .evaluate import evaluate_model
     from .models.load import summon
-    from .pipeline import prepare_prompts
+    from .batching import max_positions
+    from .pipeline import prepare_prompts, split_prompt_sets
     from .config import resolve_settings
 
     settings = resolve_settings(None, gather({"model.dtype": dtype, "model.device": device, "data.n_test": n_test,
                                               "evaluate.max_new_tokens": max_new_tokens,
                                               "evaluate.judge": judge}, sets))
     ev = settings.evaluate
+    if json_out:  # before any model is loaded: not inside a model, writable, replacing only earlier metrics
+        from .save import check_output_file
+
+        json_out = check_output_file(json_out, sources=(model, base), replaceable=_is_metrics_file,
+                                     what="a metrics file written by `obliteratus evaluate --json`")
+    if lm_eval is not None:
+        import importlib.util
+
+        if not [t for t in lm_eval.split(",") if t.strip()]:
+            raise ConfigError("--lm-eval: name at least one task, e.g. --lm-eval arc_easy")
+        if "lm_eval" not in sys.modules and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--lm-eval needs lm-evaluation-harness: pip install lm-eval")
+    splits = split_prompt_sets(settings)  # a bad prompt file fails before any model loads
     ref = None
     with RichReporter() as reporter:
         if base is not None:
             reporter.stage(f"reference: {base}")
             b = summon(base, settings.model)
-            bp = prepare_prompts(b.tokenizer, settings)
+            bp = prepare_prompts(b.tokenizer, settings, max_positions(b.model), splits)
             bev = evaluate_model(b.model, b.tokenizer, bp.part("harmful", "test"), bp.part("harmless", "test"),
                                  ev.model_copy(update={"perplexity": False}), None, reporter.task, make_reference=True)
             ref = bev.reference
@@ -187,7 +201,7 @@ def evaluate(
         m = summon(model, settings.model)
         if ref is not None and m.model.config.vocab_size != vocab:
             raise ObliteratusError(f"{model} and {base} have different vocabularies; KL needs the same tokenizer")
-        prompts = prepare_prompts(m.tokenizer, settings)
+        prompts = prepare_prompts(m.tokenizer, settings, max_positions(m.model), splits)
         result = evaluate_model(m.model, m.tokenizer, prompts.part("harmful", "test"), prompts.part("harmless", "test"),
                                 ev, ref, reporter.task)
     if lm_eval:
@@ -198,7 +212,18 @@ def evaluate(
     if result.metrics.get("lm_eval"):
         out.print(json.dumps(result.metrics["lm_eval"], indent=1))
     if json_out:
-        json_out.write_text(json.dumps(result.metrics, indent=2))
+        from .save import write_file_atomically
+
+        write_file_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(result.metrics, indent=2)))
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """A JSON object with a refusal rate: what `evaluate --json` writes."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "refusal" in data
 
 
 @app.command()
@@ -216,7 +241,8 @@ def probe(
     from .config import resolve_settings
     from .directions.diff_means import mean_difference
     from .models.load import summon
-    from .pipeline import prepare_prompts
+    from .batching import max_positions
+    from .pipeline import prepare_prompts, split_prompt_sets
     from .pipeline import probe as run_probe
     from .save import check_output, write_atomically
 
@@ -224,10 +250,11 @@ def probe(
                                               "data.n_train": n_train, "model.dtype": dtype, "model.device": device},
                                              sets))
     check_output(output, overwrite, source=model)
+    splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     with RichReporter() as reporter:
         start = time.perf_counter()
         loaded = summon(model, settings.model)
-        prompts = prepare_prompts(loaded.tokenizer, settings)
+        prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
         cache = run_probe(loaded, prompts, settings, reporter)
         seconds = time.perf_counter() - start
     diffs = mean_difference(cache.harmful, cache.harmless)  # [k, L+1, d]
@@ -298,9 +325,9 @@ def analyze(
     layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers (resid_pre axis) to analyse; default all."),
     layer: Optional[int] = typer.Option(None, help="The direction's layer (default: largest train effect size)."),
     probe_method: str = typer.Option("logistic", help="logistic | diff_means"),
-    patch_prompts: int = typer.Option(4, help="Prompts per class for activation patching."),
+    patch_prompts: int = typer.Option(4, min=1, help="Prompts per class for activation patching."),
     patch_layers: Optional[list[int]] = typer.Option(None, "--patch-layers", help="Layers to patch (default 5 spread)."),
-    top_k: int = typer.Option(20, help="Tokens per side in the logit lens."),
+    top_k: int = typer.Option(20, min=1, help="Tokens per side in the logit lens."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Any setting, e.g. --set data.seed=1"),
 ) -> None:
@@ -330,15 +357,59 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
-    from transformers.utils import logging as hf_logging
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)  # plain text: never wrapped or styled
+    sys.exit(code)
 
-    hf_logging.disable_progress_bar()  # our own bars are enough
+
+def main() -> None:
+    """Every failure the user can fix ends in one ``error: ...`` line on stderr: our own errors (exit 2),
+    typer's usage errors such as an option out of its range (exit 2) and Ctrl-C (exit 130)."""
     try:
-        app()
+        from typer._click import exceptions as click  # typer >= 0.24 bundles its own click
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click
+
+    _quiet_transformers()
+    previous = signal.signal(signal.SIGTERM, _terminated)  # `kill PID` cleans up like Ctrl-C
+    try:
+        code = app(standalone_mode=False)  # click's errors come back as exceptions, not a styled panel
     except ObliteratusError as err:
-        print(f"error: {err}", file=sys.stderr)  # plain text: never wrapped or styled
-        sys.exit(2)
+        fail(str(err), err.exit_code)
+    except click.NoArgsIsHelpError:
+        sys.exit(2)  # typer has printed the help
+    except click.UsageError as err:
+        where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        fail(f"{err.format_message()}{where}", err.exit_code)
+    except click.ClickException as err:
+        fail(err.format_message(), err.exit_code)
+    except typer.Abort:
+        fail("aborted", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 130 and not isinstance(code, bool):  # typer's exit code for a KeyboardInterrupt (Ctrl-C, SIGTERM)
+        fail("interrupted", 130)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
+
+
+def _quiet_transformers() -> None:
+    """Our own bars are enough: no transformers/hub progress bars (without importing transformers
+    here, which would add a second to every command's start)."""
+    import os
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM is handled as SIGINT: the KeyboardInterrupt unwinds the stack, so a half-written output
+    (save.write_atomically) is removed before the process exits."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 if __name__ == "__main__":

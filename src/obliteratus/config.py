@@ -10,6 +10,7 @@ values when they can be (numbers, booleans) and taken as strings otherwise.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, Literal
@@ -31,7 +32,8 @@ from .optimize.options import StudyOptions
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number (`--set excise.lam=inf`) is an error here, not after VERIFY
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(Section):
@@ -42,6 +44,10 @@ class ModelSettings(Section):
         "auto", description="auto = CUDA when available (device_map='auto' over several GPUs), else CPU."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+    allow_pickle: bool = Field(
+        False, description="Load PyTorch pickle weights (pytorch_model.bin) when a checkpoint has no safetensors; "
+                           "unpickling can run code hidden in the file, so only for sources you trust."
+    )
     cpu_pack: Literal["auto", "off"] = Field(
         "auto", description="auto: on the CPU, float32 Linear layers multiply with a oneDNN-packed copy of their "
                             "weight (models/packed.py: the optimizer's trials about 1.4x faster on the demo model, same "
@@ -60,6 +66,9 @@ class DataSettings(Section):
     seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
     chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
     system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
+    max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens with the chat template "
+                                                           "(a longer one is an error: attention memory grows with "
+                                                           "its square); the model's position limit applies too.")
 
 
 class ProbeSettings(Section):
@@ -210,6 +219,25 @@ class ExciseSettings(Section):
         if self.neurons is not None and self.method in ("householder", "heads"):
             raise ValueError(f"neurons masks MLP neurons alongside the projection edit; method = {self.method!r} is a "
                              "different edit that would drop the masking: use one or the other")
+        kernels = self.kernel_attn is not None or self.kernel_mlp is not None
+        if self.mode == "hooks" and (kernels or self.layer_weights != "none"):
+            raise ValueError("mode = 'hooks' ablates one global basis at full strength from every writer: no kernels "
+                             "or layer_weights (they need mode = 'weights')")
+        moe = self.moe
+        if self.mode == "hooks" and (moe.expert_directions or moe.transplant or moe.stabilise_routers):
+            raise ValueError("mode = 'hooks' does not run the MoE steps (moe.expert_directions, transplant, "
+                             "stabilise_routers): they edit expert and router weights; use mode = 'weights'")
+        if self.method == "heads" and (kernels or self.layer_weights != "none" or self.lm_head or not self.attention):
+            raise ValueError("method = 'heads' edits the top heads' o_proj slices (only those, whatever mlp, "
+                             "embeddings and biases say) with the global basis at strength lam: no kernels, "
+                             "layer_weights or lm_head with it, and attention = false would leave it nothing")
+        if self.method == "householder" and (kernels or self.layer_weights in ("spectral", "informed")):
+            raise ValueError("method = 'householder' is an orthogonal reflection of each selected writer: it has no "
+                             "per-layer strengths (kernels, layer_weights spectral/informed); through_source selects "
+                             "writers and works")
+        if self.method == "householder" and self.lam != 1.0:
+            raise ValueError("method = 'householder' always reflects (lambda = 2 along its vector); lam does not "
+                             "apply to it: leave lam at 1")
         return self
 
 
@@ -286,6 +314,22 @@ class Settings(Section):
             raise ValueError(f"excise.method = 'leace' fits its own rank-1 eraser at the source layer and would replace "
                              f"the {self.directions.method!r} directions: use directions.method = 'diff_means' "
                              "(or 'leace') with it")
+        ds, ex = self.directions, self.excise
+        if ex.method == "leace" and (ds.project_harmless or ds.biproject or ds.scope == "per_layer"
+                                     or ds.index is not None):
+            raise ValueError("excise.method = 'leace' replaces the basis with its own rank-1 eraser (one global read "
+                             "side) fitted at the source layer: directions.project_harmless, biproject, "
+                             "scope = 'per_layer' and index would be dropped or meet a read side they do not match; "
+                             "turn them off with it")
+        if ex.method in ("heads", "householder") and (ds.scope == "per_layer" or ds.biproject):
+            raise ValueError(f"excise.method = {ex.method!r} edits with one global direction: no "
+                             "directions.scope = 'per_layer' or biproject with it")
+        if ex.mode == "hooks" and (ds.scope == "per_layer" or ds.biproject):
+            raise ValueError("excise.mode = 'hooks' ablates one global basis: no directions.scope = 'per_layer' or "
+                             "biproject with it (use mode = 'weights')")
+        if ex.mode == "hooks" and self.optimize.enabled and self.optimize.search == "grid":
+            raise ValueError("optimize.search = 'grid' picks a per-layer kernel, which excise.mode = 'hooks' cannot "
+                             "apply: use mode = 'weights'")
         return self
 
 
@@ -314,9 +358,15 @@ def nest(dotted: dict[str, Any], sep: str = ".") -> dict:
     out: dict = {}
     for key, value in dotted.items():
         parts = [p for p in key.split(sep) if p]
+        if not parts:
+            raise ConfigError(f"setting {key!r}=...: no setting name (write section.field=value, e.g. excise.lam=2)")
         node = out
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"setting {key!r}: {sep.join(parts[:i + 1])!r} is given a value and sub-settings")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"setting {key!r}: {sep.join(parts)!r} is given a value and sub-settings")
         node[parts[-1]] = value
     return out
 
@@ -334,8 +384,38 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict:
 def resolve_settings(preset: dict | None = None, cli: dict | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Defaults < preset < environment < CLI. Every field error is reported at once."""
     merged = deep_merge(deep_merge(preset or {}, env_overrides(environ)), cli or {})
+    bad = non_finite(merged)  # the technique tables' own models may accept NaN; no setting means it
     try:
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid settings:\n" + field_errors(err, bad)) from None
+    if bad:
+        raise ConfigError("invalid settings:\n" + "\n".join(f"  {key}: Input should be a finite number" for key in bad))
+    return settings
+
+
+def field_errors(err: ValidationError, extra: list[str] = ()) -> str:
+    """One indented ``  field.path: message`` line per error; the `extra` fields (NaN or infinite
+    values, :func:`non_finite`) say so rather than whichever bound NaN happened to fail."""
+    errors = {".".join(str(p) for p in e["loc"]) or "<root>": e["msg"] for e in err.errors()}
+    errors.update({key: "Input should be a finite number" for key in extra})
+    return "\n".join(f"  {key}: {msg}" for key, msg in errors.items())
+
+
+def validated(model: type[BaseModel], data: dict, what: str):
+    """`model` validated from `data`, or a ConfigError listing every field error (``what``: its name)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {what}:\n" + field_errors(err)) from None
+
+
+def non_finite(data: Any, path: str = "") -> list[str]:
+    """Dotted paths of the NaN or infinite floats in nested dicts and lists."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [path or "<root>"]
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(data, (list, tuple)):
+        return [p for i, v in enumerate(data) for p in non_finite(v, f"{path}.{i}")]
+    return []

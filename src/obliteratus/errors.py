@@ -5,6 +5,14 @@ clear line and a non-zero exit; anything else is a bug and keeps its traceback."
 class ObliteratusError(Exception):
     """Base class: the message says what was wrong and how to fix it."""
 
+    exit_code = 2  # the CLI's exit status
+
+
+class Interrupted(ObliteratusError):
+    """Ctrl-C (or SIGTERM) stopped a command; the message says what was kept."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports it
+
 
 class ConfigError(ObliteratusError):
     """A preset, environment variable or CLI override is invalid."""

@@ -15,9 +15,9 @@ import torch
 
 
 from .analysis.pca import run_pca
-from .batching import Encoded, encode_prompts
+from .batching import Encoded, check_lengths, max_positions
 from .config import Settings, resolve_settings
-from .data.prompts import Split, format_prompts, load_prompts, split_prompts, uses_template
+from .data.prompts import Split, encode_chat, load_prompts, split_prompts
 from .directions import Directions, orthonormalize
 from .directions.driver import distill as distill_directions
 from .directions.layers import LayerSelection, refusal_token_ids
@@ -31,7 +31,7 @@ from .models.load import Loaded, describe, summon
 from .presets import load_preset
 from .probe import ActivationCache, collect
 from .save import check_output, save_run, versions
-from .steering import SteeringEntry, SteeringSpec, attach_steering
+from .steering import SteeringEntry, SteeringSpec, ablation_points, attach_steering
 
 
 class Reporter:
@@ -59,30 +59,45 @@ class PromptSets:
         return getattr(getattr(self, cls), part), self.encoded[f"{cls}.{part}"]
 
 
-def prepare_prompts(tokenizer, settings: Settings) -> PromptSets:
+def split_prompt_sets(settings: Settings) -> tuple[Split, Split]:
+    """Read, check and split both prompt sets: (harmful, harmless). It needs no model, so every verb
+    calls it before SUMMON and a bad prompt file fails before any model loads."""
     d = settings.data
     harmful = load_prompts(d.harmful, d.column)
     harmless = load_prompts(d.harmless, d.column)
     overlap = {p.casefold() for p in harmful} & {p.casefold() for p in harmless}
     if overlap:
         raise PromptError(f"{len(overlap)} prompts are in both the harmful and harmless sets, e.g. {sorted(overlap)[0]!r}")
-    splits = {
-        "harmful": split_prompts(harmful, d.n_train, d.n_val, d.n_test, d.seed, "harmful prompts"),
-        "harmless": split_prompts(harmless, d.n_train, d.n_val, d.n_test, d.seed, "harmless prompts"),
-    }
     k = settings.directions.n_directions
     if settings.directions.method != "diff_means" and d.n_train < k:
         raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than n_directions = {k}")
+    return (split_prompts(harmful, d.n_train, d.n_val, d.n_test, d.seed, "harmful prompts"),
+            split_prompts(harmless, d.n_train, d.n_val, d.n_test, d.seed, "harmless prompts"))
+
+
+def prepare_prompts(tokenizer, settings: Settings, positions: int | None = None,
+                    splits: tuple[Split, Split] | None = None) -> PromptSets:
+    """Load, split (unless `splits` is :func:`split_prompt_sets`' result, read before SUMMON) and encode
+    both prompt sets; a prompt longer than ``data.max_prompt_tokens``, or than the model's `positions`
+    (:func:`batching.max_positions`) less the tokens VERIFY generates, is refused."""
+    d = settings.data
+    splits = dict(zip(("harmful", "harmless"), splits or split_prompt_sets(settings)))
     encoded = {f"{cls}.{part}": encode_texts(tokenizer, settings, getattr(split, part))
                for cls, split in splits.items() for part in ("train", "val", "test")}
+    new = settings.evaluate.max_new_tokens
+    limit, why = d.max_prompt_tokens, f"data.max_prompt_tokens = {d.max_prompt_tokens}"
+    if positions is not None and positions - new < limit:
+        limit, why = positions - new, f"the model's {positions} positions less evaluate.max_new_tokens = {new}"
+    for key, enc in encoded.items():
+        cls, part = key.split(".")
+        check_lengths(enc, getattr(splits[cls], part), limit, why, f"{cls} prompt")
     return PromptSets(splits["harmful"], splits["harmless"], encoded)
 
 
 def encode_texts(tokenizer, settings: Settings, prompts: list[str]) -> Encoded:
     """Raw prompts -> chat-formatted (when the data settings ask for it), tokenized prompts."""
     d = settings.data
-    texts = format_prompts(tokenizer, prompts, d.chat_template, d.system_prompt)
-    return encode_prompts(tokenizer, texts, uses_template(tokenizer, d.chat_template))
+    return encode_chat(tokenizer, prompts, d.chat_template, d.system_prompt)
 
 
 def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Reporter) -> ActivationCache:
@@ -102,11 +117,9 @@ def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, setting
     layer settings) and fit the direction method there (directions/driver.py); `contrast`: the
     contrast groups of `cache` when the caller has already judged them."""
     d = settings.data
-    templated = uses_template(loaded.tokenizer, d.chat_template)
 
     def encode(texts: list[str]) -> Encoded:
-        return encode_prompts(loaded.tokenizer, format_prompts(loaded.tokenizer, texts, d.chat_template,
-                                                               d.system_prompt), templated)
+        return encode_chat(loaded.tokenizer, texts, d.chat_template, d.system_prompt)
 
     parts = {part: {cls: prompts.encoded[f"{cls}.{part}"] for cls in ("harmful", "harmless")} for part in ("train", "val")}
     return distill_directions(loaded, cache, settings, parts["val"], parts["train"], encode, prompts.harmful.train,
@@ -147,8 +160,7 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
             log[-1]["stopped"] = "the refusal direction moved by less than refine_cos: nothing left to remove"
             break
         report = apply_edit(loaded.adapter, again, ex, harmful=prompts.encoded["harmful.train"],
-                            harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size,
-                            harmless_mean=again.harmless_mean)
+                            harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size)
         removed = torch.cat([removed, again.basis.double()])
         total = total + again.mean_diff.double()
     return report, log
@@ -167,7 +179,8 @@ def optimize_kernel(loaded: Loaded, prompts: PromptSets, settings: Settings, dir
     result = grid_search(loaded.adapter, directions.basis, ex.lam, prompts.encoded["harmful.val"],
                          prompts.encoded["harmless.val"], refusal_token_ids(loaded.tokenizer), opt,
                          embeddings=ex.embeddings, biases=ex.biases, batch_size=settings.evaluate.batch_size,
-                         progress=reporter.task("kernel grid", n))
+                         progress=reporter.task("kernel grid", n), attention=ex.attention, mlp=ex.mlp,
+                         experts=ex.experts)
     kernel = result.best.kernel
     excise = ex.model_copy(update={"kernel_attn": None if kernel is None else KernelOptions(**kernel),
                                    "kernel_mlp": None if kernel is None else KernelOptions(**kernel)})
@@ -221,32 +234,22 @@ def edit_model(loaded: Loaded, prompts: PromptSets, settings: Settings, directio
             if lora is not None:
                 export_adapter(loaded, settings, directions, lora, overwrite)
             edit = apply_edit(loaded.adapter, directions, settings.excise, harmful=prompts.encoded["harmful.train"],
-                              harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size,
-                              harmless_mean=directions.harmless_mean)
+                              harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size)
             if settings.excise.passes > 1:
                 edit, edit.details["passes"] = refine(loaded, prompts, settings, reporter, directions, edit)
     return Edited(settings, edit, grid, steering)
 
 
 def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) -> SteeringSpec:
-    """Hook mode: the same projection as the weight edit, as inference-time ablation on every writer."""
+    """Hook mode: the same projection as the weight edit, as inference-time ablation at the output of
+    every edited writer (steering.ablation_points: lm_head_in for a tied head, MoE parts)."""
     ex = settings.excise
-    if directions.layer_bases is not None or ex.kernel_attn or ex.kernel_mlp or ex.lm_head:
-        raise ConfigError("mode = 'hooks' ablates one global basis from every writer; no per-layer scope, kernels "
-                          "or lm_head option")
-    names = []  # the hook point of each writer's output; MoE experts write through their block's mlp_out
-    for w in loaded.adapter.writers(attention=ex.attention, mlp=ex.mlp, embeddings=False):
-        if not ex.biases and w.bias is not None:
-            raise ConfigError("mode = 'hooks' ablates the whole writer output, bias included; biases = false (keep "
-                              "the biases' component) needs mode = 'weights'")
-        layer = w.name.split(".")[1]
-        name = f"layers.{layer}.{'attn_out' if w.kind == 'attn' else 'mlp_out'}"
-        if name not in names:
-            names.append(name)
-    if ex.embeddings:
-        names.insert(0, "embed")
-    entries = [SteeringEntry(name, "ablate", directions.basis, ex.lam) for name in names]
-    return SteeringSpec(entries)
+    if directions.layer_bases is not None or directions.layer_weights is not None or ex.kernel_attn or ex.kernel_mlp:
+        raise ConfigError("mode = 'hooks' ablates one global basis from every writer; no per-layer scope, "
+                          "layer_weights or kernels")
+    names = ablation_points(loaded.adapter, attention=ex.attention, mlp=ex.mlp, experts=ex.experts,
+                            embeddings=ex.embeddings, lm_head=ex.lm_head, biases=ex.biases)
+    return SteeringSpec([SteeringEntry(name, "ablate", directions.basis, ex.lam) for name in names])
 
 
 @dataclass
@@ -305,14 +308,15 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
     if uses_study(settings):
         raise ConfigError(f"preset {preset!r} searches its edit with the optimizer study: run it with "
                           "`obliteratus obliterate`/`obliteratus optimize` (optimize.command.run_optimize)")
-    for target in (output, lora):
+    for target, other in ((output, lora), (lora, output)):
         if target is not None:
-            check_output(target, overwrite, source=model)  # fail before any work
+            check_output(target, overwrite, source=model, others=(other,))  # fail before any work
+    splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     timings: dict[str, float] = {}
     with _timed(timings, "summon", reporter):
         loaded = summon(model, settings.model)
     with _timed(timings, "probe", reporter):
-        prompts = prepare_prompts(loaded.tokenizer, settings)
+        prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
         cache = probe(loaded, prompts, settings, reporter)
     with _timed(timings, "distill", reporter):
         directions, selection = distill(loaded, cache, prompts, settings, reporter)
@@ -349,4 +353,4 @@ def obliterate(model: str, preset: str = "basic", output: str | None = None, ove
 
 
 __all__ = ["Edited", "PromptSets", "Reporter", "RunResult", "distill", "edit_model", "obliterate",
-           "prepare_prompts", "probe"]
+           "prepare_prompts", "probe", "split_prompt_sets"]

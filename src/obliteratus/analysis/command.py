@@ -22,16 +22,19 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from ..batching import max_positions
 from ..config import deep_merge, resolve_settings
 from ..directions.diff_means import mean_difference
 from ..directions.layers import candidate_layers, refusal_token_ids
 from ..errors import ConfigError, PromptError
 from ..excise.hooks import ablated
 from ..models.load import describe, summon
-from ..pipeline import prepare_prompts
+from ..data.prompts import read_text
+from ..pipeline import prepare_prompts, split_prompt_sets
 from ..presets import load_preset
 from ..probe import collect
 from ..save import check_output, write_atomically
@@ -53,7 +56,7 @@ def read_labels(source: str, prompt_column: str, category_column: str) -> dict[s
     path = Path(source).expanduser()
     if path.suffix not in (".csv", ".jsonl") or not path.is_file():
         raise PromptError(f"--category-column needs data.harmful to be a .csv/.jsonl file, got {source!r}")
-    text = path.read_text("utf-8")
+    text = read_text(path, PromptError, "prompt file")
     rows = list(csv.DictReader(text.splitlines())) if path.suffix == ".csv" else [
         json.loads(line) for line in text.splitlines() if line.strip()]
     if rows and category_column not in rows[0]:
@@ -90,9 +93,18 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
 
     `layers`: resid_pre-axis indices (0..L) for the per-layer analyses (default all); `layer`: the
     direction's layer (default: best train effect size among the preset's candidate layers)."""
+    methods = get_args(probe.ProbeMethod)
+    if probe_method not in methods:  # every check that needs no model runs before SUMMON
+        raise ConfigError(f"unknown probe method {probe_method!r}; valid: {', '.join(methods)}")
+    for j in [*(layers or []), *(patch_layers or []), *([] if layer is None else [layer])]:
+        if j < 0:
+            raise ConfigError(f"layer {j} is negative (layers are resid_pre indices 0..n_layers)")
     check_output(output, overwrite, source=model)
     data = {"n_train": n_train, "n_val": 1, "n_test": n_test}
     settings = resolve_settings(load_preset(preset), deep_merge(overrides or {}, {"data": data}))
+    splits = split_prompt_sets(settings)
+    table = None if category_column is None else read_labels(settings.data.harmful, settings.data.column,
+                                                             category_column)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -103,7 +115,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
 
     loaded = summon(model, settings.model)
     adapter, L = loaded.adapter, loaded.adapter.n_layers
-    prompts = prepare_prompts(loaded.tokenizer, settings)
+    prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
     layers = list(range(L + 1)) if layers is None else list(layers)
     for j in [*layers, *(patch_layers or []), *([] if layer is None else [layer])]:
         if not 0 <= j <= L:
@@ -149,7 +161,8 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
 
     ex = settings.excise
     before = projection.compare(te_h[:, layers], te_s[:, layers], r)
-    with ablated(adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings, biases=ex.biases):
+    with ablated(adapter, q, ex.lam, attention=ex.attention, mlp=ex.mlp, embeddings=ex.embeddings, biases=ex.biases,
+                 experts=ex.experts):
         after = projection.measure(adapter, prompts.encoded["harmful.test"], prompts.encoded["harmless.test"], r,
                                    batch_size=bs)
     after = {k: [v[j] for j in layers] if k == "gap" else {s: [x[j] for j in layers] for s, x in v.items()}
@@ -159,8 +172,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
                                      "embeddings": ex.embeddings, "biases": ex.biases, "form": "activation hooks"}}
     lap("projection")
 
-    if category_column is not None:
-        table = read_labels(settings.data.harmful, settings.data.column, category_column)
+    if table is not None:
         labels, source = [table.get(p.casefold(), "other") for p in prompts.harmful.train], category_column
     else:
         labels, source = cones.categorise(prompts.harmful.train), "keywords"

@@ -11,6 +11,7 @@ exits; any later run without it picks and bakes.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import sys
@@ -47,7 +48,54 @@ def study_options(settings, updates: dict | None = None) -> StudyOptions:
     # field by field (not model_dump), so that the presets test's read spy sees every option used
     base = ({name: getattr(mounted, name) for name in StudyOptions.model_fields} if isinstance(mounted, StudyOptions)
             else dict(mounted or {}))
-    return StudyOptions.model_validate({**base, **{k: v for k, v in (updates or {}).items() if v is not None}})
+    from ..config import validated
+
+    return validated(StudyOptions, {**base, **{k: v for k, v in (updates or {}).items() if v is not None}},
+                     "optimize.study options")
+
+
+def check_storage(url: str) -> None:
+    """A bad --storage URL fails before any model loads: it must parse, name a database whose driver is
+    installed and, for SQLite, a file in an existing folder."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from ..errors import ConfigError
+    from .study import redact
+
+    hint = "use sqlite:///PATH/study.db or postgresql://USER:PASSWORD@HOST/DB"
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise ConfigError(f"--storage {redact(url)}: not a database URL SQLAlchemy can open ({err}); {hint}") from None
+    except ImportError as err:
+        raise ConfigError(f"--storage {redact(url)}: its database driver is not installed ({err})") from None
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if database and database != ":memory:":
+        folder = Path(database).expanduser().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--storage {redact(url)}: folder {folder} does not exist")
+        if Path(database).expanduser().is_dir():
+            raise ConfigError(f"--storage {redact(url)}: {database} is a directory, not a database file")
+
+
+def _quiet_interrupts() -> None:
+    """Ctrl-C inside a trial: Optuna logs the trial's failure with the KeyboardInterrupt's traceback
+    before it re-raises it; the CLI reports the interruption in one line instead."""
+    import logging
+
+    class Interrupted(logging.Filter):
+        seen = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+                Interrupted.seen = True
+            return not Interrupted.seen  # that record and the trial's next line ("failed with value None")
+
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(type(f).__name__ == "Interrupted" for f in handler.filters):
+            handler.addFilter(Interrupted())
 
 
 def mean_differences(loaded, cache, settings, prompts, orthogonalize: bool = False,
@@ -86,15 +134,28 @@ def orthogonal_to(diffs: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 def run_optimize(model: str, preset: str = "optimized", output: str | None = None, overwrite: bool = False,
                  overrides: dict | None = None, study: dict | None = None, run_dir: str | None = None,
                  pick_index: int | None = None, worker: bool = False, reporter=None) -> OptimizeResult:
+    """The whole command; an SQLite study stays locked (study.study_lock) until it returns."""
+    with ExitStack() as locks:
+        return _run_optimize(model, preset, output, overwrite, overrides, study, run_dir, pick_index, worker, reporter,
+                             locks)
+
+
+def _run_optimize(model: str, preset: str, output: str | None, overwrite: bool, overrides: dict | None,
+                  study: dict | None, run_dir: str | None, pick_index: int | None, worker: bool, reporter,
+                  locks: ExitStack) -> OptimizeResult:
     from ..analysis.pca import run_pca
     from ..config import resolve_settings
     from ..errors import ConfigError
     from ..evaluate import evaluate_model
     from ..excise.apply import excise
-    from ..models.load import summon
-    from ..pipeline import Reporter, _timed, distill, encode_texts, prepare_prompts, probe
+    from ..models import ALIASES
+    from ..models.load import resolve_source, summon
+    from ..batching import max_positions
+    from ..pipeline import Reporter, _timed, distill, encode_texts, prepare_prompts, probe, split_prompt_sets
     from ..presets import load_preset
     from ..save import check_output
+    from sqlalchemy.exc import SQLAlchemyError
+
     from . import study as st
     from .trial import Confirmation, Objective, Scorer, scaled_plan, window_params
 
@@ -106,14 +167,12 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
     name = options.study_name or f"obliteratus-{Path(model).name}-{Path(preset).stem}"
     run = Path(run_dir) if run_dir else (Path(output).with_name(Path(output).name + ".study") if output
                                          else Path("obliteratus-runs") / name)
-    url = st.storage_url(options, run)
+    if options.storage:
+        check_storage(options.storage)
+    splits = split_prompt_sets(settings)  # every check that needs no model, before the study folder is made
     confirming = options.confirm_prompts > 0 and ((pick_index is None and not worker) or options.confirm_during)
-    if confirming:  # before any model is loaded
-        from ..data.prompts import load_prompts, split_prompts
-
-        d = settings.data
-        spare = len(split_prompts(load_prompts(d.harmful, d.column), d.n_train, d.n_val, d.n_test, d.seed,
-                                  "harmful prompts").spare)
+    if confirming:
+        spare = len(splits[0].spare)
         if spare < options.confirm_prompts:
             raise ConfigError(f"optimize.study.confirm_prompts = {options.confirm_prompts}, but only {spare} "
                               "harmful prompts are left outside the train/val/test parts; lower it (0 = off), lower "
@@ -126,12 +185,16 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
             raise ConfigError(f"optimize.study.max_directions = {options.max_directions} needs a direction method "
                               f"that gives that many directions; {settings.directions.method!r} gives {cap} "
                               "(set directions.method, e.g. svd)")
+    if model not in ALIASES:
+        resolve_source(model)  # a missing model fails before the study folder is made
+    url = st.storage_url(options, run)
+    locks.enter_context(st.study_lock(url, name))  # before any model is loaded
     timings: dict[str, float] = {}
     with _timed(timings, "summon", reporter):
         loaded = summon(model, settings.model)
     adapter, n_layers = loaded.adapter, loaded.adapter.n_layers
     with _timed(timings, "probe", reporter):
-        prompts = prepare_prompts(loaded.tokenizer, settings)
+        prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
         cache = probe(loaded, prompts, settings, reporter)
     with _timed(timings, "distill", reporter):
         contrast = train_contrast(loaded, cache, settings, prompts)  # judged once, shared with the basis below
@@ -148,7 +211,12 @@ def run_optimize(model: str, preset: str = "optimized", output: str | None = Non
                    "space": options.space_fingerprint(), "data": settings.data.model_dump(),
                    "probe": settings.probe.model_dump(), "contrast": settings.directions.contrast,
                    "excise": {k: getattr(ex, k) for k in ("lam", "attention", "mlp", "embeddings", "biases")}}
-    study_ = st.open_study(options, url, name, fingerprint)
+    try:
+        study_ = st.open_study(options, url, name, fingerprint)
+    except SQLAlchemyError as err:  # e.g. a PostgreSQL server that is not there
+        raise ConfigError(f"cannot open the study storage {st.redact(url)}: "
+                          f"{str(getattr(err, 'orig', None) or err).splitlines()[0]}") from None
+    _quiet_interrupts()
     st.seed(study_, [window_params(f, n_layers, options) for f in options.seed_windows])
     scorer = Scorer.build(loaded.model, loaded.tokenizer, prompts.encoded["harmful.val"],
                           prompts.encoded["harmless.val"], options, ev.batch_size)
@@ -272,9 +340,15 @@ def optimize(
                         "data.n_test": n_test, "evaluate.max_new_tokens": max_new_tokens}, sets)
     study = {"n_trials": trials, "n_startup_trials": startup_trials, "seed": study_seed, "storage": storage,
              "study_name": study_name, "target_refusal": target, "refusal_tokens": refusal_tokens}
-    with RichReporter() as reporter:
-        result = run_optimize(model, method, str(output) if output else None, overwrite, overrides, study,
-                              str(run_dir) if run_dir else None, pick, worker, reporter)
+    from ..errors import Interrupted
+
+    try:
+        with RichReporter() as reporter:
+            result = run_optimize(model, method, str(output) if output else None, overwrite, overrides, study,
+                                  str(run_dir) if run_dir else None, pick, worker, reporter)
+    except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM, cli.main): finished trials are in the storage
+        raise Interrupted(f"{str(err) or 'interrupted'}: the study keeps its finished trials; run the same "
+                          "command again to resume it") from None
     print_result(result, model, method)
 
 

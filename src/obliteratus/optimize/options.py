@@ -16,7 +16,7 @@ Range = tuple[float, float]
 
 
 class StudyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     n_trials: int = Field(200, ge=1, description="Finished trials (complete + pruned) the study stops at, over every "
                                                  "worker and every resumed run together.")

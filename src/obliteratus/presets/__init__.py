@@ -24,9 +24,10 @@ def load_preset(name_or_path: str) -> dict:
         path = _dir() / f"{name_or_path}.toml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
-    elif not path.is_file():
-        raise ConfigError(f"preset file not found: {name_or_path}")
+    from ..data.prompts import read_text
+
+    text = read_text(path, ConfigError, "preset file")  # missing, a directory, not UTF-8, binary
     try:
-        return tomllib.loads(path.read_text("utf-8"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: {err}") from None

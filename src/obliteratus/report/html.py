@@ -87,7 +87,7 @@ def load_pca(run_dir: Path) -> tuple[dict, str] | None:
         path = run_dir / name
         if not path.is_file():
             continue
-        data = json.loads(path.read_text("utf-8"))
+        data = read_json(path)
         rows = data.get(key) if isinstance(data, dict) else None
         if isinstance(rows, list):
             rows = {str(r.get("layer", i)): r for i, r in enumerate(rows) if isinstance(r, dict)}
@@ -147,13 +147,30 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
     return out
 
 
+def read_json(path: Path):
+    """A run file's JSON, or an ObliteratusError naming the file and what is wrong with it."""
+    from ..data.prompts import read_text
+
+    try:
+        return json.loads(read_text(path, ObliteratusError, "run file"))
+    except json.JSONDecodeError as err:
+        raise ObliteratusError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``plots/*.png`` and ``report.html`` into `run_dir`; returns the report's path."""
     run_dir = Path(run_dir)
     meta_path = run_dir / "obliteratus.json"
     if not meta_path.is_file():
         raise ObliteratusError(f"{run_dir} has no obliteratus.json: not an obliteratus run directory")
-    meta = json.loads(meta_path.read_text("utf-8"))
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise ObliteratusError(f"{meta_path}: a JSON object is expected, not {type(meta).__name__}")
+    for key in ("model", "directions", "selection", "edit", "metrics_before", "metrics_after", "timings_s",
+                "settings", "optimize"):
+        if not isinstance(meta.get(key, {}), (dict, type(None))):
+            raise ObliteratusError(f"{meta_path}: {key!r} should be a JSON object, not {type(meta[key]).__name__} "
+                                   "(not written by obliteratus?)")
     import importlib.util
 
     missing = None if importlib.util.find_spec("matplotlib") else \

@@ -33,21 +33,26 @@ def study(
 
     from ..config import resolve_settings
     from ..models.load import summon
-    from ..pipeline import prepare_prompts
+    from ..batching import max_positions
+    from ..data.prompts import read_text
+    from ..errors import ConfigError
+    from ..pipeline import prepare_prompts, split_prompt_sets
     from ..presets import load_preset
     from ..save import check_output
     from .runner import load_study, run_study
 
     spec = load_study(config)
+    config_text = read_text(config, ConfigError, "study config")  # saved with the results
     out = output or Path(f"study-{Path(config).stem}")
     check_output(out, overwrite, source=spec.model)  # fail before any work
     settings = resolve_settings(load_preset(spec.preset) if spec.preset else None, spec.settings)
+    splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     console = Console(stderr=True)
     loaded = summon(spec.model, settings.model)
-    prompts = prepare_prompts(loaded.tokenizer, settings)
+    prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
     result = run_study(loaded, prompts, settings, spec,
                        on_row=lambda r: console.print(f"  {r.label}: done in {r.seconds:.1f}s"))
-    path = write_study(result, out, overwrite, Path(config).read_text("utf-8"))
+    path = write_study(result, out, overwrite, config_text)
     table = Table(title=f"{spec.name} · {spec.model}")
     table.add_column("ablation")
     for c in result.columns:
