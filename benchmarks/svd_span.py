@@ -39,7 +39,7 @@ import torch
 from obliteratus.config import resolve_settings
 from obliteratus.directions import orthonormalize
 from obliteratus.directions.driver import contrast_groups, shares_prefix
-from obliteratus.directions.layers import candidate_layers, window_plan
+from obliteratus.select.layers import candidate_layers, window_plan
 from obliteratus.directions.svd import paired_svd
 from obliteratus.evaluate.early import judge
 from obliteratus.evaluate.generate import last_logits

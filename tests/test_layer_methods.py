@@ -12,7 +12,7 @@ import torch
 from conftest import params_digest, random_unit, tiny_model
 from obliteratus.batching import Encoded
 from obliteratus.config import ExciseSettings, LayerSettings
-from obliteratus.directions.cosmic import (
+from obliteratus.select.cosmic import (
     CosmicCandidate,
     concept_cosine,
     evaluation_layers,
@@ -21,8 +21,8 @@ from obliteratus.directions.cosmic import (
     pick_cosmic,
     select_cosmic,
 )
-from obliteratus.directions.interpolate import direction_at, from_heretic_index
-from obliteratus.directions.knee import kneedle, layer_strength, mean_norms, select_knee
+from obliteratus.select.interpolate import direction_at, from_heretic_index
+from obliteratus.select.knee import kneedle, layer_strength, mean_norms, select_knee
 from obliteratus.errors import ObliteratusError
 from obliteratus.excise.hooks import ablated
 from obliteratus.hooks import hooked

@@ -11,7 +11,7 @@ import torch
 from conftest import PROMPTS, params_digest, tiny_model
 from obliteratus.batching import Encoded
 from obliteratus.config import ExciseSettings, LayerSettings
-from obliteratus.directions.layers import (
+from obliteratus.select.layers import (
     Candidate,
     candidate_layers,
     pick,

@@ -131,7 +131,7 @@ def decode_all(tok, conts):
 
 def test_layer_selection_with_the_prefix_shared():
     from obliteratus.config import ExciseSettings, LayerSettings
-    from obliteratus.directions.layers import select_arditi
+    from obliteratus.select.layers import select_arditi
 
     tok, enc = templated()
     model = tiny_model("llama")
@@ -166,7 +166,7 @@ def test_rdo_targets_with_the_prefix_shared(monkeypatch):
 
 def test_cosmic_selection_with_the_prefix_shared(monkeypatch):
     from obliteratus.config import ExciseSettings, LayerSettings
-    from obliteratus.directions.cosmic import select_cosmic
+    from obliteratus.select.cosmic import select_cosmic
     from obliteratus.evaluate import prefix as prefix_module
 
     tok, enc = templated()

@@ -96,7 +96,7 @@ def test_hook_mode_edits_the_experts_the_weight_edit_edits(family, toggles):
 def test_layer_scoring_ablates_the_writers_the_edit_edits(monkeypatch, method):
     """select_arditi / select_cosmic / the kernel grid score with the same `experts` as the edit."""
     from obliteratus.config import LayerSettings, OptimizeSettings
-    from obliteratus.directions import cosmic, layers
+    from obliteratus.select import cosmic, layers
     from obliteratus.optimize import grid
 
     module = {"arditi": layers, "cosmic": cosmic, "grid": grid}[method]

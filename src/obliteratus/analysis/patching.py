@@ -3,7 +3,7 @@ Associations in GPT"; Heimersheim & Nanda 2024, "How to use and interpret activa
 
 Pair target prompt i with source prompt i. Run the target with its residual at (layer j, position p)
 replaced by the source's residual at the same (j, p), and read the refusal log-odds at the last
-position (directions/layers.py: log p(R) − log(1 − p(R)), R = refusal-start tokens):
+position (select/layers.py: log p(R) − log(1 − p(R)), R = refusal-start tokens):
 
     effect[i, j, p] = logodds(target_i | h_{j,p} ← source_i's h_{j,p}) − logodds(target_i)
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batching import Encoded
-from ..directions.layers import refusal_log_odds
+from ..select.layers import refusal_log_odds
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
 from ..probe import collect

@@ -1,10 +1,17 @@
-"""DISTILL interface: a direction method maps activations at one layer to an orthonormal basis.
+"""DISTILL interface: a direction method maps the contrast at the source layer to an orthonormal basis.
 
-A method is a pure function ``fit(harmful [n, d], harmless [m, d], k, config) -> [k, d]`` registered
-once under its name with :func:`register_direction_method`, together with the pydantic model of its
-own options (the preset's ``[directions.<name>]`` table, validated with ``extra="forbid"``); the
-pipeline looks methods up by name. Methods that need the model itself (RDO, SAE, jailbreak
-contrast) are driven by the pipeline and register with ``needs_model=True``.
+Every method is one module that registers itself once with :func:`register_direction_method`: its
+name, the pydantic model of its own options (the preset's ``[directions.<name>]`` table, validated
+with ``extra="forbid"``) and its fit. The driver calls ``method.fit_context(FitContext) -> Basis``
+for every method alike and never names one:
+
+* a closed-form method gives the pure tensor function ``fit(harmful [n, d], harmless [m, d], k,
+  options) -> [k, d]`` and gets the default :meth:`DirectionMethod.fit_context` around it;
+* a method that needs more (the model, the prompts, the whole cache: RDO, jailbreak contrast, cone)
+  also gives ``pipeline_fit(FitContext) -> Basis`` in its own file and registers ``needs_model=True``.
+
+What a fit reports about itself (RDO's steps and losses, the SAE's epochs) is :attr:`Basis.fit`;
+it lands in ``obliteratus.json`` under ``directions.fit``.
 """
 
 from __future__ import annotations
@@ -15,50 +22,91 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel
 
-from ..errors import ConfigError
 from ..options import NoOptions, parse_options
+from ..registry import Registry
 
-FitFn = Callable[[torch.Tensor, torch.Tensor, int, Any], torch.Tensor]
+FitFn = Callable[..., torch.Tensor]  # (harmful [n, d], harmless [m, d], k, options, ...) -> [k, d]
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What a direction method returns to the driver: the rows and what the fit reports about itself."""
+
+    rows: torch.Tensor  # [k, d] orthonormal, float32
+    fit: dict = field(default_factory=dict)  # e.g. {"rdo": {...}}: lands in Directions.fit
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """Everything a direction method may use at the chosen source (layer, position). Closed-form
+    methods read only the first fields; `loaded` … `task` are there for the methods that need the
+    model or the prompts (None when a caller fits from activations alone)."""
+
+    positive: torch.Tensor  # [n, d] the contrast's first group (harmful / refused) at (layer, position)
+    negative: torch.Tensor  # [m, d] its second group
+    k: int  # directions asked for, already capped at the method's max_directions
+    options: BaseModel  # the method's validated [directions.<name>] table
+    layer: int  # index into the activation cache's layer axis (resid_pre of that layer)
+    position: int  # negative offset of the token position
+    mean_diff: torch.Tensor  # [d] the contrast's difference of means at (layer, position)
+    device: torch.device | str = "cpu"  # where the model lives (a method that trains, e.g. the SAE, trains there)
+    loaded: Any = None  # the Loaded model (model, adapter, tokenizer)
+    settings: Any = None  # the run's Settings
+    train: dict | None = None  # encoded train prompts: {"harmful": Encoded, "harmless": Encoded}
+    encode: Callable[[list[str]], Any] | None = None  # prompts -> Encoded, as the train prompts were encoded
+    harmful_texts: list[str] | None = None  # the harmful train prompts' text
+    cache: Any = None  # the whole ActivationCache of the train prompts
+    task: Callable[[str, int], Callable[[int], None]] | None = None  # progress: (label, total) -> advance(n)
 
 
 @dataclass(frozen=True)
 class DirectionMethod:
     name: str
     description: str
-    fit: FitFn
+    fit: FitFn  # the pure tensor function (the math; tests call it directly)
     max_directions: int | None  # None = any k
     options: type[BaseModel] = NoOptions
     needs_model: bool = False
     reports_fit: bool = False  # fit(..., info=dict) fills in what the fit did, for the run's metadata
+    pipeline_fit: Callable[[FitContext], Basis] | None = None  # set by methods that need more than two groups
+    fractional_index: bool = False  # directions.index may replace the fit by an interpolated difference of means
+    mean_difference: bool = False  # the basis is the difference of means (an excise variant that refits it may take it)
 
     def parse_options(self, table: dict | None) -> BaseModel:
         return parse_options(self.options, table, f"[directions.{self.name}]")
 
+    def fit_context(self, ctx: FitContext) -> Basis:
+        """The method's basis in the pipeline: its own `pipeline_fit`, or `fit` on the two groups
+        moved to the model's device (returned on the CPU)."""
+        if self.pipeline_fit is not None:
+            return self.pipeline_fit(ctx)
+        info: dict = {}  # e.g. the SAE's epochs and held-out losses, when the method reports its fit
+        report = {"info": info} if self.reports_fit else {}
+        basis = self.fit(ctx.positive.to(ctx.device), ctx.negative.to(ctx.device), ctx.k, ctx.options, **report)
+        return Basis(basis.float().cpu(), {self.name: info} if self.reports_fit else {})
 
-_REGISTRY: dict[str, DirectionMethod] = {}
+
+DIRECTION_METHODS: Registry[DirectionMethod] = Registry("direction method")
 
 
 def register_direction_method(name: str, description: str, fit: FitFn, max_directions: int | None = None, *,
                               options: type[BaseModel] = NoOptions, needs_model: bool = False,
-                              reports_fit: bool = False) -> None:
-    if not name.isidentifier():
-        raise ValueError(f"direction method name {name!r} must be an identifier")
-    if name in _REGISTRY:
-        raise ValueError(f"direction method {name!r} is already registered")
-    if options.model_config.get("extra") != "forbid":
-        raise ValueError(f"options model of {name!r} must set extra='forbid'")
-    _REGISTRY[name] = DirectionMethod(name, description, fit, max_directions, options, needs_model, reports_fit)
+                              reports_fit: bool = False, pipeline_fit: Callable[[FitContext], Basis] | None = None,
+                              fractional_index: bool = False, mean_difference: bool = False) -> DirectionMethod:
+    if needs_model and pipeline_fit is None:
+        raise ValueError(f"direction method {name!r} needs the model: register it with pipeline_fit=, the "
+                         "function that fits it from a FitContext")
+    method = DirectionMethod(name, description, fit, max_directions, options, needs_model, reports_fit, pipeline_fit,
+                             fractional_index, mean_difference)
+    return DIRECTION_METHODS.register(name, method, options)
 
 
 def direction_methods() -> dict[str, DirectionMethod]:
-    return dict(_REGISTRY)
+    return DIRECTION_METHODS.as_dict()
 
 
 def get_direction_method(name: str) -> DirectionMethod:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown direction method {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
+    return DIRECTION_METHODS.get(name)
 
 
 RANK_RTOL = torch.finfo(torch.float32).eps ** 0.5  # ≈ 3.5e-4: below this a float32 row is rounding noise
@@ -113,11 +161,11 @@ class Directions:
     layer_norms: list[float] = field(default_factory=list)  # ||mean diff|| per layer (report)
     contrast: dict = field(default_factory=dict)  # which groups were contrasted (Contrast.info())
     layer_bases: dict[int, torch.Tensor] | None = None  # per-layer scope: {layer: [k, d]} for that layer's writers
-    read: torch.Tensor | None = None  # LEACE: oblique read rows [k, d] with read·basisᵀ = I
+    read: torch.Tensor | None = None  # oblique read rows [k, d], read·basisᵀ = I, from an excise variant's refit (LEACE)
     harmless_mean: torch.Tensor | None = None  # [d] harmless mean at (layer, position)
     layer_weights: dict[int, float] | None = None  # per-layer strengths (spectral / informed), layer -> w
     mean_diffs: torch.Tensor | None = None  # [L+1, d] mean differences of every layer at `position` (report)
-    fit: dict = field(default_factory=dict)  # what an iterative method reports about its fit (RDO: steps, losses)
+    fit: dict = field(default_factory=dict)  # Basis.fit: what a method reports about its fit (RDO: steps, losses)
 
     def __post_init__(self):
         gram = self.basis.double() @ self.basis.double().T

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..analysis.cones import category_directions, effective_dimension
 from ..analysis.cross_layer import unit_rows
 from ..errors import PromptError
-from .base import orthonormalize, register_direction_method
+from .base import Basis, FitContext, orthonormalize, register_direction_method
 from .diff_means import diff_means
 
 
@@ -60,6 +60,15 @@ def cone_basis(positive: torch.Tensor, negative: torch.Tensor, k: int = 1, optio
     return orthonormalize(torch.cat([first, keep]).float())
 
 
+def fit_in_pipeline(ctx: FitContext) -> Basis:
+    """The cone from every harmful train prompt (categorised by its text) and every harmless one."""
+    from ..analysis.cones import categorise
+
+    p, layer = ctx.position, ctx.layer
+    return Basis(cone_basis(ctx.positive, ctx.negative, ctx.k, ctx.options, harmful=ctx.cache.harmful[:, p, layer],
+                            labels=categorise(ctx.harmful_texts), harmless=ctx.cache.harmless[:, p, layer]))
+
+
 register_direction_method(
     "cone", "difference of means, widened to the concept cone's subspace when its effective dimension calls for it",
-    cone_basis, options=ConeOptions, needs_model=True)
+    cone_basis, options=ConeOptions, needs_model=True, pipeline_fit=fit_in_pipeline)

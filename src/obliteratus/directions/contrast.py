@@ -9,7 +9,7 @@ training prompts it answers. Both groups are harmful, so the topic cancels and w
 the refusal decision. This matters on models that refuse only part of a harmful set (the demo
 model refuses about half): there the prompts contrast also removes the model's notion of
 "harmful request", which costs KL on ordinary prompts without removing more refusals (see
-benchmarks/RESULTS.md). Which prompts the model refuses is judged either from its greedy answer
+docs/journal). Which prompts the model refuses is judged either from its greedy answer
 (``label = "generate"``, the marker judge on up to ``label_tokens`` tokens, each sequence stopped
 once decided) or from the refusal log-odds of its first answer token (``label = "logodds"``, the
 score Arditi's layer selection uses, read from the final residual the probe already kept, so no
@@ -24,7 +24,7 @@ prompts it does not refuse. Arditi et al. filter by the first-token log-odds; wi
 demo model it keeps what ``prompts`` gets right (the direction of the refusals, not of the answered
 harmful prompts, so it generalises: 1 of 96 AdvBench prompts still refused at layer 17) and drops
 what ``behaviour`` gets wrong (two small groups of borderline harmful prompts give a noisy direction
-that leaves 28 of 96), at about half the KL of ``prompts``' best layer (benchmarks/RESULTS.md).
+that leaves 28 of 96), at about half the KL of ``prompts``' best layer (docs/journal).
 """
 
 from __future__ import annotations

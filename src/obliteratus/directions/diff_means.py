@@ -23,5 +23,6 @@ def diff_means(harmful: torch.Tensor, harmless: torch.Tensor, k: int = 1, option
 
 
 register_direction_method(
-    "diff_means", "one direction: normalised difference of the harmful and harmless means", diff_means, max_directions=1
+    "diff_means", "one direction: normalised difference of the harmful and harmless means", diff_means, max_directions=1,
+    fractional_index=True, mean_difference=True,
 )

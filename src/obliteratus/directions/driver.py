@@ -3,10 +3,10 @@
 Each step calls one technique module; this file only wires the settings to them:
 
 * contrast (contrast.py): which two groups of train activations are compared;
-* layer choice: Arditi (layers.py), fixed fraction, knee (knee.py), COSMIC (cosmic.py), or a
-  fractional index interpolated between layers (interpolate.py, Heretic's direction_index);
-* fit: any registered direction method; the ones that need the model (RDO, jailbreak contrast)
-  get it here; LEACE's read side when the LEACE edit is asked for;
+* layer choice: the registered layer selector (select/: Arditi, fixed, knee, COSMIC), or a
+  fractional index interpolated between layers (select/interpolate.py, Heretic's direction_index);
+* fit: the registered direction method, from a FitContext (the model and prompts included, for the
+  methods that need them); an excise variant that refits (LEACE's read side) replaces the basis;
 * per-layer scope: each layer's writers get the direction at that layer's output (Heretic).
 """
 
@@ -19,15 +19,15 @@ import torch
 
 from ..batching import Encoded
 from ..errors import ConfigError
-from ..probe import ActivationCache, collect
-from .base import Directions, get_direction_method, orthonormalize
+from ..excise.base import get_excise_variant
+from ..probe import ActivationCache
+from ..select import SelectContext, get_layer_selector
+from ..select.interpolate import direction_at
+from ..select.knee import mean_norms
+from ..select.layers import LayerSelection, refusal_log_odds, refusal_token_ids
+from .base import Directions, FitContext, get_direction_method, orthonormalize
 from .contrast import Contrast, filter_by_refusal, final_logits, split_by_refusal
-from .cosmic import evaluation_layers, select_cosmic
 from .diff_means import mean_difference
-from .interpolate import direction_at
-from .knee import mean_norms, select_knee
-from .layers import (LayerSelection, candidate_layers, refusal_log_odds, refusal_token_ids, select_arditi,
-                     select_fixed)
 from .project_harmless import orthogonalize_against
 
 if TYPE_CHECKING:
@@ -71,29 +71,16 @@ def contrast_groups(adapter, tokenizer, cache: ActivationCache, settings: Settin
 
 def choose_layer(model, adapter, tokenizer, contrast: Contrast, mean_diffs: torch.Tensor, val: dict[str, Encoded],
                  settings: Settings, task: Progress, orthogonal_to: torch.Tensor | None) -> LayerSelection:
-    """`mean_diffs` [positions, L+1, d]."""
-    ls, n_layers = settings.layers, adapter.n_layers
+    """`mean_diffs` [positions, L+1, d]. directions.index, else the registered layer selector (select/)."""
+    n_layers = adapter.n_layers
     if settings.directions.index is not None:
         index = source_index(settings, n_layers)
         if index > n_layers:
             raise ConfigError(f"directions.index = {index} is outside 0..{n_layers}")
         return LayerSelection(round(index), -1, "index")
-    if ls.method == "fixed":
-        return select_fixed(n_layers, ls)
-    if ls.method == "knee":
-        norms = mean_norms(contrast.positive[:, -1], contrast.negative[:, -1]) if ls.knee_normalize else None
-        return select_knee(mean_diffs[-1], norms, candidate_layers(n_layers, ls))
-    n = mean_diffs.shape[0] * len(candidate_layers(n_layers, ls))
-    if ls.method == "cosmic":
-        eval_layers = evaluation_layers(contrast.positive[:, -1].double().mean(0),
-                                        contrast.negative[:, -1].double().mean(0), ls.cosmic_fraction)
-        return select_cosmic(model, adapter, mean_diffs, val["harmful"], val["harmless"], ls, settings.excise,
-                             eval_fraction=ls.cosmic_fraction, eval_layers=eval_layers,
-                             batch_size=settings.evaluate.batch_size, progress=task("score layers (cosmic)", n),
-                             orthogonal_to=orthogonal_to, share_prefix=shares_prefix(model, val["harmless"], settings))
-    return select_arditi(model, adapter, mean_diffs, val["harmful"], val["harmless"], tokenizer, ls, settings.excise,
-                         settings.evaluate.batch_size, task("score layers", n), orthogonal_to,
-                         share_prefix=shares_prefix(model, val["harmless"], settings))
+    ctx = SelectContext(model, adapter, tokenizer, contrast, mean_diffs, val, settings, task, orthogonal_to,
+                        share_prefix=lambda: shares_prefix(model, val["harmless"], settings))
+    return get_layer_selector(settings.layers.method).select(ctx)
 
 
 def layer_weights(contrast: Contrast, mean_diffs: torch.Tensor, source: int, settings: Settings) -> dict[int, float] | None:
@@ -133,47 +120,23 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
               task: Progress, cache: ActivationCache) -> tuple[torch.Tensor, dict]:
     """[k, d] orthonormal basis at the selected layer and position, and what the method reports about
     its fit (RDO: steps, losses, cosine to the difference of means; SAE: epochs, held-out losses,
-    chosen features; {} for the closed-form methods)."""
+    chosen features; {} for the closed-form methods). Every method is fitted the same way, from a
+    FitContext (directions/base.py)."""
     ds = settings.directions
     method = get_direction_method(ds.method)
     k = ds.n_directions if method.max_directions is None else min(ds.n_directions, method.max_directions)
     options = ds.options_for(method.name)
     p, layer = selection.position, selection.layer
     if ds.index is not None:
-        if method.name != "diff_means":
+        if not method.fractional_index:
             raise ConfigError("directions.index (a fractional layer) interpolates difference-of-means directions; "
                               f"method {method.name!r} does not support it")
         return direction_at(mean_diffs[p], source_index(settings, loaded.adapter.n_layers))[None], {}
-    positive, negative = contrast.positive[:, p, layer], contrast.negative[:, p, layer]
-    if method.name == "rdo":
-        from .rdo import fit_info, fit_rdo, initial_basis, rdo_targets
-
-        targets = rdo_targets(loaded.model, loaded.adapter, loaded.tokenizer, train["harmful"], train["harmless"],
-                              layer, mean_diffs[p, layer], options.target_tokens, settings.evaluate.batch_size,
-                              share_prefix=shares_prefix(loaded.model, train["harmful"], settings))
-        init = initial_basis(options, mean_diffs[p, layer])
-        result = fit_rdo(loaded.model, loaded.adapter, train["harmful"], train["harmless"], targets, layer, init,
-                         options, k=k, progress=task("rdo steps", 0))
-        return result.basis, {"rdo": fit_info(result, mean_diffs[p, layer])}
-    if method.name == "jailbreak":
-        from .jailbreak import load_jailbreak_templates, wrap_prompts
-
-        wrapped = encode(wrap_prompts(harmful_texts, load_jailbreak_templates()))
-        acts = collect(loaded.adapter, wrapped, settings.probe.positions, settings.probe.batch_size,
-                       share_prefix=settings.probe.share_prefix)
-        return method.fit(positive, negative, k, options, jailbreak=acts[:, p, layer]), {}
-    if method.name == "cone":
-        from ..analysis.cones import categorise
-
-        return method.fit(positive, negative, k, options, harmful=cache.harmful[:, p, layer],
-                          labels=categorise(harmful_texts), harmless=cache.harmless[:, p, layer]), {}
-    if method.needs_model:
-        raise ConfigError(f"direction method {method.name!r} needs the model and is not wired into the pipeline")
-    device = next(loaded.model.parameters()).device  # e.g. the SAE trains where the model lives
-    info: dict = {}  # e.g. the SAE's epochs and held-out losses, when the method reports its fit
-    report = {"info": info} if method.reports_fit else {}
-    basis = method.fit(positive.to(device), negative.to(device), k, options, **report)
-    return basis.float().cpu(), ({method.name: info} if method.reports_fit else {})
+    ctx = FitContext(contrast.positive[:, p, layer], contrast.negative[:, p, layer], k, options, layer, p,
+                     mean_diffs[p, layer], device=next(loaded.model.parameters()).device, loaded=loaded,
+                     settings=settings, train=train, encode=encode, harmful_texts=harmful_texts, cache=cache, task=task)
+    fitted = method.fit_context(ctx)
+    return fitted.rows, fitted.fit
 
 
 def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],
@@ -210,15 +173,9 @@ def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, E
             layer_bases[i] = orthogonalize_against(r, harmless_means[p, i + 1]) if project is not None else r
     weights = layer_weights(contrast, mean_diffs[p], layer, settings)
     read = None
-    if settings.excise.method == "leace":
-        from .leace import fit_leace
-
-        x = torch.cat([contrast.positive[:, p, layer], contrast.negative[:, p, layer]])  # [n + m, d]
-        z = torch.cat([torch.ones(len(contrast.positive)), torch.zeros(len(contrast.negative))])
-        eraser = fit_leace(x, z)  # binary concept: rank 1
-        scale = eraser.write[0].norm()
-        basis = _unit(eraser.write[0].double())[None]  # [1, d]: the range (∝ the mean difference)
-        read = (eraser.read[:1] * scale).float()  # rescaled so that read·basisᵀ = 1 still holds
+    refit = get_excise_variant(settings.excise.method).refit  # e.g. LEACE fits its own (basis, read side)
+    if refit is not None:
+        basis, read = refit(contrast.positive[:, p, layer], contrast.negative[:, p, layer])  # [1, d], [1, d]
     mean_diff = mean_diffs[p, layer] if ds.index is None else basis[0] * float(mean_diffs[p, layer].norm())
     directions = Directions(orthonormalize(basis) if basis.shape[0] > 1 else basis, ds.method, layer, p, mean_diff,
                             mean_diffs[p].norm(dim=-1).tolist(), contrast.info(), layer_bases=layer_bases, read=read,

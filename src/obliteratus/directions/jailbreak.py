@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ActivationError, PromptError
-from .base import register_direction_method
+from .base import Basis, FitContext, register_direction_method
 
 PLACEHOLDER = "{prompt}"
 
@@ -101,6 +101,17 @@ def wrap_prompts(prompts: list[str], templates: list[str]) -> list[str]:
     return [templates[i % len(templates)].replace(PLACEHOLDER, p) for i, p in enumerate(prompts)]
 
 
+def fit_in_pipeline(ctx: FitContext) -> Basis:
+    """Probe the harmful train prompts wrapped in the jailbreak templates (a third set), then blend."""
+    from ..probe import collect
+
+    probe = ctx.settings.probe
+    wrapped = ctx.encode(wrap_prompts(ctx.harmful_texts, load_jailbreak_templates()))
+    acts = collect(ctx.loaded.adapter, wrapped, probe.positions, probe.batch_size, share_prefix=probe.share_prefix)
+    return Basis(fit_jailbreak(ctx.positive, ctx.negative, ctx.k, ctx.options,
+                               jailbreak=acts[:, ctx.position, ctx.layer]))
+
+
 register_direction_method(
     "jailbreak",
     "diff of means blended with the harmful vs jailbreak-wrapped-harmful direction (probes a third set)",
@@ -108,4 +119,5 @@ register_direction_method(
     max_directions=1,
     options=JailbreakConfig,
     needs_model=True,
+    pipeline_fit=fit_in_pipeline,
 )

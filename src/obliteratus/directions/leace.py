@@ -117,9 +117,24 @@ def leace_direction(harmful: torch.Tensor, harmless: torch.Tensor, k: int = 1, o
     return point_toward(basis, harmful.double().mean(0) - harmless.double().mean(0))
 
 
+def leace_edit_basis(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positive [n, d], negative [m, d] at the source layer -> (basis [1, d], read [1, d]) for the
+    LEACE edit (excise.method = "leace" refits with this): the eraser's range as a unit row, and its
+    read row rescaled by the range's norm, so that read·basisᵀ = 1 still holds (binary concept: rank 1)."""
+    x = torch.cat([positive, negative])  # [n + m, d]
+    z = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
+    eraser = fit_leace(x, z)
+    scale = eraser.write[0].norm()
+    w = eraser.write[0].double()
+    basis = (w / w.norm().clamp_min(1e-12)).float()[None]  # [1, d]: the range (∝ the mean difference)
+    read = (eraser.read[:1] * scale).float()  # [1, d]
+    return basis, read
+
+
 register_direction_method(
     "leace",
     "range of the closed-form LEACE eraser for harmful vs harmless (= diff of means; read side for EXCISE)",
     leace_direction,
     max_directions=1,
+    mean_difference=True,
 )

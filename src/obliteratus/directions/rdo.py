@@ -33,7 +33,7 @@ answer positions (the paper's ``kl_div(..., reduction="batchmean")`` on one prom
 while the CEs are means over tokens, so on a model whose refusal direction costs much KL on harmless
 prompts the retain term dominates (the demo model, at the difference of means: ablation CE 0.48,
 addition CE 0.36, retain KL 4.46, so a direction that leaves refusal alone scores lower;
-benchmarks/rdo_terms.py, RESULTS.md).
+benchmarks/rdo_terms.py, docs/journal/2026-11-28-rdo.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..batching import Encoded
 from ..errors import ObliteratusError, PromptError
 from ..hooks import hooked
-from .base import orthonormalize, register_direction_method
+from .base import Basis, FitContext, orthonormalize, register_direction_method
 
 
 class RdoOptions(BaseModel):
@@ -363,7 +363,22 @@ def _needs_model(harmful, harmless, k, options=None):
                            "obliteratus.directions.rdo.fit_rdo (after rdo_targets), not the pure fit(harmful, harmless)")
 
 
+def fit_in_pipeline(ctx: FitContext) -> Basis:
+    """The targets from the model's own completions, then the optimisation from `initial_basis`;
+    the fit reports :func:`fit_info` under ``"rdo"``."""
+    from .driver import shares_prefix
+
+    loaded, settings, train = ctx.loaded, ctx.settings, ctx.train
+    targets = rdo_targets(loaded.model, loaded.adapter, loaded.tokenizer, train["harmful"], train["harmless"],
+                          ctx.layer, ctx.mean_diff, ctx.options.target_tokens, settings.evaluate.batch_size,
+                          share_prefix=shares_prefix(loaded.model, train["harmful"], settings))
+    init = initial_basis(ctx.options, ctx.mean_diff)
+    result = fit_rdo(loaded.model, loaded.adapter, train["harmful"], train["harmless"], targets, ctx.layer, init,
+                     ctx.options, k=ctx.k, progress=ctx.task("rdo steps", 0))
+    return Basis(result.basis, {"rdo": fit_info(result, ctx.mean_diff)})
+
+
 register_direction_method(
     "rdo", "refusal direction / cone optimisation through the frozen model (Wollschläger et al. 2025)",
-    _needs_model, needs_model=True, options=RdoOptions,
+    _needs_model, needs_model=True, options=RdoOptions, pipeline_fit=fit_in_pipeline,
 )

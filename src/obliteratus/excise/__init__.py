@@ -1,8 +1,10 @@
 """EXCISE: weight edits that remove (λ = 1) or reflect (λ = 2) directions from the residual stream."""
 
+from . import heads, householder, leace  # noqa: F401  (registration; apply registers "project")
 from .apply import EditReport, excise
+from .base import ExciseVariant, excise_variants, get_excise_variant, register_excise_variant
 from .hooks import ablated
 from .projection import norm_preserving_project, project_out, project_vector, residual_norms
 
-__all__ = ["EditReport", "ablated", "excise", "norm_preserving_project", "project_out", "project_vector",
-           "residual_norms"]
+__all__ = ["EditReport", "ExciseVariant", "ablated", "excise", "excise_variants", "get_excise_variant",
+           "norm_preserving_project", "project_out", "project_vector", "register_excise_variant", "residual_norms"]

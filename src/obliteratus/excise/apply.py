@@ -14,6 +14,7 @@ import torch
 
 from ..errors import EditError
 from ..models.adapters import ArchitectureAdapter
+from .base import register_excise_variant
 from .plan import EditPlan, lm_head_edit, resolve
 from .projection import norm_preserving_oblique, oblique_project, oblique_project_vector
 
@@ -100,3 +101,8 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     report.tied_lm_head_edited = adapter.tied_lm_head and any(
         e.writer.module is adapter.embeddings[0] for e in edits)
     return report
+
+
+register_excise_variant(
+    "project", "W' = W - lam*QQ^T W on every selected writer (Arditi et al. 2024; norm_preserve keeps column norms)",
+    excise, what="projects the basis out of every selected writer", hook_form=True, low_rank=True, neurons=True)

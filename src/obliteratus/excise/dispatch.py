@@ -1,10 +1,10 @@
 """EXCISE driver: turn the settings' choice of variant into one edit of the loaded model.
 
 The pipeline calls :func:`apply_edit` once per pass; it builds the :class:`EditPlan` from the
-settings (per-layer bases, Heretic kernels, LEACE's read side, the lm_head option), runs the chosen
-variant (plain projection, Householder reflection, head surgery; optional neuron masking), and
-handles mixture-of-experts layers (expert-granular directions, expert transplant, router refit).
-Every variant is in its own module; this file only wires them.
+settings (per-layer bases, Heretic kernels, a refitting variant's read side, the lm_head option),
+runs the registered variant that ``excise.method`` names (excise/base.py; optional neuron masking),
+and handles mixture-of-experts layers (expert-granular directions, expert transplant, router refit).
+Every variant is in its own module; this file only wires them and never names one.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 from ..batching import Encoded
 from ..errors import ConfigError
 from ..models.adapters import ArchitectureAdapter
-from .apply import EditReport, excise
-from .heads import head_surgery
-from .householder import householder_excise
+from .apply import EditReport
+from .base import get_excise_variant
 from .kernels import kernel_strength
 from .moe import (collect_routing, excise_experts, expert_directions, router_inputs, stabilise_routers,
                   transplant_experts)
@@ -42,9 +41,10 @@ def build_plan(adapter: ArchitectureAdapter, directions: Directions, settings: E
     if directions.layer_weights is not None:
         strength = layer_strength(directions.layer_weights, adapter.n_layers, attention=settings.attention,
                                   mlp=settings.mlp, embeddings=settings.embeddings)
-    read = directions.read if settings.method == "leace" else None
-    if settings.method == "leace" and read is None:
-        raise ConfigError("excise.method = 'leace' needs the LEACE read basis from DISTILL")
+    refits = get_excise_variant(settings.method).refit is not None
+    read = directions.read if refits else None
+    if refits and read is None:
+        raise ConfigError(f"excise.method = {settings.method!r} needs the read basis its refit gives in DISTILL")
     # an empty table is a plan too: every writer it leaves out (here: all of them) has strength 0
     if directions.layer_bases is None and strength is None and read is None and not (settings.lm_head and not adapter.tied_lm_head):
         return None
@@ -76,19 +76,10 @@ def apply_edit(adapter: ArchitectureAdapter, directions: Directions, settings: E
     if moe.expert_directions and use_moe:
         settings = settings.model_copy(update={"experts": False})  # routed experts get their own directions below
 
-    if settings.method == "householder":  # target "negate" (the only one): H = I − 2 d dᵀ
-        if q.shape[0] != 1:
-            raise ConfigError("the Householder variant reflects one direction; set directions.n_directions = 1")
-        report = householder_excise(adapter, q[0], settings, None, plan)
-    elif settings.method == "heads":
-        if plan is not None:
-            raise ConfigError("head surgery edits o_proj slices with the global basis: no kernels, per-layer scope, "
-                              "leace or lm_head with it")
-        report = head_surgery(adapter, q, settings.heads, settings.lam)
-    elif settings.neurons is not None:
+    if settings.neurons is not None:  # only variants declaring neurons=True accept it (excise/base.py)
         report = excise_and_mask(adapter, q, settings.neurons, settings, plan)
     else:
-        report = excise(adapter, q, settings, plan)
+        report = get_excise_variant(settings.method).apply(adapter, q, settings, plan)
 
     if use_moe:
         if moe.expert_directions:

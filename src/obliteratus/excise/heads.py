@@ -16,14 +16,20 @@ before anything is written.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import EditError
+from ..errors import ConfigError, EditError
 from ..models.adapters import ArchitectureAdapter, Layout
 from .apply import EditReport
-from .plan import writer_layer
+from .base import register_excise_variant
+from .plan import EditPlan, writer_layer
 from .projection import project_out
+
+if TYPE_CHECKING:  # config imports the option models of this package
+    from ..config import ExciseSettings
 
 
 class HeadOptions(BaseModel):
@@ -116,3 +122,18 @@ def head_surgery(adapter: ArchitectureAdapter, q: torch.Tensor, options: HeadOpt
         "scores": {name: [round(x, 6) for x in row.tolist()] for name, row in scores.items()},
     }
     return report
+
+
+def heads_variant(adapter: ArchitectureAdapter, q: torch.Tensor, settings: ExciseSettings,
+                  plan: EditPlan | None) -> EditReport:
+    """The registered variant: head surgery with the global basis at strength lam (no plan)."""
+    if plan is not None:
+        raise ConfigError("head surgery edits o_proj slices with the global basis: no kernels, per-layer scope, "
+                          "leace or lm_head with it")
+    return head_surgery(adapter, q, settings.heads, settings.lam)
+
+
+register_excise_variant(
+    "heads", "project only the top attention heads' o_proj slices", heads_variant,
+    what="edits the top heads' o_proj slices (only those, whatever mlp, embeddings and biases say) with the global "
+         "basis at strength lam", strengths="none", lm_head=False, layer_bases=False, attention_only=True)

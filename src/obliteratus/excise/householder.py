@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import EditError
+from ..errors import ConfigError, EditError
 from ..models.adapters import ArchitectureAdapter
 from .apply import EditReport, excise
+from .base import register_excise_variant
 from .plan import EditPlan
 
 if TYPE_CHECKING:  # config imports the option models of this package
@@ -104,3 +105,17 @@ def householder_excise(adapter: ArchitectureAdapter, d: torch.Tensor, settings: 
                                                     torch.nn.functional.cosine_similarity(
                                                         d.double().reshape(-1), target.double().reshape(-1), dim=0))}
     return report
+
+
+def householder_variant(adapter: ArchitectureAdapter, q: torch.Tensor, settings: ExciseSettings,
+                        plan: EditPlan | None) -> EditReport:
+    """The registered variant: target "negate" (the only one), H = I − 2 d dᵀ, for a one-row basis."""
+    if q.shape[0] != 1:
+        raise ConfigError("the Householder variant reflects one direction; set directions.n_directions = 1")
+    return householder_excise(adapter, q[0], settings, None, plan)
+
+
+register_excise_variant(
+    "householder", "orthogonal reflection of each selected writer's residual side sending d to a target",
+    householder_variant, what="is an orthogonal reflection of each selected writer (lambda = 2 along its vector)",
+    strengths="select", layer_bases=False, lam=False)

@@ -5,7 +5,7 @@ index ℓ; 0 = the embedding output). Writers of layers 0 … ℓ − 1 and the 
 there; layer ℓ reads it first. Writers after ℓ write downstream features whose overlap with r is
 incidental, and projecting r out of them changes harmless outputs without being needed to remove the
 refusal (on the demo model: 0 of 32 validation refusals either way, KL over 16 tokens 0.054 instead
-of 0.082; leaving layer ℓ itself out as well left 1 of 32; benchmarks/RESULTS.md).
+of 0.082; leaving layer ℓ itself out as well left 1 of 32; docs/journal).
 
     w_i = 1 for i ≤ ℓ,   w_i = 0 for i > ℓ        (i = 0 … L − 1 the layers; the embeddings keep 1)
 

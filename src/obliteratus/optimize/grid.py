@@ -74,7 +74,7 @@ def search(adapter, q: torch.Tensor, lam: float, val_harmful: Encoded, val_harml
            experts: bool | None = None) -> GridResult:
     """Score the plain edit and every kernel of the grid on the writers the bake edits (`attention`,
     `mlp`, `experts`, `embeddings`, `biases`: the excise settings)."""
-    from ..directions.layers import refusal_log_odds  # late: directions imports config, which imports this package
+    from ..select.layers import refusal_log_odds  # late: directions imports config, which imports this package
 
     model = adapter.model
     base = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)

@@ -54,7 +54,7 @@ Objectives, both on the validation split:
   would give. With ``confirm_during`` the candidates are confirmed on the spare prompts as they finish
   (:meth:`Objective.confirm_now`) and the cut counts only the trials that passed, so it is exact for
   the confirmed pick (the lowest-KL trial that passes); counting every trial at the target keeps
-  a chain of ever-lower-KL trials that may all fail the confirmation afterwards (RESULTS.md).
+  a chain of ever-lower-KL trials that may all fail the confirmation afterwards (docs/journal).
 
   With ``suspect_prompts = k``, once the bar can prune, a trial first generates, for
   ``suspect_tokens`` tokens, up to k of the val prompts that refused most often in this worker's
@@ -85,7 +85,7 @@ import torch
 
 from ..batching import Encoded
 from ..directions.base import orthonormalize
-from ..directions.interpolate import direction_at, from_heretic_index, unit_rows
+from ..select.interpolate import direction_at, from_heretic_index, unit_rows
 from ..errors import ConfigError
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan

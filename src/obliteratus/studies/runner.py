@@ -5,7 +5,7 @@ Metrics (``metrics:`` in the study YAML), all on the held-out *test* split:
 
 * ``log_odds`` (cheap, one forward pass per prompt): mean refusal log-odds
   log p(R) − log(1 − p(R)) at the last prompt position on harmful and harmless prompts
-  (directions/layers.py, Arditi et al. 2024 app. C), and ``kl_last``, the mean KL(base ‖ ablated)
+  (select/layers.py, Arditi et al. 2024 app. C), and ``kl_last``, the mean KL(base ‖ ablated)
   of the next-token distribution on harmless prompts.
 * ``generate``: the full VERIFY (evaluate/): greedy answers, marker refusal rate, over-refusal,
   and KL over the first ``evaluate.kl_tokens`` tokens of the *unablated* model's answers.
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import Settings
 from ..data.prompts import heldout_text
-from ..directions.layers import refusal_log_odds, refusal_token_ids
+from ..select.layers import refusal_log_odds, refusal_token_ids
 from ..errors import ConfigError
 from ..evaluate import evaluate_model, perplexity
 from ..evaluate.generate import last_logits

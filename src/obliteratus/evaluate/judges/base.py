@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from ...errors import ConfigError, ObliteratusError
+from ...errors import ObliteratusError
 from ...options import NoOptions, parse_options
+from ...registry import Registry
 
 
 @dataclass(frozen=True)
@@ -69,29 +70,20 @@ class JudgeSpec:
         return self.build(self.parse_options(options))
 
 
-_REGISTRY: dict[str, JudgeSpec] = {}
+JUDGES: Registry[JudgeSpec] = Registry("judge")
 
 
 def register_judge(name: str, description: str, build: Callable[[Any], Judge], *,
                    options: type[BaseModel] = NoOptions) -> None:
-    if not name.isidentifier():
-        raise ValueError(f"judge name {name!r} must be an identifier")
-    if name in _REGISTRY:
-        raise ValueError(f"judge {name!r} is already registered")
-    if options.model_config.get("extra") != "forbid":
-        raise ValueError(f"options model of judge {name!r} must set extra='forbid'")
-    _REGISTRY[name] = JudgeSpec(name, description, build, options)
+    JUDGES.register(name, JudgeSpec(name, description, build, options), options)
 
 
 def judges() -> dict[str, JudgeSpec]:
-    return dict(_REGISTRY)
+    return JUDGES.as_dict()
 
 
 def get_judge(name: str) -> JudgeSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown judge {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
+    return JUDGES.get(name)
 
 
 def make_judge(name: str, **options) -> Judge:

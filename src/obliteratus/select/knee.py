@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ObliteratusError
+from .base import SelectContext, register_layer_selector
 from .layers import Candidate, LayerSelection
 
 
@@ -112,3 +113,14 @@ def select_knee(mean_diffs: torch.Tensor, act_norms: torch.Tensor | None = None,
     chosen = rising[k]
     candidates[chosen].status = "chosen"
     return LayerSelection(chosen, position, "knee", candidates=candidates)
+
+
+def _knee(ctx: SelectContext) -> LayerSelection:
+    from .layers import candidate_layers
+
+    ls, c = ctx.settings.layers, ctx.contrast
+    norms = mean_norms(c.positive[:, -1], c.negative[:, -1]) if ls.knee_normalize else None
+    return select_knee(ctx.mean_diffs[-1], norms, candidate_layers(ctx.adapter.n_layers, ls))
+
+
+register_layer_selector("knee", "the knee of the per-layer strength curve (kneedle on ||mean diff||)", _knee)

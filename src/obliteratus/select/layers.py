@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..batching import Encoded
-from ..config import ExciseSettings, LayerSettings
 from ..errors import ObliteratusError
 from ..evaluate.generate import last_logits
 from ..evaluate.kl import kl_rows
@@ -36,7 +35,11 @@ from ..excise.plan import EditPlan, layer_strength
 from ..excise.window import window_weights
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
-from .project_harmless import orthogonalize_against
+from ..directions.project_harmless import orthogonalize_against
+from .base import SelectContext, register_layer_selector
+
+if TYPE_CHECKING:  # config validates layers.method against this package's registry
+    from ..config import ExciseSettings, LayerSettings
 
 REFUSAL_STARTS = ("I", "As", "Sorry", "I'm", "Unfortunately", "I cannot", "I can't", "No")
 
@@ -198,3 +201,20 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                 on_candidate(1)
     best = pick(candidates, settings, harmless_baseline)
     return LayerSelection(best.layer, best.position, "arditi", baseline, candidates, harmless_baseline)
+
+
+def _fixed(ctx: SelectContext) -> LayerSelection:
+    return select_fixed(ctx.adapter.n_layers, ctx.settings.layers)
+
+
+def _arditi(ctx: SelectContext) -> LayerSelection:
+    s = ctx.settings
+    n = ctx.mean_diffs.shape[0] * len(candidate_layers(ctx.adapter.n_layers, s.layers))
+    return select_arditi(ctx.model, ctx.adapter, ctx.mean_diffs, ctx.val["harmful"], ctx.val["harmless"], ctx.tokenizer,
+                         s.layers, s.excise, s.evaluate.batch_size, ctx.task("score layers", n), ctx.orthogonal_to,
+                         share_prefix=ctx.share_prefix())
+
+
+register_layer_selector("arditi", "Arditi et al.'s bypass / induce / KL scores of every candidate layer's "
+                                  "difference of means on the validation prompts", _arditi)
+register_layer_selector("fixed", "a fixed layer, or int(fraction * n_layers) (Sumandora's rule)", _fixed)

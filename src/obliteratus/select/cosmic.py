@@ -32,19 +32,22 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 
 from ..batching import Encoded
-from ..config import ExciseSettings, LayerSettings
 from ..errors import ObliteratusError
 from ..evaluate.generate import last_logits
 from ..evaluate.kl import kl_rows
 from ..excise.hooks import ablated
 from ..hooks import hooked
 from ..models.adapters import ArchitectureAdapter
+from .base import SelectContext, register_layer_selector
 from .layers import Candidate, LayerSelection, candidate_basis, candidate_layers, window_plan
+
+if TYPE_CHECKING:  # config validates layers.method against this package's registry
+    from ..config import ExciseSettings, LayerSettings
 
 # --- pure math --------------------------------------------------------------------------------
 
@@ -212,3 +215,18 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     best = pick_cosmic(candidates, settings.kl_threshold)
     return CosmicSelection(best.layer, best.position, "cosmic", candidates=candidates, eval_layers=list(eval_layers),
                            base_cos=concept_cosine(base_harmful, ref_harmless))
+
+
+def _cosmic(ctx: SelectContext) -> CosmicSelection:
+    s, c = ctx.settings, ctx.contrast
+    ls = s.layers
+    n = ctx.mean_diffs.shape[0] * len(candidate_layers(ctx.adapter.n_layers, ls))
+    eval_layers = evaluation_layers(c.positive[:, -1].double().mean(0), c.negative[:, -1].double().mean(0),
+                                    ls.cosmic_fraction)
+    return select_cosmic(ctx.model, ctx.adapter, ctx.mean_diffs, ctx.val["harmful"], ctx.val["harmless"], ls, s.excise,
+                         eval_fraction=ls.cosmic_fraction, eval_layers=eval_layers,
+                         batch_size=s.evaluate.batch_size, progress=ctx.task("score layers (cosmic)", n),
+                         orthogonal_to=ctx.orthogonal_to, share_prefix=ctx.share_prefix())
+
+
+register_layer_selector("cosmic", "COSMIC's cosine scores of the candidate layers (Siu et al. 2025)", _cosmic)
