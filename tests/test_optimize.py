@@ -16,7 +16,7 @@ from conftest import params_digest, tiny_model, tiny_tokenizer
 from obliteratus.batching import encode_prompts
 from obliteratus.config import ExciseSettings, resolve_settings
 from obliteratus.presets import load_preset
-from obliteratus.directions.interpolate import direction_at
+from obliteratus.select.interpolate import direction_at
 from obliteratus.evaluate import early
 from obliteratus.evaluate.judges import markers as refusal
 from obliteratus.evaluate.generate import decode, generate

@@ -12,7 +12,6 @@ import pytest
 from pydantic import BaseModel
 
 from obliteratus.config import resolve_settings
-from obliteratus.optimize.command import run_optimize
 from obliteratus.pipeline import obliterate, uses_study
 from obliteratus.presets import load_preset, preset_names
 
@@ -111,8 +110,8 @@ def field_owner(path: tuple) -> tuple[str, str]:
 def test_every_preset_runs_and_reads_every_option_it_sets(moe_dir, name, spy, tmp_path):
     overrides = merge(SMALL, RDO_FAST) if name == "rdo" else SMALL
     if uses_study(resolve_settings(load_preset(name))):  # optimized, heretic: the optimizer's study picks the edit
-        result = run_optimize(str(moe_dir), name, overrides=overrides, study=STUDY_FAST, run_dir=str(tmp_path))
-        assert result.chosen is not None and len(result.front) >= 1
+        result = obliterate(str(moe_dir), name, overrides=overrides, study=STUDY_FAST, run_dir=str(tmp_path))
+        assert result.study.chosen is not None and len(result.study.front) >= 1
     else:
         result = obliterate(str(moe_dir), name, overrides=overrides)
     assert 0.0 <= result.after.metrics["refusal"] <= 1.0
@@ -233,36 +232,24 @@ def digest(tensors) -> str:
 
 def outcome(model_dir: Path, name: str, overrides: dict, tmp_path: Path, monkeypatch) -> dict:
     """What a run did, as comparable data; an error is an outcome too."""
-    import obliteratus.models.load as load
-
-    captured = {}
-    real_summon = load.summon
-
-    def summon(*args, **kwargs):
-        captured["loaded"] = real_summon(*args, **kwargs)
-        return captured["loaded"]
-
-    monkeypatch.setattr(load, "summon", summon)
     try:
         if uses_study(resolve_settings(merge(load_preset(name), overrides))):
-            result = run_optimize(str(model_dir), name, overrides=overrides, study=STUDY_DIFF,
-                                  run_dir=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"))
-            out = {"trial": (result.chosen.number, result.chosen.params, result.chosen.values),
-                   "front": [(r.number, r.values) for r in result.front] if hasattr(result.front[0], "values")
-                   else repr(result.front), "checks": result.checks}
+            result = obliterate(str(model_dir), name, overrides=overrides, study=STUDY_DIFF,
+                                run_dir=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"))
+            study = result.study
+            out = {"trial": (study.chosen.number, study.chosen.params, study.chosen.values),
+                   "front": [(r.number, r.values) for r in study.front] if hasattr(study.front[0], "values")
+                   else repr(study.front), "checks": study.checks}
         else:
             result = obliterate(str(model_dir), name, overrides=overrides)
-            captured["loaded"] = result.loaded
             d = result.directions
             out = {"basis": digest([("basis", d.basis)] + [(str(k), v) for k, v in sorted((d.layer_bases or {}).items())]),
                    "selection": repr(result.selection.to_dict()), "steering": repr(result.edit.details.get("steering")),
                    "layer_weights": repr(d.layer_weights), "contrast": d.contrast}
     except Exception as err:  # noqa: BLE001 — an error is compared like any other outcome
         return {"error": f"{type(err).__name__}: {err}"}
-    finally:
-        monkeypatch.setattr(load, "summon", real_summon)
     out["metrics"] = repr(result.after.metrics)
-    out["weights"] = digest(sorted(captured["loaded"].model.state_dict().items()))
+    out["weights"] = digest(sorted(result.loaded.model.state_dict().items()))
     return out
 
 
@@ -272,7 +259,7 @@ def fake_markers(monkeypatch):
     and for the log-odds label a first token in the lower half of the byte vocabulary (the refusal
     log-odds then sit around 0)."""
     import obliteratus.directions.driver as driver
-    import obliteratus.directions.layers as layers
+    import obliteratus.select.layers as layers
     import obliteratus.pipeline as pipeline
     from obliteratus.evaluate.judges import markers
 

@@ -1,50 +1,42 @@
 """The driver: one function per stage, typed results passed along.
 
-SUMMON -> PROBE (ActivationCache) -> DISTILL (Directions + LayerSelection) -> VERIFY before
--> EXCISE (EditReport) -> VERIFY after -> REBIRTH.
+SUMMON -> PROBE (ActivationCache) -> DISTILL -> choose the edit -> VERIFY before -> EXCISE
+(EditReport) -> VERIFY after -> REBIRTH (run.Run.save, record.RunRecord).
+
+Choosing the edit has three strategies, one per kind of preset: the fixed edit (the preset's settings
+as they are), the kernel grid (``optimize.search = "grid"``) and the Optuna study (``"study"``: the
+``optimized`` and ``heretic`` presets, optimize/strategy.py). Each fits what it needs in DISTILL,
+chooses between DISTILL and VERIFY, excises its choice and gives the record its ``directions``,
+``selection`` and ``optimize`` sections; everything else is this one driver.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 
 
 from .analysis.pca import run_pca
 from .batching import Encoded, check_lengths, max_positions
-from .config import Settings, resolve_settings
+from .config import Settings, deep_merge, resolve_settings
 from .data.prompts import Split, encode_chat, load_prompts, split_prompts
-from .directions import Directions, orthonormalize
+from .directions import Directions, get_direction_method, orthonormalize
 from .directions.driver import distill as distill_directions
-from .directions.layers import LayerSelection, refusal_token_ids
+from .select.layers import LayerSelection, refusal_token_ids
 from .errors import ConfigError, PromptError
-from .evaluate import Evaluation, evaluate_model
-from .excise import EditReport
+from .evaluate import evaluate_model
+from .excise import EditReport, get_excise_variant
 from .excise.dispatch import apply_edit, build_plan
 from .excise.kernels import KernelOptions
 from .optimize.grid import GridResult, kernels as grid_kernels, search as grid_search
-from .models.load import Loaded, describe, summon
+from .models.load import Loaded, summon
 from .presets import load_preset
 from .probe import ActivationCache, collect
-from .save import check_output, save_run, versions
+from .run import Reporter, Run, timed as _timed
+from .save import check_output
 from .steering import SteeringEntry, SteeringSpec, ablation_points, attach_steering
-
-
-class Reporter:
-    """Progress callbacks; the CLI draws bars, the Python API stays quiet."""
-
-    def stage(self, name: str) -> None:
-        pass
-
-    def task(self, label: str, total: int) -> Callable[[int], None]:
-        return lambda n: None
-
-    def done(self, name: str, seconds: float) -> None:
-        pass
 
 
 @dataclass
@@ -68,9 +60,10 @@ def split_prompt_sets(settings: Settings) -> tuple[Split, Split]:
     overlap = {p.casefold() for p in harmful} & {p.casefold() for p in harmless}
     if overlap:
         raise PromptError(f"{len(overlap)} prompts are in both the harmful and harmless sets, e.g. {sorted(overlap)[0]!r}")
-    k = settings.directions.n_directions
-    if settings.directions.method != "diff_means" and d.n_train < k:
-        raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than n_directions = {k}")
+    cap = get_direction_method(settings.directions.method).max_directions
+    k = settings.directions.n_directions if cap is None else min(settings.directions.n_directions, cap)
+    if d.n_train < k:  # the directions actually fitted (a one-direction method fits one whatever n_directions says)
+        raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than the {k} directions to fit")
     return (split_prompts(harmful, d.n_train, d.n_val, d.n_test, d.seed, "harmful prompts"),
             split_prompts(harmless, d.n_train, d.n_val, d.n_test, d.seed, "harmless prompts"))
 
@@ -167,7 +160,7 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
 
 
 def uses_study(settings: Settings) -> bool:
-    """The preset's edit is chosen by the multi-objective study (optimize/command.py), not by this pipeline."""
+    """The preset's edit is chosen by the multi-objective study (optimize/strategy.py)."""
     return settings.optimize.enabled and settings.optimize.search == "study"
 
 
@@ -206,7 +199,7 @@ def export_adapter(loaded: Loaded, settings: Settings, directions: Directions, l
     from .export.lora import export_lora
 
     ex = settings.excise
-    if ex.mode == "hooks" or ex.method not in ("project", "leace") or ex.neurons is not None or ex.passes > 1 or (
+    if ex.mode == "hooks" or not get_excise_variant(ex.method).low_rank or ex.neurons is not None or ex.passes > 1 or (
             loaded.adapter.moe_layers and (ex.moe.expert_directions or ex.moe.transplant or ex.moe.stabilise_routers)):
         raise ConfigError("--lora exports one low-rank projection edit; this preset adds steps that are not low rank "
                           "(hooks mode, Householder/heads, neuron masking, several passes or MoE expert steps)")
@@ -215,29 +208,76 @@ def export_adapter(loaded: Loaded, settings: Settings, directions: Directions, l
                 norm_preserve=ex.norm_preserve, overwrite=overwrite)
 
 
+class FixedEdit:
+    """Choosing the edit, two of its strategies: the fixed edit (the directions DISTILL fits, excised as
+    the settings say) and, with ``optimize.enabled`` and ``search = "grid"``, the kernel grid
+    (optimize/grid.py) that picks per-layer kernels for those directions on the val prompts first.
+    In hook mode the edit is attached as hooks (kept in ``loaded.steering``); with `lora`, the weight
+    edit is also written there as a PEFT adapter."""
+
+    def __init__(self, settings: Settings, lora: str | None = None, overwrite: bool = False):
+        self.settings, self.lora, self.overwrite = settings, lora, overwrite
+        self.directions: Directions | None = None
+        self.selection: LayerSelection | None = None
+        self.grid: GridResult | None = None
+        self.steering: SteeringSpec | None = None
+
+    def prepare(self, splits, source: str, given: bool, locks: ExitStack) -> None:
+        """Checks that need no model (none beyond the driver's)."""
+
+    def distill(self, loaded: Loaded, cache: ActivationCache, prompts: PromptSets, reporter: Reporter) -> None:
+        self.directions, self.selection = distill(loaded, cache, prompts, self.settings, reporter)
+
+    def pca(self, cache: ActivationCache) -> dict:
+        position = self.selection.position
+        return run_pca(cache.harmful[:, position], cache.harmless[:, position], self.selection.layer)
+
+    def choose(self, loaded: Loaded, prompts: PromptSets, reporter: Reporter, timings: dict[str, float]) -> None:
+        if self.settings.optimize.enabled and self.settings.optimize.search == "grid":
+            with _timed(timings, "optimize", reporter):
+                self.settings, self.grid = optimize_kernel(loaded, prompts, self.settings, self.directions, reporter)
+
+    def excise(self, loaded: Loaded, prompts: PromptSets, reporter: Reporter) -> EditReport:
+        settings, directions = self.settings, self.directions
+        if settings.excise.mode == "hooks":  # inference-time edit: hooks attached now and saved with the model
+            self.steering = steering_spec(loaded, directions, settings)
+            loaded.steering = attach_steering(loaded.adapter, self.steering)  # keep the handle: dropping it detaches
+            return EditReport(settings.excise.lam, False, directions.k, variant="hooks",
+                              details={"steering_hooks": [e.hook for e in self.steering.entries]})
+        if self.lora is not None:
+            export_adapter(loaded, settings, directions, self.lora, self.overwrite)
+        edit = apply_edit(loaded.adapter, directions, settings.excise, harmful=prompts.encoded["harmful.train"],
+                          harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size)
+        if settings.excise.passes > 1:
+            edit, edit.details["passes"] = refine(loaded, prompts, settings, reporter, directions, edit)
+        return edit
+
+    def sections(self) -> dict:
+        """The record's directions, selection and optimize sections."""
+        d = self.directions
+        return {"directions": {"method": d.method, "k": d.k, "layer": d.layer, "position": d.position,
+                               "layer_norms": d.layer_norms, "contrast": d.contrast, "fit": d.fit},
+                "selection": self.selection.to_dict(),
+                "optimize": None if self.grid is None else self.grid.to_dict()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What directions.safetensors holds."""
+        d = self.directions
+        tensors = {"basis": d.basis, "mean_diff": d.mean_diff}
+        if d.mean_diffs is not None:
+            tensors["mean_diffs"] = d.mean_diffs  # [L+1, d]: every layer, for the report
+        return tensors
+
+
 def edit_model(loaded: Loaded, prompts: PromptSets, settings: Settings, directions: Directions, reporter: Reporter,
                timings: dict[str, float], lora: str | None = None, overwrite: bool = False) -> Edited:
-    """OPTIMIZE (when enabled) and EXCISE, in place; in hook mode the hooks are attached and kept in
-    ``loaded.steering``. With `lora`, the edit is also written there as a PEFT adapter."""
-    grid = None
-    if settings.optimize.enabled and settings.optimize.search == "grid":
-        with _timed(timings, "optimize", reporter):
-            settings, grid = optimize_kernel(loaded, prompts, settings, directions, reporter)
-    steering = None
+    """The kernel grid (when enabled) and EXCISE of :class:`FixedEdit` for given directions, in place."""
+    fixed = FixedEdit(settings, lora, overwrite)
+    fixed.directions = directions
+    fixed.choose(loaded, prompts, reporter, timings)
     with _timed(timings, "excise", reporter):
-        if settings.excise.mode == "hooks":  # inference-time edit: hooks attached now and saved with the model
-            steering = steering_spec(loaded, directions, settings)
-            loaded.steering = attach_steering(loaded.adapter, steering)  # keep the handle: dropping it detaches
-            edit = EditReport(settings.excise.lam, False, directions.k, variant="hooks",
-                              details={"steering_hooks": [e.hook for e in steering.entries]})
-        else:
-            if lora is not None:
-                export_adapter(loaded, settings, directions, lora, overwrite)
-            edit = apply_edit(loaded.adapter, directions, settings.excise, harmful=prompts.encoded["harmful.train"],
-                              harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size)
-            if settings.excise.passes > 1:
-                edit, edit.details["passes"] = refine(loaded, prompts, settings, reporter, directions, edit)
-    return Edited(settings, edit, grid, steering)
+        edit = fixed.excise(loaded, prompts, reporter)
+    return Edited(fixed.settings, edit, fixed.grid, fixed.steering)
 
 
 def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) -> SteeringSpec:
@@ -252,105 +292,78 @@ def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) ->
     return SteeringSpec([SteeringEntry(name, "ablate", directions.basis, ex.lam) for name in names])
 
 
-@dataclass
-class RunResult:
-    settings: Settings
-    loaded: Loaded
-    prompts: PromptSets
-    directions: Directions
-    selection: LayerSelection
-    edit: EditReport
-    before: Evaluation
-    after: Evaluation
-    timings: dict[str, float] = field(default_factory=dict)
-    output: str | None = None
-    search: dict | None = None  # the kernel grid's trials (optimized preset)
-
-    def metadata(self, preset: str) -> dict:
-        model = describe(self.loaded)
-        model.pop("config")
-        return {
-            "tool": "obliteratus",
-            "preset": preset,
-            "settings": self.settings.model_dump(),
-            "model": model,
-            "directions": {"method": self.directions.method, "k": self.directions.k, "layer": self.directions.layer,
-                           "position": self.directions.position, "layer_norms": self.directions.layer_norms,
-                           "contrast": self.directions.contrast, "fit": self.directions.fit},
-            "selection": self.selection.to_dict(),
-            "edit": self.edit.to_dict(),
-            "metrics_before": self.before.metrics,
-            "metrics_after": self.after.metrics,
-            "optimize": self.search,
-            "timings_s": self.timings,
-            "versions": versions(),
-            "seed": self.settings.data.seed,
-            "splits": {cls: {part: len(getattr(getattr(self.prompts, cls), part)) for part in ("train", "val", "test")}
-                       for cls in ("harmful", "harmless")},
-        }
+RunResult = Run  # the name before the study ran through this driver
 
 
-@contextmanager
-def _timed(timings: dict[str, float], name: str, reporter: Reporter) -> Iterator[None]:
-    reporter.stage(name)
-    start = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - start
-    reporter.done(name, timings[name])
+def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None = None, *, overwrite: bool = False,
+               reporter: Reporter | None = None, lora: str | None = None, overrides: dict | None = None,
+               study: dict | None = None, run_dir: str | None = None, pick: int | None = None, worker: bool = False,
+               **sections: dict) -> Run:
+    """Run every stage on `model`: an alias, directory, .gguf file or hub id, or a models.load.Loaded
+    (used as it is, not reloaded, and edited in place), with `preset` (a name or a .toml file).
 
+    Settings: the preset < ``OBLITERATUS_*`` environment < `overrides` (nested dict) < `sections`, e.g.
+    ``obliterate(m, "basic", excise={"lam": 2}, data={"n_train": 8})``. With `output` the run is saved
+    there (as ``run.save(output, overwrite)`` does later); the output, `lora` and the prompt files are
+    checked before any work. With `lora`, the fixed edit is also written as a PEFT LoRA adapter there.
 
-def obliterate(model: str, preset: str = "basic", output: str | None = None, overwrite: bool = False,
-               overrides: dict | None = None, reporter: Reporter | None = None, lora: str | None = None) -> RunResult:
-    """Run all six stages on `model` (alias, directory, .gguf file or hub id); with `lora`, also write
-    the edit as a PEFT LoRA adapter to that directory."""
+    The edit is chosen by the preset's strategy: the fixed edit, the kernel grid or the Optuna study
+    (``optimize.enabled``, ``search = "study"``; also whenever `study` is given). The study's own
+    options: `study` (``optimize.study`` fields, over the preset's), `run_dir` (where the default SQLite
+    study lives; default ``<output>.study`` or ``obliteratus-runs/<study name>``), `pick` (bake this
+    trial number) and `worker` (only run trials, then return: no edit). Returns a :class:`run.Run`."""
     reporter = reporter or Reporter()
-    settings = resolve_settings(load_preset(preset), overrides)
-    if uses_study(settings):
-        raise ConfigError(f"preset {preset!r} searches its edit with the optimizer study: run it with "
-                          "`obliteratus obliterate`/`obliteratus optimize` (optimize.command.run_optimize)")
-    for target, other in ((output, lora), (lora, output)):
-        if target is not None:
-            check_output(target, overwrite, source=model, others=(other,))  # fail before any work
+    settings = resolve_settings(load_preset(preset), deep_merge(overrides or {}, sections))
+    given = isinstance(model, Loaded)
+    source = model.source if given else model
+    if study is not None or uses_study(settings):
+        from .optimize.strategy import StudyEdit
+
+        if lora is not None:
+            raise ConfigError(f"--lora: preset {preset!r} bakes an optimizer trial; export from a fixed preset")
+        choice = StudyEdit(settings, source, preset, output, study, run_dir, pick, worker)
+    else:
+        if worker or pick is not None or run_dir is not None:
+            raise ConfigError(f"worker, pick and run_dir are options of the optimizer study; preset {preset!r} "
+                              "does not run one (optimize.enabled with search = 'study')")
+        choice = FixedEdit(settings, lora, overwrite)
+    if not worker:
+        for target, other in ((output, lora), (lora, output)):
+            if target is not None:
+                check_output(target, overwrite, source=source, others=(other,))  # fail before any work
     splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     timings: dict[str, float] = {}
-    with _timed(timings, "summon", reporter):
-        loaded = summon(model, settings.model)
-    with _timed(timings, "probe", reporter):
-        prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
-        cache = probe(loaded, prompts, settings, reporter)
-    with _timed(timings, "distill", reporter):
-        directions, selection = distill(loaded, cache, prompts, settings, reporter)
-    pca = None if output is None else run_pca(cache.harmful[:, selection.position], cache.harmless[:, selection.position],
-                                              selection.layer)
-    del cache
-    ev = settings.evaluate
-    with _timed(timings, "verify_before", reporter):
-        step = reporter.task
-        before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                                prompts.part("harmless", "test"), ev, None, step, make_reference=True)
-        ref = before.reference
-    settings, edit, grid, steering = edit_model(loaded, prompts, settings, directions, reporter, timings, lora,
-                                                overwrite)
-    with _timed(timings, "verify_after", reporter):
-        after = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                               prompts.part("harmless", "test"), ev, ref, step)
-    result = RunResult(settings, loaded, prompts, directions, selection, edit, before, after, timings,
-                       search=None if grid is None else grid.to_dict())
-    if output is not None:
-        with _timed(timings, "rebirth", reporter):
-            start = time.perf_counter()
-
-            def metadata() -> dict:  # called once the weights are on disk: includes their write time
-                timings["rebirth"] = time.perf_counter() - start
-                return result.metadata(preset)
-
-            tensors = {"basis": directions.basis, "mean_diff": directions.mean_diff}
-            if directions.mean_diffs is not None:
-                tensors["mean_diffs"] = directions.mean_diffs  # [L+1, d]: every layer, for the report
-            result.output = str(save_run(loaded.model, loaded.tokenizer, output, metadata, tensors, overwrite,
-                                         steering=steering, pca=pca))
-    return result
+    with ExitStack() as locks:  # the study's SQLite lock, held until the run is saved
+        choice.prepare(splits, source, given, locks)
+        if given:
+            loaded = model
+        else:
+            with _timed(timings, "summon", reporter):
+                loaded = summon(model, settings.model)
+        with _timed(timings, "probe", reporter):
+            prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
+            cache = probe(loaded, prompts, settings, reporter)
+        with _timed(timings, "distill", reporter):
+            choice.distill(loaded, cache, prompts, reporter)
+        pca = choice.pca(cache)
+        del cache
+        choice.choose(loaded, prompts, reporter, timings)
+        run = Run(preset, choice.settings, loaded, prompts, choice, timings=timings, pca=pca)
+        if worker:
+            return run
+        ev, step = settings.evaluate, reporter.task
+        with _timed(timings, "verify_before", reporter):
+            run.before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
+                                        prompts.part("harmless", "test"), ev, None, step, make_reference=True)
+        with _timed(timings, "excise", reporter):
+            run.edit = choice.excise(loaded, prompts, reporter)
+        with _timed(timings, "verify_after", reporter):
+            run.after = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
+                                       prompts.part("harmless", "test"), ev, run.before.reference, step)
+        if output is not None:
+            run.save(output, overwrite, reporter)
+    return run
 
 
-__all__ = ["Edited", "PromptSets", "Reporter", "RunResult", "distill", "edit_model", "obliterate",
-           "prepare_prompts", "probe", "split_prompt_sets"]
+__all__ = ["Edited", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "distill", "edit_model", "obliterate",
+           "prepare_prompts", "probe", "split_prompt_sets", "uses_study"]

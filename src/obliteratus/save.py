@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import ObliteratusError, OutputExistsError
+from .record import RunRecord
 
 
 MARKER = ".obliteratus-output"  # written into every directory write_atomically creates
@@ -261,22 +262,24 @@ def model_card(meta: dict) -> str:
     ])
 
 
-def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], dict], tensors: dict[str, torch.Tensor],
-             overwrite: bool = False, steering=None, pca: dict | None = None) -> Path:
+def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], RunRecord | dict],
+             tensors: dict[str, torch.Tensor], overwrite: bool = False, steering=None, pca: dict | None = None) -> Path:
     """Save the (edited) model, tokenizer, ``obliteratus.json``, ``directions.safetensors`` and README.md.
-    `metadata` is called after the weights are written, so it can include the time that took.
-    A ``steering.SteeringSpec`` is written beside them (``summon`` attaches it again), and `pca`
-    (:func:`analysis.pca.run_pca`: the report's PCA panels) as ``pca.json``."""
+    `metadata` (the run record, record.RunRecord; a dict is validated into one) is called after the
+    weights are written, so it can include the time that took. A ``steering.SteeringSpec`` is written
+    beside them (``summon`` attaches it again), and `pca` (:func:`analysis.pca.run_pca`: the report's
+    PCA panels) as ``pca.json``."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = metadata()
+        record = metadata()
+        record = record if isinstance(record, RunRecord) else RunRecord.model_validate(record)
         save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()},
                   str(tmp / "directions.safetensors"),
-                  metadata={"method": str(meta["directions"]["method"])})
-        (tmp / "obliteratus.json").write_text(json.dumps(meta, indent=2, default=str), "utf-8")
-        (tmp / "README.md").write_text(model_card(meta), "utf-8")
+                  metadata={"method": str(record.directions.method)})
+        (tmp / "obliteratus.json").write_text(record.to_json(), "utf-8")
+        (tmp / "README.md").write_text(model_card(record.model_dump()), "utf-8")
         if steering is not None:
             from .steering import write_steering_files
 

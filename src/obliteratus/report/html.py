@@ -3,7 +3,7 @@ base64 PNG data URIs, no scripts, no external resource) that opens offline, plus
 as PNG files under ``plots/``.
 
 Inputs, all from the run directory (REBIRTH, save.py):
-  obliteratus.json         metadata (pipeline.RunResult.metadata): directions.layer_norms,
+  obliteratus.json         metadata (record.RunRecord): directions.layer_norms,
                            selection.candidates (bypass / induce / kl), metrics_before/after
                            (refusal, over_refusal, kl_per_position, ...), edit, settings, timings
   directions.safetensors   ``mean_diffs`` [L+1, d] when the run saved it → cross-layer cosine map

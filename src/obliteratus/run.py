@@ -1,0 +1,155 @@
+"""What :func:`obliteratus.pipeline.obliterate` returns: the run, whichever strategy chose its edit,
+with its metrics, its typed record (``obliteratus.json``, record.py) and ``save`` (REBIRTH, now or
+later); and the progress callbacks every verb passes along."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .errors import ObliteratusError
+from .record import RunRecord
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .directions import Directions
+    from .select.layers import LayerSelection
+    from .evaluate import Evaluation
+    from .excise import EditReport
+    from .models.load import Loaded
+    from .pipeline import PromptSets
+
+
+class Reporter:
+    """Progress callbacks; the CLI draws bars, the Python API stays quiet."""
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def task(self, label: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+    def done(self, name: str, seconds: float) -> None:
+        pass
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str, reporter: Reporter) -> Iterator[None]:
+    reporter.stage(name)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    reporter.done(name, timings[name])
+
+
+@dataclass
+class Run:
+    """One run of :func:`~obliteratus.pipeline.obliterate`.
+
+    ``metrics`` is ``{"before": ..., "after": ...}`` (evaluate.Evaluation.metrics of the test split,
+    unedited and edited); ``save(dir)`` writes the edited model with ``obliteratus.json``
+    (:meth:`record`), the directions, the report and, in hook mode, the steering files. The fixed
+    edit and the kernel grid fill ``directions`` and ``selection`` (and ``search``: the grid's trials);
+    the Optuna study fills ``study`` (optimize.command.OptimizeResult: the front, the chosen trial, its
+    confirmation). A ``--worker`` run of the study only ran trials: no edit, no metrics."""
+
+    preset: str
+    settings: Settings
+    loaded: Loaded
+    prompts: PromptSets
+    choice: Any  # the strategy that chose the edit (pipeline.FixedEdit, optimize.strategy.StudyEdit)
+    before: Evaluation | None = None
+    after: Evaluation | None = None
+    edit: EditReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    pca: dict | None = None  # analysis.pca.run_pca: the report's PCA panels
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.study is not None:
+            self.study.run = self  # its edit, metrics and output are this run's
+
+    @property
+    def directions(self) -> Directions | None:
+        return getattr(self.choice, "directions", None)
+
+    @property
+    def selection(self) -> LayerSelection | None:
+        return getattr(self.choice, "selection", None)
+
+    @property
+    def search(self) -> dict | None:
+        """The kernel grid's trials (``optimize.search = "grid"``)."""
+        grid = getattr(self.choice, "grid", None)
+        return None if grid is None else grid.to_dict()
+
+    @property
+    def study(self):
+        """The study's outcome (optimize.command.OptimizeResult), or None."""
+        return getattr(self.choice, "result", None)
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        if self.after is None:
+            raise ObliteratusError("this run has no metrics: a --worker run only runs trials")
+        return {"before": self.before.metrics, "after": self.after.metrics}
+
+    def record(self) -> RunRecord:
+        """The typed run record (``obliteratus.json``)."""
+        from .models.load import describe
+        from .save import versions
+
+        if self.edit is None:
+            raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
+        model = describe(self.loaded)
+        model.pop("config")
+        from .settings_file import saved_settings
+
+        settings = saved_settings(self.settings)  # a storage password (or any secret setting) stays out of the file
+        return RunRecord.model_validate({
+            "tool": "obliteratus",
+            "preset": self.preset,
+            "settings": settings,
+            "model": model,
+            **self.choice.sections(),  # directions, selection, optimize
+            "edit": self.edit.to_dict(),
+            "metrics_before": self.before.metrics,
+            "metrics_after": self.after.metrics,
+            "timings_s": self.timings,
+            "versions": versions(),
+            "seed": self.settings.data.seed,
+            "splits": {cls: {part: len(getattr(getattr(self.prompts, cls), part)) for part in ("train", "val", "test")}
+                       for cls in ("harmful", "harmless")},
+        })
+
+    def metadata(self, preset: str | None = None) -> dict:
+        """:meth:`record` as a dict (`preset`: another name for the preset)."""
+        meta = self.record().model_dump()
+        return meta if preset is None else {**meta, "preset": preset}
+
+    def save(self, output: str | Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
+        """REBIRTH: write the edited model, ``obliteratus.json``, the directions, README.md, the report
+        (and the steering files in hook mode) to `output`, atomically (save.save_run); the same files
+        as passing ``output=`` to obliterate()."""
+        from .save import check_output, save_run
+
+        if self.edit is None:
+            raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
+        check_output(output, overwrite, source=self.loaded.source)
+        with timed(self.timings, "rebirth", reporter or Reporter()):
+            start = time.perf_counter()
+
+            def record() -> RunRecord:  # called once the weights are on disk: includes their write time
+                self.timings["rebirth"] = time.perf_counter() - start
+                return self.record()
+
+            self.output = str(save_run(self.loaded.model, self.loaded.tokenizer, output, record,
+                                       self.choice.tensors(), overwrite, steering=getattr(self.choice, "steering", None),
+                                       pca=self.pca))
+        return Path(self.output)
+
+
+__all__ = ["Reporter", "Run", "timed"]
