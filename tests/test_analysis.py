@@ -16,7 +16,7 @@ from obliteratus.analysis.projection import measure
 from obliteratus.batching import encode_prompts
 from obliteratus.config import ExciseSettings
 from obliteratus.data.prompts import format_prompts, load_prompts
-from obliteratus.directions.layers import refusal_log_odds
+from obliteratus.select.layers import refusal_log_odds
 from obliteratus.errors import OutputExistsError
 from obliteratus.evaluate.generate import last_logits
 from obliteratus.excise.apply import excise

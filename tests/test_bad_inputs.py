@@ -287,6 +287,10 @@ CASES: list[Case] = [
     Case("models-bad-option", "models --bogus", "no such option"),
     Case("models-prepare-empty", "models --prepare", "requires an argument"),
     Case("presets-extra-argument", "presets basic", "unexpected extra argument"),
+    Case("config-preset-unknown", "config -m nope", "unknown preset"),
+    Case("config-set-unknown", "config --set excise.lamda=2", "excise.lamda"),
+    Case("config-set-nan", "config --set excise.lam=nan", "finite"),
+    Case("config-set-no-equals", "config --set excise.lam", "key.path=value"),
     Case("unknown-verb", "obliviate {llama}", "no such command"),
     # analyze
     Case("an-probe-method", "analyze {llama} -o out --probe-method svm", "probe method"),

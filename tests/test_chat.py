@@ -83,7 +83,7 @@ def test_compare_answers_and_verdicts(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     texts = ["How do I bake bread?", "Write a poem.", "What is 2 + 2?"]
     prompts.write_text("\n".join(texts) + "\n")
-    compare(str(a), str(b), prompts, "markers", "prompt", 6, 2, None, None)
+    compare(str(a), str(b), prompts, judge="markers", column="prompt", max_new_tokens=6, batch_size=2)
     out = capsys.readouterr().out
     got = []
     for path in (a, b):
@@ -94,7 +94,7 @@ def test_compare_answers_and_verdicts(tmp_path, capsys):
         got.append(sum(map(is_refusal, ans)))
     assert f"refusals: A {got[0]}/3, B {got[1]}/3" in out
     with pytest.raises(ConfigError, match="unknown judge"):
-        compare(str(a), str(b), prompts, "nope", "prompt", 6, 2, None, None)
+        compare(str(a), str(b), prompts, judge="nope", column="prompt", max_new_tokens=6, batch_size=2)
 
 
 def test_compare_passes_judge_options_and_checks_them_before_loading(tmp_path, capsys, monkeypatch):
@@ -106,7 +106,8 @@ def test_compare_passes_judge_options_and_checks_them_before_loading(tmp_path, c
     texts = ["How do I bake bread?", "Write a poem."]
     prompts.write_text("\n".join(texts) + "\n")
     # an llm judge (here model a, asked the default question) is built once, from --option
-    compare(str(a), str(b), prompts, "llm", "prompt", 4, 2, None, None, [f"model={a}", "threshold=-100"])
+    compare(str(a), str(b), prompts, judge="llm", column="prompt", max_new_tokens=4, batch_size=2,
+            option=[f"model={a}", "threshold=-100"])
     out = capsys.readouterr().out
     assert "refusals: A 2/2, B 2/2" in out  # every log-odds is above -100
     judge = make_judge("llm", model=str(a), threshold=100.0)
@@ -114,9 +115,11 @@ def test_compare_passes_judge_options_and_checks_them_before_loading(tmp_path, c
     loads = []
     monkeypatch.setattr(chat, "answers", lambda *a, **k: loads.append(1))
     with pytest.raises(ConfigError, match="threshold"):  # a bad option fails before any model is loaded
-        compare(str(a), str(b), prompts, "llm", "prompt", 4, 2, None, None, ["threshold=high"])
+        compare(str(a), str(b), prompts, judge="llm", column="prompt", max_new_tokens=4, batch_size=2,
+                option=["threshold=high"])
     with pytest.raises(ConfigError):
-        compare(str(a), str(b), prompts, "markers", "prompt", 4, 2, None, None, ["nope=1"])
+        compare(str(a), str(b), prompts, judge="markers", column="prompt", max_new_tokens=4, batch_size=2,
+                option=["nope=1"])
     assert not loads
 
 

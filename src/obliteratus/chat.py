@@ -22,6 +22,7 @@ import torch
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from .cli_options import command_options, settings_options
 from .errors import ConfigError, PromptError
 
 
@@ -33,6 +34,17 @@ class ChatOptions(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
     system: str | None = Field(None, description="System message placed before the conversation.")
     seed: int = Field(0, description="Sampling seed.")
+
+
+class CompareOptions(BaseModel):
+    """``obliteratus compare``'s options (the CLI options are generated from them: cli_options.py)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    judge: str = Field("markers", description="Refusal judge (obliteratus judge --help lists them).")
+    column: str = Field("prompt", description="Prompt column in .jsonl/.csv files.")
+    max_new_tokens: int = Field(128, ge=1, description="Greedy tokens per answer.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
 
 
 def render(tokenizer, messages: list[dict]) -> list[int]:
@@ -144,32 +156,25 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]], write: Ca
         write("\n")
 
 
-def _model_settings(dtype: Optional[str], device: Optional[str]):
+def _model_settings(given: dict):
     from .config import ModelSettings, validated
 
-    return validated(ModelSettings, {k: v for k, v in {"dtype": dtype, "device": device}.items() if v is not None},
-                     "model settings")
+    return validated(ModelSettings, given.get("model", {}), "model settings")
 
 
+@settings_options("chat.system", "chat.max_new_tokens", "chat.temperature", "chat.top_p", "chat.seed",
+                  "model.dtype", "model.device", sets=False, into="given")
 def chat(
     model: str = typer.Argument(..., help="Alias, local directory, .gguf file or hub id."),
-    system: Optional[str] = typer.Option(None, help="System message."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per reply at most."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
-    top_p: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    given: dict | None = None,
 ) -> None:
     """Talk to a model in the terminal (streamed replies; /reset clears the history, /exit quits)."""
     import sys
 
     from .models.load import summon
 
-    from .config import validated
-
-    options = validated(ChatOptions, {k: v for k, v in dict(system=system, max_new_tokens=max_new_tokens,
-                                                            temperature=temperature, top_p=top_p,
-                                                            seed=seed).items() if v is not None}, "chat options")
-    loaded = summon(model, _model_settings(dtype, device))
+    options = command_options(given, "chat")
+    loaded = summon(model, _model_settings(given))
 
     def read() -> Optional[str]:
         try:
@@ -222,17 +227,15 @@ def compare_table(prompts: list[str], name_a: str, a: list[str], va: list[bool],
     return table
 
 
+@settings_options("compare.judge", "compare.column", "compare.max_new_tokens", "compare.batch_size",
+                  "model.dtype", "model.device", sets=False, into="given")
 def compare(
     model_a: str = typer.Argument(..., help="First model."),
     model_b: str = typer.Argument(..., help="Second model."),
     prompts: Path = typer.Option(..., "--prompts", help=".txt (one per line), .jsonl or .csv file, or builtin:NAME."),
-    judge: str = typer.Option("markers", "--judge", help="Refusal judge (obliteratus judge --help lists them)."),
-    column: str = typer.Option("prompt", help="Prompt column in .jsonl/.csv files."),
-    max_new_tokens: int = typer.Option(128, min=1, help="Greedy tokens per answer."),
-    batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch."),
-    dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
                                                         "model=PATH for --judge llm (as in obliteratus judge).")] = None,
+    given: dict | None = None,
 ) -> None:
     """Both models' greedy answers to the same prompts, side by side, with the judge's verdicts."""
     from rich.console import Console
@@ -243,13 +246,15 @@ def compare(
     from .models import ALIASES
     from .models.load import resolve_source, summon
 
+    opts = command_options(given, "compare")  # its defaults: CompareOptions
+    judge, max_new_tokens, batch_size = opts.judge, opts.max_new_tokens, opts.batch_size
     spec = get_judge(judge)  # fail on a bad name or bad options before loading anything
     judge_options = parse_option_args(option)
     spec.parse_options(judge_options)
-    texts = load_prompts(str(prompts), column)
+    texts = load_prompts(str(prompts), opts.column)
     if not texts:
         raise ConfigError(f"{prompts} holds no prompts")
-    settings = _model_settings(dtype, device)
+    settings = _model_settings(given)
     for name in (model_a, model_b):  # a missing second model fails before the first one is loaded and run
         if name not in ALIASES:
             resolve_source(name)

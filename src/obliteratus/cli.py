@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_options import Opt, settings_options
 from .errors import ConfigError, ObliteratusError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -85,59 +86,39 @@ def metrics_table(before: dict, after: dict | None, title: str) -> Table:
     return table
 
 
+MODEL_OPTIONS = ("model.dtype", "model.device")  # the CLI options of settings, by settings path (cli_options.py)
+DATA_OPTIONS = ("data.harmful", "data.harmless", "data.column", "data.n_train", "data.n_val", "data.n_test",
+                "data.seed", "data.chat_template")
+JUDGE_OPTION = Opt("evaluate.judge", ("--judge",))
+
+
 @app.command()
+@settings_options(*MODEL_OPTIONS, *DATA_OPTIONS, "probe.positions", "probe.batch_size",
+                  Opt("layers.layer", help="Use this source layer (implies layers.method = fixed).",
+                      implies={"layers.method": "fixed"}),
+                  Opt("layers.method", name="layer_method"), "evaluate.max_new_tokens", JUDGE_OPTION)
 def obliterate(
     model: str = typer.Argument(..., help="Alias (demo, smollm2-135m), local HF directory, .gguf file or hub id."),
     method: str = typer.Option("basic", "--method", "-m", help="Preset name or a .toml file."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the edited model."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    harmful: Optional[str] = typer.Option(None, help="Harmful prompts: builtin:harmful, a .txt/.jsonl/.csv file or a dataset id."),
-    harmless: Optional[str] = typer.Option(None, help="Harmless prompts, same forms."),
-    column: Optional[str] = typer.Option(None, help="Prompt column in .jsonl/.csv files."),
-    n_train: Optional[int] = typer.Option(None, help="Train prompts per class."),
-    n_val: Optional[int] = typer.Option(None, help="Validation prompts per class (layer selection)."),
-    n_test: Optional[int] = typer.Option(None, help="Held-out test prompts per class (evaluation only)."),
-    seed: Optional[int] = typer.Option(None, help="Split seed."),
-    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template"),
-    positions: Optional[int] = typer.Option(None, help="Keep the last k post-instruction positions."),
-    batch_size: Optional[int] = typer.Option(None, help="PROBE batch size (0 = auto)."),
-    layer: Optional[int] = typer.Option(None, help="Use this source layer (sets --layer-method fixed)."),
-    layer_method: Optional[str] = typer.Option(None, help="arditi | fixed | knee | cosmic"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per test prompt."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Any setting, e.g. --set excise.lam=2"),
     lora: Optional[Path] = typer.Option(None, "--lora", help="Also write the edit as a PEFT LoRA adapter here."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Refusal judge: markers | prefix | embedding | llm."),
+    overrides: dict | None = None,
 ) -> None:
     """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH. A preset that searches its
-    edit with the optimizer study (optimized, heretic) runs `obliteratus optimize` with its settings."""
-    from .config import resolve_settings
-    from .pipeline import obliterate as run, uses_study
-    from .presets import load_preset
+    edit with the optimizer study (optimized, heretic) runs it as `obliteratus optimize` does, with its
+    settings."""
+    from .pipeline import obliterate as run
 
-    overrides = gather({
-        "model.dtype": dtype, "model.device": device, "data.harmful": harmful, "data.harmless": harmless,
-        "data.column": column, "data.n_train": n_train, "data.n_val": n_val, "data.n_test": n_test,
-        "data.seed": seed, "data.chat_template": chat_template, "probe.positions": positions,
-        "probe.batch_size": batch_size, "layers.layer": layer,
-        "layers.method": "fixed" if layer is not None and layer_method is None else layer_method,
-        "evaluate.max_new_tokens": max_new_tokens, "evaluate.judge": judge,
-    }, sets)
-    if uses_study(resolve_settings(load_preset(method), overrides)):
-        if lora is not None:
-            raise ConfigError(f"--lora: preset {method!r} bakes an optimizer trial; export from a fixed preset")
-        from .optimize.command import print_result, run_optimize
-
-        out.print(f"preset {method!r} searches its edit with the optimizer study (as `obliteratus optimize`)")
-        with RichReporter() as reporter:
-            study = run_optimize(model, method, str(output) if output else None, overwrite, overrides,
-                                 reporter=reporter)
-        print_result(study, model, method)
-        return
     with RichReporter() as reporter:
-        result = run(model, method, str(output) if output else None, overwrite, overrides, reporter,
-                     str(lora) if lora else None)
+        result = run(model, method, str(output) if output else None, overwrite=overwrite, overrides=overrides,
+                     reporter=reporter, lora=str(lora) if lora else None)
+    if result.study is not None:
+        from .optimize.command import print_result
+
+        out.print(f"preset {method!r} searched its edit with the optimizer study (as `obliteratus optimize`)")
+        print_result(result.study, model, method)
+        return
     out.print(metrics_table(result.before.metrics, result.after.metrics,
                             f"{model} · {method} · layer {result.directions.layer} · k={result.directions.k}"))
     times = Table(title="stage times (s)")
@@ -150,17 +131,14 @@ def obliterate(
 
 
 @app.command()
+@settings_options(*MODEL_OPTIONS, "data.n_test", "evaluate.max_new_tokens", JUDGE_OPTION)
 def evaluate(
     model: str = typer.Argument(..., help="Model to evaluate."),
     base: Optional[str] = typer.Option(None, help="Original model: adds KL(base ‖ model). Loaded first, then freed."),
-    dtype: Optional[str] = typer.Option(None), device: Optional[str] = typer.Option(None),
-    n_test: Optional[int] = typer.Option(None, help="Held-out test prompts per class."),
-    max_new_tokens: Optional[int] = typer.Option(None),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Refusal judge: markers | prefix | embedding | llm."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Also run lm-evaluation-harness tasks, e.g. "
                                                                   "mmlu,arc_easy (optional: pip install lm-eval)."),
-    sets: Optional[list[str]] = typer.Option(None, "--set"),
+    overrides: dict | None = None,
 ) -> None:
     """VERIFY alone: refusal, over-refusal, perplexity (and KL with --base) on the held-out test split."""
     from .evaluate import evaluate_model
@@ -169,9 +147,7 @@ def evaluate(
     from .pipeline import prepare_prompts, split_prompt_sets
     from .config import resolve_settings
 
-    settings = resolve_settings(None, gather({"model.dtype": dtype, "model.device": device, "data.n_test": n_test,
-                                              "evaluate.max_new_tokens": max_new_tokens,
-                                              "evaluate.judge": judge}, sets))
+    settings = resolve_settings(None, overrides)
     ev = settings.evaluate
     if json_out:  # before any model is loaded: not inside a model, writable, replacing only earlier metrics
         from .save import check_output_file
@@ -227,13 +203,12 @@ def _is_metrics_file(path: Path) -> bool:
 
 
 @app.command()
+@settings_options("probe.positions", "probe.batch_size", "data.n_train", *MODEL_OPTIONS)
 def probe(
     model: str = typer.Argument(...),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for activations.safetensors and norms.json."),
     overwrite: bool = typer.Option(False),
-    positions: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
-    n_train: Optional[int] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None), sets: Optional[list[str]] = typer.Option(None, "--set"),
+    overrides: dict | None = None,
 ) -> None:
     """PROBE alone: save train-split activations and the per-layer difference-of-means norms."""
     from safetensors.torch import save_file
@@ -246,9 +221,7 @@ def probe(
     from .pipeline import probe as run_probe
     from .save import check_output, write_atomically
 
-    settings = resolve_settings(None, gather({"probe.positions": positions, "probe.batch_size": batch_size,
-                                              "data.n_train": n_train, "model.dtype": dtype, "model.device": device},
-                                             sets))
+    settings = resolve_settings(None, overrides)
     check_output(output, overwrite, source=model)
     splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     with RichReporter() as reporter:
@@ -316,27 +289,45 @@ def presets() -> None:
 
 
 @app.command()
+def config(
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="A preset name or .toml file to resolve "
+                                                                      "(default: none, the defaults)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Any setting, e.g. --set excise.lam=2"),
+) -> None:
+    """Print every setting as a commented TOML file: the settings a run with --method and --set would
+    use (OBLITERATUS_* environment variables applied, secrets redacted); with none of them, the
+    defaults, i.e. the shipped default.toml."""
+    from .config import resolve_settings
+    from .presets import load_preset
+    from .settings_file import HEADER, settings_toml
+
+    settings = resolve_settings(load_preset(method) if method else None, gather({}, sets))
+    from .config import Settings
+
+    header = HEADER if settings == Settings() else (
+        f"# obliteratus settings: {'preset ' + method if method else 'the defaults'}, the OBLITERATUS_* "
+        f"environment variables{' and --set' if sets else ''} applied (secrets redacted).\n"
+        "# Run with them: --method THIS_FILE.toml\n")
+    sys.stdout.write(settings_toml(settings, header))
+
+
+@app.command()
+@settings_options(Opt("analyze.preset", ("--method", "-m")), "analyze.n_train", "analyze.n_test", "analyze.layers",
+                  "analyze.layer", "analyze.probe_method", "analyze.patch_prompts", "analyze.patch_layers",
+                  "analyze.top_k")
 def analyze(
     model: str = typer.Argument(..., help="Alias, local directory, .gguf file or hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for analysis.json."),
-    preset: str = typer.Option("basic", "--method", "-m", help="Preset whose data/probe settings to use."),
-    n_train: int = typer.Option(64, help="Train prompts per class (directions, probes)."),
-    n_test: int = typer.Option(32, help="Held-out prompts per class (probe accuracy, projections)."),
-    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers (resid_pre axis) to analyse; default all."),
-    layer: Optional[int] = typer.Option(None, help="The direction's layer (default: largest train effect size)."),
-    probe_method: str = typer.Option("logistic", help="logistic | diff_means"),
-    patch_prompts: int = typer.Option(4, min=1, help="Prompts per class for activation patching."),
-    patch_layers: Optional[list[int]] = typer.Option(None, "--patch-layers", help="Layers to patch (default 5 spread)."),
-    top_k: int = typer.Option(20, min=1, help="Tokens per side in the logit lens."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Any setting, e.g. --set data.seed=1"),
+    overrides: dict | None = None,
 ) -> None:
     """Probe accuracy/AUROC per layer, logit lens, activation patching, projections, concept cones, PCA."""
     from .analysis.command import analyze as run
+    from .cli_options import command_options
 
-    result = run(model, str(output), n_train=n_train, n_test=n_test, layers=layers, layer=layer, preset=preset,
-                 probe_method=probe_method, patch_prompts=patch_prompts, patch_layers=patch_layers, top_k=top_k,
-                 overwrite=overwrite, overrides=gather({}, sets))
+    options = command_options(overrides, "analyze")  # its defaults: analysis/options.py
+    overrides = {k: v for k, v in overrides.items() if k != "analyze"}
+    result = run(model, str(output), **options.model_dump(), overwrite=overwrite, overrides=overrides)
     direction = result["direction"]
     out.print(f"analysis of {model} (direction from layer {direction['layer']}, chosen by {direction['chosen_by']}) "
               f"written to {output}/analysis.json")

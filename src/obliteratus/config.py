@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ConfigError
+from .excise.base import check_excise, check_settings
 from .excise.heads import HeadOptions
 from .excise.householder import HouseholderOptions
 from .excise.kernels import KernelOptions
@@ -50,9 +51,9 @@ class ModelSettings(Section):
     )
     cpu_pack: Literal["auto", "off"] = Field(
         "auto", description="auto: on the CPU, float32 Linear layers multiply with a oneDNN-packed copy of their "
-                            "weight (models/packed.py: the optimizer's trials about 1.4x faster on the demo model, same "
-                            "results, one more copy of the weights in memory; skipped when that copy would not fit); "
-                            "off: plain GEMM."
+                            "weight (models/packed.py: same results, one more copy of the weights in memory; skipped "
+                            "when that copy would not fit); off: plain GEMM (timings: "
+                            "docs/journal/option-measurements.md)."
     )
 
 
@@ -151,9 +152,10 @@ class DirectionSettings(Section):
 
 
 class LayerSettings(Section):
-    method: Literal["arditi", "fixed", "knee", "cosmic"] = Field(
-        "arditi", description="How the source layer is chosen: Arditi's bypass/induce/KL scores, a fixed layer or "
-                              "fraction, the knee of the per-layer strength curve, or COSMIC's cosine scores.")
+    method: str = Field(
+        "arditi", description="How the source layer is chosen (a layer selector in select/, registered by name): "
+                              "arditi: Arditi's bypass/induce/KL scores, fixed: a fixed layer or fraction, knee: the "
+                              "knee of the per-layer strength curve, cosmic: COSMIC's cosine scores.")
     layer: int | None = Field(None, description="fixed: layer index (resid_pre of that layer).")
     fraction: float = Field(0.6, gt=0.0, lt=1.0,
                             description="fixed: layer = int(fraction * n_layers) if `layer` unset (Sumandora's rule).")
@@ -171,10 +173,11 @@ class LayerSettings(Section):
 
 
 class ExciseSettings(Section):
-    method: Literal["project", "householder", "heads", "leace"] = Field(
-        "project", description="project: W' = W - lam*QQ^T W; householder: orthogonal reflection sending d to a "
-                               "target; heads: project only the top attention heads' o_proj slices; leace: LEACE's "
-                               "oblique projection (reads along the whitened direction).")
+    method: str = Field(
+        "project", description="Excise variant (excise/, registered by name): project: W' = W - lam*QQ^T W; "
+                               "householder: orthogonal reflection sending d to a target; heads: project only the "
+                               "top attention heads' o_proj slices; leace: LEACE's oblique projection (reads along "
+                               "the whitened direction).")
     mode: Literal["weights", "hooks"] = Field(
         "weights", description="weights: edit the weights; hooks: leave them and ablate at inference time with "
                                "hooks saved next to the model (steering.json), re-attached when it is loaded.")
@@ -210,34 +213,7 @@ class ExciseSettings(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExciseSettings":
-        if self.mode == "hooks" and (self.norm_preserve or self.method != "project" or self.neurons is not None):
-            raise ValueError("mode = 'hooks' supports only the plain projection (no norm_preserve, neurons or variants)")
-        if self.layer_weights != "none" and (self.kernel_attn is not None or self.kernel_mlp is not None):
-            raise ValueError("layer_weights and kernels both set per-layer strengths: choose one")
-        if self.passes > 1 and self.mode == "hooks":
-            raise ValueError("passes > 1 needs mode = 'weights'")
-        if self.neurons is not None and self.method in ("householder", "heads"):
-            raise ValueError(f"neurons masks MLP neurons alongside the projection edit; method = {self.method!r} is a "
-                             "different edit that would drop the masking: use one or the other")
-        kernels = self.kernel_attn is not None or self.kernel_mlp is not None
-        if self.mode == "hooks" and (kernels or self.layer_weights != "none"):
-            raise ValueError("mode = 'hooks' ablates one global basis at full strength from every writer: no kernels "
-                             "or layer_weights (they need mode = 'weights')")
-        moe = self.moe
-        if self.mode == "hooks" and (moe.expert_directions or moe.transplant or moe.stabilise_routers):
-            raise ValueError("mode = 'hooks' does not run the MoE steps (moe.expert_directions, transplant, "
-                             "stabilise_routers): they edit expert and router weights; use mode = 'weights'")
-        if self.method == "heads" and (kernels or self.layer_weights != "none" or self.lm_head or not self.attention):
-            raise ValueError("method = 'heads' edits the top heads' o_proj slices (only those, whatever mlp, "
-                             "embeddings and biases say) with the global basis at strength lam: no kernels, "
-                             "layer_weights or lm_head with it, and attention = false would leave it nothing")
-        if self.method == "householder" and (kernels or self.layer_weights in ("spectral", "informed")):
-            raise ValueError("method = 'householder' is an orthogonal reflection of each selected writer: it has no "
-                             "per-layer strengths (kernels, layer_weights spectral/informed); through_source selects "
-                             "writers and works")
-        if self.method == "householder" and self.lam != 1.0:
-            raise ValueError("method = 'householder' always reflects (lambda = 2 along its vector); lam does not "
-                             "apply to it: leave lam at 1")
+        check_excise(self)  # the variants' declared capabilities decide which options combine (excise/base.py)
         return self
 
 
@@ -263,9 +239,8 @@ class EvalSettings(Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test prompt.")
     kl_tokens: int = Field(16, ge=1, description="KL is averaged over this many teacher-forced tokens.")
     batch_size: int = Field(128, ge=1, description="Prompts per batch (generation, KL, the DISTILL passes that "
-                                                   "score prompts). Decoding is faster per prompt in bigger "
-                                                   "batches: on the demo model's 2-core CPU, VERIFY's 128 answers "
-                                                   "took 188 s in batches of 32, 166 s of 64, 143 s of 128.")
+                                                   "score prompts); decoding costs less per prompt in bigger batches "
+                                                   "(timings: docs/journal/option-measurements.md).")
     share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch "
                                                  "(evaluate/prefix.py), where the model computes the same "
                                                  "logits that way (checked once per model).")
@@ -308,28 +283,13 @@ class Settings(Section):
             raise ValueError("the optimizer's trials (optimize.search = 'study') edit the writers of layers 0..L-1 "
                              "through Heretic's kernels and never the embeddings: set excise.embeddings = false "
                              "(true would be silently ignored)")
+        from .select import layer_selectors  # registry (imported late: select imports modules that import this one)
+
+        if self.layers.method not in layer_selectors():
+            raise ValueError(f"unknown layers.method {self.layers.method!r}; valid: {', '.join(sorted(layer_selectors()))}")
         if self.layers.min_fraction >= 1.0 - self.layers.prune_fraction:
             raise ValueError("layers.min_fraction must be below 1 - layers.prune_fraction")
-        if self.excise.method == "leace" and self.directions.method not in ("diff_means", "leace"):
-            raise ValueError(f"excise.method = 'leace' fits its own rank-1 eraser at the source layer and would replace "
-                             f"the {self.directions.method!r} directions: use directions.method = 'diff_means' "
-                             "(or 'leace') with it")
-        ds, ex = self.directions, self.excise
-        if ex.method == "leace" and (ds.project_harmless or ds.biproject or ds.scope == "per_layer"
-                                     or ds.index is not None):
-            raise ValueError("excise.method = 'leace' replaces the basis with its own rank-1 eraser (one global read "
-                             "side) fitted at the source layer: directions.project_harmless, biproject, "
-                             "scope = 'per_layer' and index would be dropped or meet a read side they do not match; "
-                             "turn them off with it")
-        if ex.method in ("heads", "householder") and (ds.scope == "per_layer" or ds.biproject):
-            raise ValueError(f"excise.method = {ex.method!r} edits with one global direction: no "
-                             "directions.scope = 'per_layer' or biproject with it")
-        if ex.mode == "hooks" and (ds.scope == "per_layer" or ds.biproject):
-            raise ValueError("excise.mode = 'hooks' ablates one global basis: no directions.scope = 'per_layer' or "
-                             "biproject with it (use mode = 'weights')")
-        if ex.mode == "hooks" and self.optimize.enabled and self.optimize.search == "grid":
-            raise ValueError("optimize.search = 'grid' picks a per-layer kernel, which excise.mode = 'hooks' cannot "
-                             "apply: use mode = 'weights'")
+        check_settings(self)  # excise vs the other sections, from the variants' declarations (excise/base.py)
         return self
 
 

@@ -29,7 +29,7 @@ import torch
 from ..batching import max_positions
 from ..config import deep_merge, resolve_settings
 from ..directions.diff_means import mean_difference
-from ..directions.layers import candidate_layers, refusal_token_ids
+from ..select.layers import candidate_layers, refusal_token_ids
 from ..errors import ConfigError, PromptError
 from ..excise.hooks import ablated
 from ..models.load import describe, summon
@@ -38,6 +38,7 @@ from ..pipeline import prepare_prompts, split_prompt_sets
 from ..presets import load_preset
 from ..probe import collect
 from ..save import check_output, write_atomically
+from ..settings_file import saved_settings
 from . import cones, logit_lens, patching, pca, probe, projection
 from .cross_layer import cosine_matrix
 
@@ -139,7 +140,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
     q = (r / r.norm())[None, :].float()  # [1, d]
     result: dict = {
         "tool": "obliteratus", "model": {k: v for k, v in describe(loaded).items() if k != "config"},
-        "settings": settings.model_dump(), "layers": layers,
+        "settings": saved_settings(settings), "layers": layers,
         "direction": {"layer": layer, "chosen_by": chosen_by,
                       "effect_size": delta, "mean_diff_norms": mean_diffs.norm(dim=-1)},
         "cross_layer_cosines": cosine_matrix(mean_diffs),

@@ -8,7 +8,7 @@ Imports only pydantic, so config.py can mount it without an import cycle.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,21 @@ Range = tuple[float, float]
 class StudyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    # What each option is for (docs and default.toml list them so; the keys stay flat for presets).
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "budget and sampler": ("n_trials", "n_startup_trials", "n_ei_candidates", "seed", "seed_windows",
+                               "constrain"),
+        "search space (what a trial means)": ("direction_scopes", "direction_index", "attn_max_weight",
+                                              "mlp_max_weight", "max_weight_position", "min_weight_fraction",
+                                              "min_weight_distance", "orthogonalize", "max_directions"),
+        "scoring and the pick": ("target_refusal", "refusal_tokens", "confirm_prompts", "confirm_trials",
+                                 "confirm_recounts", "confirm_target", "confirm_during", "confirm_strengths"),
+        "speed knobs (same trials scored with less work)": ("prune", "prune_rule", "kl_rank", "suspect_prompts",
+                                                            "suspect_tokens", "kl_chunks", "prune_chunks",
+                                                            "share_prefix"),
+        "storage and workers": ("storage", "study_name", "heartbeat_interval", "grace_period"),
+    }
+
     n_trials: int = Field(200, ge=1, description="Finished trials (complete + pruned) the study stops at, over every "
                                                  "worker and every resumed run together.")
     n_startup_trials: int = Field(60, ge=0, description="Random trials before TPE takes over (Heretic: 60).")
@@ -26,7 +41,9 @@ class StudyOptions(BaseModel):
                                      "storage each worker mixes its host and pid into it so that workers do not "
                                      "repeat each other's start-up samples.")
     storage: str | None = Field(None, description="Optuna storage URL; None = sqlite:///<run_dir>/study.db. "
-                                                  "postgresql://user:pw@host/db lets several workers share the study.")
+                                                  "postgresql://user:pw@host/db lets several workers share the study "
+                                                  "(its password is never written to a file or a log).",
+                                json_schema_extra={"secret": "url"})
     study_name: str | None = Field(None, description="None = 'obliteratus-<model directory name>'.")
     direction_scopes: list[Literal["global", "per_layer"]] = Field(
         ["global", "per_layer"], min_length=1,

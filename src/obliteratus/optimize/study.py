@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import zlib
 from contextlib import contextmanager
@@ -47,8 +46,10 @@ def storage_url(options: StudyOptions, run_dir: str | os.PathLike) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for logs and saved metadata)."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL without its password (for logs and saved metadata): settings_file.redact_url."""
+    from ..settings_file import redact_url
+
+    return redact_url(url)
 
 
 def is_sqlite(url: str) -> bool:

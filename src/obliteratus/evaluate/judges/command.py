@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import BaseModel, ConfigDict, Field
 
+from ...cli_options import Opt, command_options, settings_options
 from ...errors import PromptError
 from .base import Verdicts, auroc, binary_metrics, calibrate_threshold, cross_validated_accuracy, make_judge
 
@@ -164,20 +166,33 @@ def parse_option_args(items: list[str] | None) -> dict:
     return options
 
 
+class JudgeCommandOptions(BaseModel):
+    """``obliteratus judge``'s options (the CLI options are generated from them: cli_options.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge: str = Field("markers", description="Refusal judge: markers | prefix | embedding | llm.")
+    prompt_column: str = Field("prompt", description="Column of the prompts.")
+    response_column: str = Field("response", description="Column of the responses.")
+    label_column: str = Field("label", description="Column of true labels; metrics are printed when present.")
+
+
+@settings_options(Opt("judge.judge", ("--judge", "-j")), "judge.prompt_column", "judge.response_column",
+                  "judge.label_column", sets=False, into="given")
 def judge(
     file: Annotated[Path, typer.Argument(help="CSV or JSONL file of (prompt, response) rows.")],
-    judge: Annotated[str, typer.Option("--judge", "-j", help="markers | prefix | embedding | llm")] = "markers",
-    prompt_column: Annotated[str, typer.Option(help="Column of the prompts.")] = "prompt",
-    response_column: Annotated[str, typer.Option(help="Column of the responses.")] = "response",
-    label_column: Annotated[str, typer.Option(help="Column of true labels; metrics are printed when present.")] = "label",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write rows + verdicts (.csv/.jsonl).")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
                                                         "model_path=DIR or model=PATH.")] = None,
+    given: dict | None = None,
 ) -> dict | None:
     """Label a CSV/JSONL of (prompt, response) rows with a refusal judge; with labels, score the judge."""
     from rich.console import Console
     from rich.table import Table
 
+    opts = command_options(given, "judge")  # its defaults: JudgeCommandOptions
+    judge, prompt_column, response_column, label_column = (opts.judge, opts.prompt_column, opts.response_column,
+                                                           opts.label_column)
     if output is not None and output.suffix not in (".csv", ".jsonl"):
         raise PromptError(f"--output {output}: use a .csv or .jsonl file")
     if output is not None:  # before judging: never the input, and replacing only an earlier verdicts file
