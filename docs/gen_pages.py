@@ -121,10 +121,17 @@ def option_rows(model, prefix: str) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def options_table(model, prefix: str = "") -> str:
+def options_table(model, prefix: str = "", env: bool = False) -> str:
+    """The options of `model`; with `env`, each setting's environment variable too (settings only)."""
     rows = option_rows(model, prefix)
     if not rows:
         return "No options.\n"
+    if env:
+        from obliteratus.settings_file import env_name
+
+        lines = ["| setting | type | default | description | environment variable |", "|---|---|---|---|---|"]
+        lines += [f"| {code(p)} | {cell(t)} | {d} | {cell(desc)} | {code(env_name(p))} |" for p, t, d, desc in rows]
+        return "\n".join(lines) + "\n"
     lines = ["| option | type | default | description |", "|---|---|---|---|"]
     lines += [f"| {code(p)} | {cell(t)} | {d} | {cell(desc)} |" for p, t, d, desc in rows]
     return "\n".join(lines) + "\n"
@@ -205,7 +212,10 @@ def settings_page() -> str:
     parts = ["# Settings (generated)\n",
              "Every setting of `obliteratus.config.Settings`, walked recursively (nested option tables "
              "included). Precedence: CLI (`--set section.field=value`) > `OBLITERATUS_SECTION__FIELD` environment "
-             "variables > preset TOML > these defaults. A misspelt setting is an error that names it.\n",
+             "variables > preset TOML > these defaults. A misspelt setting is an error that names it. "
+             "Every setting's environment variable is in the last column; `obliteratus config` prints all of them "
+             "as a commented TOML file (the package's `default.toml`; with `--method`/`--set`, the settings a run "
+             "would use). A secret (the study storage's password) is redacted in every file the tool writes.\n",
              "Top-level keys (a preset's own metadata):\n",
              "| key | type | default | description |", "|---|---|---|---|"]
     for name, f in top:
@@ -217,11 +227,18 @@ def settings_page() -> str:
         doc = inspect.cleandoc(model.__doc__ or "")
         if doc and not doc.startswith(("Usage docs", "!!!", "A base class")):
             parts.append(" ".join(doc.split()) + "\n")
-        parts.append(options_table(model, f"{name}."))
+        parts.append(options_table(model, f"{name}.", env=True))
         if name == "directions":
             parts.append("Each direction method's own options are set in a table named after it "
                          "(`[directions.<method>]`, e.g. `--set directions.rdo.init=diff_means`); they are listed "
                          "with the method in [the method registry](methods.md).\n")
+        if name == "optimize":
+            from obliteratus.optimize.options import StudyOptions
+
+            parts.append("`[optimize.study]`'s options by purpose (the keys stay flat, as presets write them):\n")
+            parts += [f"- **{group}**: " + ", ".join(code(n) for n in names) for group, names in
+                      StudyOptions.GROUPS.items()]
+            parts.append("")
         if name == "evaluate":
             parts.append("The judge's own options (`evaluate.judge_options`, `--option key=value` on `judge` and "
                          "`compare`) are listed with each judge in [the method registry](methods.md#judges).\n")
@@ -316,6 +333,25 @@ def methods_page() -> str:
         options = getattr(m, "options", None)
         parts.append(f"Options (`[directions.{name}]`, e.g. `--set directions.{name}.FIELD=VALUE`):\n")
         parts.append(options_table(options, "") if options is not None else "No options.\n")
+    from obliteratus.excise import excise_variants
+    from obliteratus.select import layer_selectors
+
+    parts.append("## Excise variants {#excise-variants}\n")
+    parts.append("`excise.method`; the capabilities each declares decide which options combine with it "
+                 "(`excise/base.py`).\n")
+    parts.append("| variant | what it does | hooks | LoRA | MoE steps | strengths | lm_head | per-layer bases | lam | "
+                 "neurons | refits the basis |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    yes = {True: "yes", False: "no"}
+    for name, v in sorted(excise_variants().items()):
+        parts.append(f"| `{name}` | {cell(v.description)} | {yes[v.hook_form]} | {yes[v.low_rank]} | {yes[v.moe]} | "
+                     f"{v.strengths} | {yes[v.lm_head]} | {yes[v.layer_bases]} | {yes[v.lam]} | {yes[v.neurons]} | "
+                     f"{yes[v.refit is not None]} |")
+    parts.append("")
+    parts.append("## Layer selectors {#layer-selectors}\n")
+    parts.append("| `layers.method` | how it chooses the source layer |\n|---|---|")
+    for name, sel in sorted(layer_selectors().items()):
+        parts.append(f"| `{name}` | {cell(sel.description)} |")
+    parts.append("")
     parts.append("## Judges {#judges}\n")
     parts.append("| judge | what it does |\n|---|---|")
     for name, j in sorted(judges().items()):
