@@ -63,7 +63,7 @@ def split_prompt_sets(settings: Settings) -> tuple[Split, Split]:
     cap = get_direction_method(settings.directions.method).max_directions
     k = settings.directions.n_directions if cap is None else min(settings.directions.n_directions, cap)
     if d.n_train < k:  # the directions actually fitted (a one-direction method fits one whatever n_directions says)
-        raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than the {k} directions to fit")
+        raise PromptError(f"n_train = {d.n_train} prompts per class is fewer than the {k} directions to fit (directions.n_directions)")
     return (split_prompts(harmful, d.n_train, d.n_val, d.n_test, d.seed, "harmful prompts"),
             split_prompts(harmless, d.n_train, d.n_val, d.n_test, d.seed, "harmless prompts"))
 
