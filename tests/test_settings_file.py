@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from obliteratus.cli import main
 from obliteratus.config import Settings, env_overrides, resolve_settings, tomllib
 from obliteratus.settings_file import (DEFAULT_TOML, default_toml, env_name, redact_url, saved_settings,
                                        secret_paths, settings_toml)
 
 from conftest import save_tiny
+from test_cli import FAST, run_cli
 
 SECRET = "postgresql://user:s3cret@db.example/study"
-FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "6", "--max-new-tokens", "8", "--set", "evaluate.ppl_window=64"]
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["obliteratus", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def leaf_paths(model=Settings, prefix=""):
