@@ -72,6 +72,16 @@ def check_writable(path: Path) -> None:
     os.unlink(probe)
 
 
+def refuse_protected(path: Path, sources: tuple[str | None, ...], relation: str, hint: str = "") -> None:
+    """Raise when `path` (resolved) overlaps one of the `sources`' files or a model cache."""
+    for src in (source_path(s) for s in sources):
+        if src is not None and overlaps(path, src):
+            raise ObliteratusError(f"output {path} {relation} the source model {src}; the source is never modified{hint}")
+    for root in cache_roots():
+        if overlaps(path, root):
+            raise ObliteratusError(f"output {path} {relation} the model cache {root}; caches are never modified{hint}")
+
+
 def check_output(out: str | os.PathLike, overwrite: bool, source: str | None = None,
                  others: tuple[str | os.PathLike | None, ...] = ()) -> Path:
     """Validate the output path before any work is done. It must not contain or lie inside the
@@ -82,13 +92,7 @@ def check_output(out: str | os.PathLike, overwrite: bool, source: str | None = N
     src = source_path(source)
     if src is not None and path == src:
         raise ObliteratusError(f"output {path} is the source model; the source is never modified")
-    if src is not None and overlaps(path, src):
-        raise ObliteratusError(f"output {path} overlaps the source model {src}; the source is never modified: "
-                               "choose a directory outside it")
-    for root in cache_roots():
-        if overlaps(path, root):
-            raise ObliteratusError(f"output {path} overlaps the model cache {root}; caches are never modified: "
-                                   "choose a directory outside it")
+    refuse_protected(path, (source,), "overlaps", ": choose a directory outside it")
     for other in others:
         if other is not None and overlaps(path, Path(other).expanduser().resolve()):
             raise ObliteratusError(f"output {path} overlaps the other output {Path(other).expanduser().resolve()}; "
@@ -112,12 +116,7 @@ def check_output_file(out: str | os.PathLike, sources: tuple[str | None, ...] = 
     one of the command's `inputs`, not a directory; an existing file is replaced only when
     `replaceable(path)` says it is a previous output; the directory it goes in must be writable."""
     path = Path(out).expanduser().resolve()
-    for src in (source_path(s) for s in sources):
-        if src is not None and overlaps(path, src):
-            raise ObliteratusError(f"output {path} is inside the source model {src}; the source is never modified")
-    for root in cache_roots():
-        if overlaps(path, root):
-            raise ObliteratusError(f"output {path} is inside the model cache {root}; caches are never modified")
+    refuse_protected(path, sources, "is inside")
     for item in inputs:
         if Path(item).expanduser().resolve() == path:
             raise ObliteratusError(f"output {path} is also the input file; write the output to another file")
