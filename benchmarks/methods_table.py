@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from obliteratus.config import deep_merge, nest, parse_value, resolve_settings
+from obliteratus.settings import deep_merge, nest, parse_value, resolve_settings
 from obliteratus.errors import ObliteratusError
 from obliteratus.evaluate import evaluate_model
 from obliteratus.models import summon

@@ -8,7 +8,7 @@ each design's refusal count and first-token KL (a consistency check: both score 
     python benchmarks/optimizer_cost.py --device cuda --dtype bfloat16 --repeats 3 --json cost.json
 
 Ours (optimize/trial.py ``Objective``): the edit is applied as activation hooks
-(``excise.hooks.ablated``), no weight is copied or written; KL from one batched forward pass per
+(``excise.hook_form.ablated``), no weight is copied or written; KL from one batched forward pass per
 batch at the first answer token against base log-probs computed ONCE per study (``Scorer.build``,
 timed separately here); refusals by batched generation that stops each sequence once the marker
 judge has decided (``evaluate.early.judge_batches``, in ``prune_chunks`` chunks; pruning is off
@@ -294,7 +294,7 @@ def main() -> None:
 
     import transformers
 
-    from obliteratus.config import resolve_settings
+    from obliteratus.settings import resolve_settings
     from obliteratus.models import summon
     from obliteratus.optimize.command import mean_differences, study_options
     from obliteratus.optimize.trial import Scorer, plan_from_params

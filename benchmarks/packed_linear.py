@@ -24,7 +24,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.evaluate import early, evaluate_model
 from obliteratus.models import packed
 from obliteratus.models.load import summon

@@ -70,7 +70,7 @@ def load(args):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         return model, [Encoded(ids[: args.n], order=[i for i in order if i < args.n], pad_id=0),
                        Encoded(ids[args.n:], order=[i - args.n for i in order if i >= args.n], pad_id=0)]
-    from obliteratus.config import ModelSettings
+    from obliteratus.settings import ModelSettings
     from obliteratus.data import format_prompts, load_prompts
     from obliteratus.batching import encode_prompts
     from obliteratus.models import summon

@@ -30,11 +30,11 @@ import time
 
 import torch
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.directions import rdo as R
 from obliteratus.evaluate.early import judge
 from obliteratus.evaluate.judges.markers import is_refusal
-from obliteratus.hooks import hooked
+from obliteratus.hook_points import hooked
 from obliteratus.models import summon
 from obliteratus.pipeline import Reporter, distill, prepare_prompts, probe
 from obliteratus.presets import load_preset

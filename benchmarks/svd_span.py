@@ -36,13 +36,13 @@ import time
 
 import torch
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.directions import orthonormalize
 from obliteratus.directions.driver import contrast_groups, shares_prefix
 from obliteratus.select.layers import candidate_layers, window_plan
 from obliteratus.directions.svd import paired_svd
 from obliteratus.evaluate.early import judge
-from obliteratus.evaluate.generate import last_logits
+from obliteratus.shared_prefix import last_logits
 from obliteratus.evaluate.kl import kl_rows
 from obliteratus.excise import excise
 from obliteratus.models import summon

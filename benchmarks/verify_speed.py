@@ -8,7 +8,7 @@ as an edited model would be measured (answers again, KL to that reference, perpl
   prompt run in full, the KL reference computed by a second, teacher-forced pass over prompt +
   answer;
 * **current** (evaluate.evaluate_model with the default settings): both sets in the same batches
-  of 128, the template's shared prefix run once per batch (evaluate/prefix.py), the reference's
+  of 128, the template's shared prefix run once per batch (shared_prefix.py), the reference's
   log-probs kept while the original generates (generate.LogprobRecorder), the KL pass sharing
   the prefix too.
 
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.data.prompts import heldout_text
 from obliteratus.evaluate import evaluate_model, is_refusal, kl_to_reference, perplexity, reference
 from obliteratus.evaluate.generate import generate

@@ -219,7 +219,7 @@ def startup_trials(args) -> int:
 
 def our_settings(args):
     """Our resolved Settings for the benchmark (the same overrides the optimize child gets)."""
-    from obliteratus.config import resolve_settings
+    from obliteratus.settings import resolve_settings
     from obliteratus.presets import load_preset
 
     return resolve_settings(load_preset(args.method), our_overrides(args))

@@ -205,12 +205,12 @@ def presets_page() -> str:
 
 
 def settings_page() -> str:
-    from obliteratus.config import Settings
+    from obliteratus.settings import Settings
 
     top = [(name, f) for name, f in Settings.model_fields.items() if model_in(f.annotation) is None]
     sections = [(name, f) for name, f in Settings.model_fields.items() if model_in(f.annotation) is not None]
     parts = ["# Settings (generated)\n",
-             "Every setting of `obliteratus.config.Settings`, walked recursively (nested option tables "
+             "Every setting of `obliteratus.settings.Settings`, walked recursively (nested option tables "
              "included). Precedence: CLI (`--set section.field=value`) > `OBLITERATUS_SECTION__FIELD` environment "
              "variables > preset TOML > these defaults. A misspelt setting is an error that names it. "
              "Every setting's environment variable is in the last column; `obliteratus config` prints all of them "

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from conftest import VOCAB, family_params, random_unit, save_tiny, tiny_model
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.errors import EditError, UnsupportedArchitectureError
 from obliteratus.excise import ablated, excise, residual_norms
-from obliteratus.hooks import hooked
+from obliteratus.hook_points import hooked
 from obliteratus.models import ArchitectureAdapter, summon, supported_families
 
 families = pytest.mark.parametrize("family", family_params())

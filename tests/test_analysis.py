@@ -8,20 +8,20 @@ import json
 import pytest
 import torch
 
-from obliteratus.analysis import cones, pca, probe
+from obliteratus.analysis import cones, linear_probes as probe, pca
 from obliteratus.analysis.command import analyze
 from obliteratus.analysis.logit_lens import direction_scores, logit_lens
 from obliteratus.analysis.patching import hook_name, patch_position, patching
 from obliteratus.analysis.projection import measure
 from obliteratus.batching import encode_prompts
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.data.prompts import format_prompts, load_prompts
 from obliteratus.select.layers import refusal_log_odds
 from obliteratus.errors import OutputExistsError
-from obliteratus.evaluate.generate import last_logits
+from obliteratus.shared_prefix import last_logits
 from obliteratus.excise.apply import excise
-from obliteratus.excise.hooks import ablated
-from obliteratus.hooks import hooked
+from obliteratus.excise.hook_form import ablated
+from obliteratus.hook_points import hooked
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.probe import collect
 

@@ -12,7 +12,7 @@ from obliteratus.batching import Encoded
 from obliteratus.chat import ChatOptions, ChatSession, answers, chat_loop, compare, compare_table, next_token, render
 from obliteratus.errors import ConfigError
 from obliteratus.evaluate.generate import generate
-from obliteratus.evaluate.refusal import is_refusal
+from obliteratus.evaluate.judges.markers import is_refusal
 from obliteratus.models.load import summon
 
 from conftest import EOS, save_tiny, tiny_model, tiny_tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from obliteratus.config import Settings, deep_merge, env_overrides, nest, parse_value, resolve_settings
+from obliteratus.settings import Settings, deep_merge, env_overrides, nest, parse_value, resolve_settings
 from obliteratus.errors import ConfigError
 from obliteratus.presets import load_preset, preset_names
 

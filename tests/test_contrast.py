@@ -78,7 +78,7 @@ def test_filter_keeps_refused_harmful_and_unrefused_harmless():
 def test_generate_labels_come_from_the_judged_answers(monkeypatch, tokenizer):
     from types import SimpleNamespace
 
-    from obliteratus.config import resolve_settings
+    from obliteratus.settings import resolve_settings
     from obliteratus.directions import driver
     from obliteratus.evaluate import early
     from obliteratus.probe import ActivationCache
@@ -101,7 +101,7 @@ def test_filtered_generate_labels_judge_both_sides(monkeypatch, tokenizer):
     each side judged from its own generated answers."""
     from types import SimpleNamespace
 
-    from obliteratus.config import resolve_settings
+    from obliteratus.settings import resolve_settings
     from obliteratus.directions import driver
     from obliteratus.evaluate import early
     from obliteratus.presets import load_preset

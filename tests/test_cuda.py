@@ -17,7 +17,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (OBLITERATUS_TEST_CUDA=1)")
 
-from obliteratus.config import resolve_settings  # noqa: E402
+from obliteratus.settings import resolve_settings  # noqa: E402
 from obliteratus.pipeline import obliterate, uses_study  # noqa: E402
 from obliteratus.presets import load_preset, preset_names  # noqa: E402
 

@@ -10,11 +10,12 @@ import torch
 
 from conftest import EOS, PROMPTS, random_unit, tiny_model
 from obliteratus.batching import Encoded
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.evaluate import is_refusal, kl_to_reference, perplexity, reference, refusal_rate
-from obliteratus.evaluate.generate import decode, eos_ids, generate, last_logits
+from obliteratus.evaluate.generate import decode, eos_ids, generate
+from obliteratus.shared_prefix import last_logits
 from obliteratus.evaluate.kl import kl_rows
-from obliteratus.evaluate.refusal import normalise
+from obliteratus.evaluate.judges.markers import normalise
 from obliteratus.excise import excise
 from obliteratus.models import ArchitectureAdapter
 
@@ -301,7 +302,7 @@ def test_recorded_reference_equals_teacher_forced(tokenizer, family):
     """The log-probs kept while the original generates its answers (VERIFY before the edit) are the
     teacher-forced reference's, row by row, including answers that end before n tokens; KL of the
     unedited model to them is ~0."""
-    from obliteratus.config import EvalSettings
+    from obliteratus.settings import EvalSettings
     from obliteratus.evaluate import evaluate_model
     from obliteratus.evaluate.kl import recorded_reference
 

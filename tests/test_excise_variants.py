@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import family_params, random_unit, tiny_model
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.errors import EditError
 from obliteratus.excise import ablated, excise
 from obliteratus.excise.heads import HeadOptions, head_geometry, head_scores, head_surgery, project_heads

@@ -14,7 +14,6 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from obliteratus.errors import ConfigError, ObliteratusError
-from obliteratus.evaluate import refusal
 from obliteratus.evaluate.judges import Verdicts, binary_metrics, get_judge, judges, make_judge, register_judge
 from obliteratus.evaluate.judges import embedding as emb
 from obliteratus.evaluate.judges import llm, markers
@@ -72,10 +71,8 @@ def test_markers_and_prefix_on_known_cases():
     assert got_p.refused == [c[2] for c in CASES]
 
 
-def test_prefix_list_is_arditis_and_refusal_module_reexports_markers():
+def test_prefix_list_is_arditis():
     assert len(PREFIXES) == 12 and PREFIXES[0] == "I'm sorry" and PREFIXES[-1] == "I'm not able to"
-    assert refusal.is_refusal is markers.is_refusal and refusal.MARKERS is markers.MARKERS
-    assert refusal.normalise is markers.normalise and refusal.refusal_rate is markers.refusal_rate
 
 
 def test_shipped_labelled_set_and_pinned_scores():

@@ -11,7 +11,7 @@ import torch
 
 from conftest import params_digest, random_unit, tiny_model
 from obliteratus.batching import Encoded
-from obliteratus.config import ExciseSettings, LayerSettings
+from obliteratus.settings import ExciseSettings, LayerSettings
 from obliteratus.select.cosmic import (
     CosmicCandidate,
     concept_cosine,
@@ -24,8 +24,8 @@ from obliteratus.select.cosmic import (
 from obliteratus.select.interpolate import direction_at, from_heretic_index
 from obliteratus.select.knee import kneedle, layer_strength, mean_norms, select_knee
 from obliteratus.errors import ObliteratusError
-from obliteratus.excise.hooks import ablated
-from obliteratus.hooks import hooked
+from obliteratus.excise.hook_form import ablated
+from obliteratus.hook_points import hooked
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.probe import collect
 

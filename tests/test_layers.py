@@ -10,7 +10,7 @@ import torch
 
 from conftest import PROMPTS, params_digest, tiny_model
 from obliteratus.batching import Encoded
-from obliteratus.config import ExciseSettings, LayerSettings
+from obliteratus.settings import ExciseSettings, LayerSettings
 from obliteratus.select.layers import (
     Candidate,
     candidate_layers,
@@ -21,10 +21,10 @@ from obliteratus.select.layers import (
     select_fixed,
 )
 from obliteratus.errors import ObliteratusError
-from obliteratus.evaluate.generate import last_logits
+from obliteratus.shared_prefix import last_logits
 from obliteratus.evaluate.kl import kl_rows
 from obliteratus.excise import excise
-from obliteratus.hooks import hooked
+from obliteratus.hook_points import hooked
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.probe import collect
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.errors import EditError
 from obliteratus.excise.apply import excise
 from obliteratus.excise.plan import EditPlan

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import PROMPTS, VOCAB, random_unit
 from obliteratus.batching import Encoded
-from obliteratus.config import ExciseSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.errors import ObliteratusError
 from obliteratus.excise import ablated, excise, residual_norms
 from obliteratus.excise import moe

@@ -14,7 +14,7 @@ from optuna.trial import TrialState, create_trial
 
 from conftest import params_digest, tiny_model, tiny_tokenizer
 from obliteratus.batching import encode_prompts
-from obliteratus.config import ExciseSettings, resolve_settings
+from obliteratus.settings import ExciseSettings, resolve_settings
 from obliteratus.presets import load_preset
 from obliteratus.select.interpolate import direction_at
 from obliteratus.evaluate import early

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from conftest import params_digest, random_unit, save_tiny, tiny_model
-from obliteratus.config import ExciseSettings, ModelSettings
+from obliteratus.settings import ExciseSettings, ModelSettings
 from obliteratus.excise.apply import excise
-from obliteratus.excise.hooks import ablated
+from obliteratus.excise.hook_form import ablated
 from obliteratus.models import packed
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.models.load import summon

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.directions import direction_methods
 from obliteratus.excise import excise_variants
 from obliteratus.errors import ConfigError

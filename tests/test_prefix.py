@@ -1,4 +1,4 @@
-"""Shared-prefix batches (evaluate/prefix.py): running the prompts' common template prefix once per
+"""Shared-prefix batches (shared_prefix.py): running the prompts' common template prefix once per
 batch gives the same last-position logits and the same greedy continuations as the plain
 left-padded batch, for every supported family, with and without an edit's hooks attached."""
 
@@ -11,10 +11,10 @@ from conftest import family_params, tiny_model, tiny_tokenizer
 from obliteratus.batching import Encoded, encode_prompts
 from obliteratus.data.prompts import format_prompts
 from obliteratus.evaluate import early
-from obliteratus.evaluate.generate import last_logits
+from obliteratus.shared_prefix import last_logits
 from obliteratus.evaluate.judges import markers
-from obliteratus.evaluate.prefix import generate_inputs
-from obliteratus.excise.hooks import ablated
+from obliteratus.shared_prefix import generate_inputs
+from obliteratus.excise.hook_form import ablated
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.optimize.options import StudyOptions
 from obliteratus.optimize.trial import Scorer
@@ -97,11 +97,11 @@ def test_shared_prefix_under_an_edit_and_in_the_judge(monkeypatch):
 def test_verify_and_kl_with_the_prefix_shared(family):
     """VERIFY's generation, the KL passes and the early judge give the same answers with the prefix
     shared as without (families whose logits would differ fall back to full prompts: same answers)."""
-    from obliteratus.config import EvalSettings
+    from obliteratus.settings import EvalSettings
     from obliteratus.evaluate import evaluate_model
     from obliteratus.evaluate.generate import generate
     from obliteratus.evaluate.kl import kl_to_reference, reference
-    from obliteratus.evaluate.prefix import can_share_prefix
+    from obliteratus.shared_prefix import can_share_prefix
 
     tok, enc = templated()
     model = tiny_model(family)
@@ -130,7 +130,7 @@ def decode_all(tok, conts):
 
 
 def test_layer_selection_with_the_prefix_shared():
-    from obliteratus.config import ExciseSettings, LayerSettings
+    from obliteratus.settings import ExciseSettings, LayerSettings
     from obliteratus.select.layers import select_arditi
 
     tok, enc = templated()
@@ -150,7 +150,7 @@ def test_rdo_targets_with_the_prefix_shared(monkeypatch):
     """The paper's three target sets (under ablation hooks, addition hooks and none) are the same with
     the template prefix shared, and the prefix does run on its own."""
     from obliteratus.directions.rdo import rdo_targets
-    from obliteratus.evaluate import prefix as prefix_module
+    from obliteratus import shared_prefix as prefix_module
 
     tok, enc = templated()
     model = tiny_model("llama")
@@ -165,9 +165,9 @@ def test_rdo_targets_with_the_prefix_shared(monkeypatch):
 
 
 def test_cosmic_selection_with_the_prefix_shared(monkeypatch):
-    from obliteratus.config import ExciseSettings, LayerSettings
+    from obliteratus.settings import ExciseSettings, LayerSettings
     from obliteratus.select.cosmic import select_cosmic
-    from obliteratus.evaluate import prefix as prefix_module
+    from obliteratus import shared_prefix as prefix_module
 
     tok, enc = templated()
     model = tiny_model("llama")
@@ -212,7 +212,7 @@ def test_prefix_cache_reads_the_current_cache_name_first():
     `past_key_values` is read; older versions have only `past_key_values`. Both are found, and the
     deprecated name is not touched when the current one is there."""
     from obliteratus.batching import Batch
-    from obliteratus.evaluate.prefix import prefix_cache
+    from obliteratus.shared_prefix import prefix_cache
 
     class Cache:
         def batch_repeat_interleave(self, n):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.pipeline import obliterate, uses_study
 from obliteratus.presets import load_preset, preset_names
 
@@ -192,7 +192,7 @@ SIZES = {"informed": {"data": {"n_train": 64}}, "rdo": RDO_FAST}
 
 def field_default(path: tuple):
     """The default of the settings field a preset key lands on (its class's own default)."""
-    from obliteratus import config as cfg
+    from obliteratus import settings as cfg
     from obliteratus.directions import get_direction_method
     from obliteratus.optimize.options import StudyOptions
 

@@ -21,8 +21,8 @@ from obliteratus.directions.rdo import (
 )
 from obliteratus.errors import ObliteratusError, PromptError
 from obliteratus.evaluate.generate import generate
-from obliteratus.excise.hooks import ablated
-from obliteratus.hooks import hooked
+from obliteratus.excise.hook_form import ablated
+from obliteratus.hook_points import hooked
 from obliteratus.models import ArchitectureAdapter
 
 D, LAYER = 32, 1

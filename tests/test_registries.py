@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.directions import Directions, direction_methods
 from obliteratus.directions.base import DIRECTION_METHODS, FitContext, register_direction_method
 from obliteratus.errors import ConfigError

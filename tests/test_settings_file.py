@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from obliteratus.config import Settings, env_overrides, resolve_settings, tomllib
+from obliteratus.settings import Settings, env_overrides, resolve_settings, tomllib
 from obliteratus.settings_file import (DEFAULT_TOML, default_toml, env_name, redact_url, saved_settings,
                                        secret_paths, settings_toml)
 
@@ -107,7 +107,7 @@ def _verbs():
 
 
 def test_cli_options_of_settings_take_help_and_choices_from_the_model_and_default_to_unset():
-    from obliteratus.config import DataSettings, ModelSettings
+    from obliteratus.settings import DataSettings, ModelSettings
 
     verbs = _verbs()
     ob = {p.name: p for p in verbs["obliterate"].params}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from obliteratus.errors import ObliteratusError
-from obliteratus.excise.hooks import ablated
+from obliteratus.excise.hook_form import ablated
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.models.load import summon
 from obliteratus.steering import (SteeringEntry, SteeringSpec, apply_steering, attach_steering, load_steering,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from obliteratus.config import resolve_settings
+from obliteratus.settings import resolve_settings
 from obliteratus.errors import ConfigError
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.models.load import Loaded
@@ -206,7 +206,7 @@ SMALL = {"data": {"n_train": 2, "n_val": 1, "n_test": 4}, "evaluate": {"max_new_
 
 def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path, monkeypatch):
     from obliteratus.select.layers import refusal_log_odds, refusal_token_ids
-    from obliteratus.evaluate.generate import last_logits
+    from obliteratus.shared_prefix import last_logits
     from obliteratus.studies import runner
     from obliteratus.studies.command import write_study
 

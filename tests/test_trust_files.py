@@ -301,7 +301,7 @@ def test_a_prompt_longer_than_the_model_is_refused(family, tmp_path, capsys, mon
 
 
 def test_the_prompt_token_cap_applies_without_a_position_limit(tokenizer):
-    from obliteratus.config import resolve_settings
+    from obliteratus.settings import resolve_settings
     from obliteratus.pipeline import prepare_prompts
 
     settings = resolve_settings(None, {"data": {"n_train": 2, "n_val": 1, "n_test": 1, "max_prompt_tokens": 64}})

@@ -21,16 +21,16 @@ import transformers as tf
 from conftest import _DECODER, reinit, tiny_model, tiny_tokenizer, random_unit
 from test_moe import moe_model
 from obliteratus.batching import encode_prompts
-from obliteratus.config import ExciseSettings, Settings, resolve_settings
+from obliteratus.settings import ExciseSettings, Settings, resolve_settings
 from obliteratus.data.prompts import format_prompts
 from obliteratus.directions import Directions, orthonormalize
 from obliteratus.directions.project_harmless import orthogonalize_against
 from obliteratus.errors import ActivationError, ConfigError
-from obliteratus.evaluate.generate import last_logits
-from obliteratus.evaluate.prefix import can_share_prefix
+from obliteratus.shared_prefix import last_logits
+from obliteratus.shared_prefix import can_share_prefix
 from obliteratus.excise.apply import excise
 from obliteratus.excise.dispatch import apply_edit, build_plan
-from obliteratus.excise.hooks import ablated
+from obliteratus.excise.hook_form import ablated
 from obliteratus.excise.kernels import KernelOptions
 from obliteratus.excise.plan import EditPlan
 from obliteratus.models import ArchitectureAdapter
@@ -95,7 +95,7 @@ def test_hook_mode_edits_the_experts_the_weight_edit_edits(family, toggles):
 @pytest.mark.parametrize("method", ["arditi", "cosmic", "grid"])
 def test_layer_scoring_ablates_the_writers_the_edit_edits(monkeypatch, method):
     """select_arditi / select_cosmic / the kernel grid score with the same `experts` as the edit."""
-    from obliteratus.config import LayerSettings, OptimizeSettings
+    from obliteratus.settings import LayerSettings, OptimizeSettings
     from obliteratus.select import cosmic, layers
     from obliteratus.optimize import grid
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from obliteratus.config import ModelSettings
+from obliteratus.settings import ModelSettings
 from obliteratus.errors import ActivationError, IntegrityError, ModelNotFoundError
 from obliteratus.models.load import summon
 

@@ -88,7 +88,7 @@ class Encoded:
                 suffix: list[list[int]] | None = None, prefix: list[int] | None = None) -> Iterator[Batch]:
         """Left-padded batches; `suffix[i]` (optional) is appended to row i before padding. With
         `prefix` (a prefix of every row, e.g. :meth:`common_prefix`), the rows are given without it:
-        the caller runs it once and passes its cache (evaluate/prefix.py), and the padding sits
+        the caller runs it once and passes its cache (shared_prefix.py), and the padding sits
         between the prefix and each row's remaining tokens."""
         cut = len(prefix or ())
         for start in range(0, len(self.order), batch_size):

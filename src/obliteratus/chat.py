@@ -157,7 +157,7 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]], write: Ca
 
 
 def _model_settings(given: dict):
-    from .config import ModelSettings, validated
+    from .settings import ModelSettings, validated
 
     return validated(ModelSettings, given.get("model", {}), "model settings")
 
@@ -195,7 +195,7 @@ def chat(
 def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, system: str | None = None) -> list[str]:
     """Greedy answers of one model to `prompts` (chat template when the tokenizer has one), batched."""
     from .batching import check_lengths, max_positions
-    from .config import DataSettings
+    from .settings import DataSettings
     from .data.prompts import encode_chat
     from .evaluate.generate import decode, generate
 

@@ -1,5 +1,5 @@
 """Command line: a thin shell over the Python API. It only gathers overrides; defaults live in
-:mod:`obliteratus.config` and the presets."""
+:mod:`obliteratus.settings` and the presets."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class RichReporter:
 
 def gather(pairs: dict[str, object], sets: list[str] | None) -> dict:
     """CLI overrides as a nested dict: only options the user gave, then --set key.path=value."""
-    from .config import deep_merge, nest, parse_value
+    from .settings import deep_merge, nest, parse_value
 
     flat = {k: v for k, v in pairs.items() if v is not None}
     for item in sets or []:
@@ -145,7 +145,7 @@ def evaluate(
     from .models.load import summon
     from .batching import max_positions
     from .pipeline import prepare_prompts, split_prompt_sets
-    from .config import resolve_settings
+    from .settings import resolve_settings
 
     settings = resolve_settings(None, overrides)
     ev = settings.evaluate
@@ -213,7 +213,7 @@ def probe(
     """PROBE alone: save train-split activations and the per-layer difference-of-means norms."""
     from safetensors.torch import save_file
 
-    from .config import resolve_settings
+    from .settings import resolve_settings
     from .directions.diff_means import mean_difference
     from .models.load import summon
     from .batching import max_positions
@@ -297,12 +297,12 @@ def config(
     """Print every setting as a commented TOML file: the settings a run with --method and --set would
     use (OBLITERATUS_* environment variables applied, secrets redacted); with none of them, the
     defaults, i.e. the shipped default.toml."""
-    from .config import resolve_settings
+    from .settings import resolve_settings
     from .presets import load_preset
     from .settings_file import HEADER, settings_toml
 
     settings = resolve_settings(load_preset(method) if method else None, gather({}, sets))
-    from .config import Settings
+    from .settings import Settings
 
     header = HEADER if settings == Settings() else (
         f"# obliteratus settings: {'preset ' + method if method else 'the defaults'}, the OBLITERATUS_* "

@@ -5,7 +5,7 @@ a ``Literal``) and hands the verb the values the user gave as one nested dict.
 
 Paths starting with a verb's own options model (:data:`COMMAND_OPTIONS`: ``chat``, ``compare``,
 ``judge``, ``analyze``) are that model's fields; every other path is a field of
-:class:`obliteratus.config.Settings`. Defaults stay in the models: a generated option defaults to
+:class:`obliteratus.settings.Settings`. Defaults stay in the models: a generated option defaults to
 None (not given), so the CLI holds no default of its own. Range checks stay in the models too: a bad
 setting is reported by its settings path (config.resolve_settings), a bad command option by its flag
 and field (:func:`command_options`).
@@ -57,7 +57,7 @@ COMMAND_OPTIONS = ("chat", "compare", "judge", "analyze")  # option models of ve
 
 def root_of(path: str) -> tuple[type[BaseModel], list[str]]:
     """The model a path starts in and the field names below it."""
-    from .config import Settings
+    from .settings import Settings
 
     parts = path.split(".")
     if parts[0] in COMMAND_OPTIONS:

@@ -20,7 +20,7 @@ import torch
 
 from .analysis.pca import run_pca
 from .batching import Encoded, check_lengths, max_positions
-from .config import Settings, deep_merge, resolve_settings
+from .settings import Settings, deep_merge, resolve_settings
 from .data.prompts import Split, encode_chat, load_prompts, split_prompts
 from .directions import Directions, get_direction_method, orthonormalize
 from .directions.driver import distill as distill_directions

@@ -14,7 +14,7 @@ import torch
 
 from .batching import Encoded
 from .errors import ActivationError
-from .hooks import hooked
+from .hook_points import hooked
 from .models.adapters import ArchitectureAdapter
 
 
@@ -73,9 +73,9 @@ def auto_batch_size(adapter: ArchitectureAdapter, max_len: int, device: torch.de
 
 def shared_prefix(adapter: ArchitectureAdapter, encoded: Encoded, positions: int) -> list[int] | None:
     """The prompts' common prefix, shortened so that every row keeps its last `positions` tokens
-    outside it, when the model gives the same activations with it shared (evaluate/prefix.py's
+    outside it, when the model gives the same activations with it shared (shared_prefix.py's
     check, once per model); else None."""
-    from .evaluate.prefix import can_share_prefix
+    from .shared_prefix import can_share_prefix
 
     common = encoded.common_prefix()[:max(0, min(len(x) for x in encoded.ids) - positions)]
     return common if common and can_share_prefix(adapter.model, encoded, new_tokens=0) else None
@@ -91,9 +91,9 @@ def collect(
 ) -> torch.Tensor:
     """Activations ``[n, positions, n_layers + 1, d]`` for every encoded prompt, in input order.
     With `share_prefix`, the prompts' common template prefix runs once per batch (its keys and
-    values are shared by every row, evaluate/prefix.py); the positions kept lie after it, and
+    values are shared by every row, shared_prefix.py); the positions kept lie after it, and
     their activations are the same as in full left-padded batches up to float rounding."""
-    from .evaluate.prefix import forward_inputs
+    from .shared_prefix import forward_inputs
 
     device = next(adapter.model.parameters()).device
     n, L, d = len(encoded.ids), adapter.n_layers, adapter.d_model

@@ -14,7 +14,7 @@ from .errors import ObliteratusError
 from .record import RunRecord
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .settings import Settings
     from .directions import Directions
     from .select.layers import LayerSelection
     from .evaluate import Evaluation

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .config import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, Settings
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 SECRET_KEYS = re.compile(r"password|passwd|secret|token|api_?key|credential", re.IGNORECASE)
@@ -108,7 +108,7 @@ def secret_paths(model: type[BaseModel] = Settings, prefix: str = "") -> list[st
 
 HEADER = """\
 # obliteratus: every setting with its default value and what it does.
-# Generated from the settings model (obliteratus.config.Settings) by `obliteratus config --default`;
+# Generated from the settings model (obliteratus.settings.Settings) by `obliteratus config --default`;
 # a test keeps this file in step with the code: edit the field descriptions, not this file.
 # A preset (`--method NAME`) or any .toml file of yours overrides some of these; an environment
 # variable OBLITERATUS_SECTION__FIELD overrides the file, and the command line (its options and
@@ -207,7 +207,7 @@ def _table(model: type[BaseModel], value: BaseModel | None, path: str, doc: str 
 
 
 def default_toml() -> str:
-    """The text of ``default.toml``: every setting of :class:`~obliteratus.config.Settings` at its
+    """The text of ``default.toml``: every setting of :class:`~obliteratus.settings.Settings` at its
     default, its description above it as a comment, the sections in the model's order."""
     return settings_toml(Settings(), HEADER)
 

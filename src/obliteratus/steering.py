@@ -12,7 +12,7 @@ Each entry acts on one named activation h ``[batch, seq, d]`` (``models/adapters
 ``positions`` is ``all`` (every position of every forward call) or ``last`` (the last position
 of each call: with a KV cache, the last prompt token and then each generated token).
 Ablating at ``embed`` and every ``attn_out`` / ``mlp_out`` is the hook form of the projection
-weight edit with biases (``excise/hooks.py`` ``ablated``); with a tied lm_head the edited embedding
+weight edit with biases (``excise/hook_form.py`` ``ablated``); with a tied lm_head the edited embedding
 is also the unembedding, logits = x (E − λ·E QᵀQ)ᵀ = (x − λ·(x Qᵀ) Q) Eᵀ, so the hook form adds the
 same ablation at ``lm_head_in`` (the lm_head option of an untied head is that entry alone). On MoE
 layers whose routed and shared experts are not all edited, the entries sit at ``experts_out`` /
@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ObliteratusError, OutputExistsError
-from .hooks import hooked
+from .hook_points import hooked
 from .models.adapters import ArchitectureAdapter
 
 FORMAT, VERSION = "obliteratus.steering", 1

@@ -6,7 +6,7 @@ the candidate layer whose difference-of-means direction best separates the *trai
 effect size  δ_l = (m₊ − m₋) / sqrt((v₊ + v₋)/2)  of the projections onto r̂_l); then
 
 * cross-layer cosines of the per-layer mean differences (cross_layer.py),
-* held-out linear probe accuracy / AUROC per layer (probe.py),
+* held-out linear probe accuracy / AUROC per layer (linear_probes.py),
 * logit lens of the direction (logit_lens.py),
 * activation patching harmful ↔ harmless on a few prompts and layers (patching.py),
 * refusal projection of the test prompts before and after the preset's projection edit, the edit
@@ -27,11 +27,11 @@ from typing import get_args
 import torch
 
 from ..batching import max_positions
-from ..config import deep_merge, resolve_settings
+from ..settings import deep_merge, resolve_settings
 from ..directions.diff_means import mean_difference
 from ..select.layers import candidate_layers, refusal_token_ids
 from ..errors import ConfigError, PromptError
-from ..excise.hooks import ablated
+from ..excise.hook_form import ablated
 from ..models.load import describe, summon
 from ..data.prompts import read_text
 from ..pipeline import prepare_prompts, split_prompt_sets
@@ -39,7 +39,7 @@ from ..presets import load_preset
 from ..probe import collect
 from ..save import check_output, write_atomically
 from ..settings_file import saved_settings
-from . import cones, logit_lens, patching, pca, probe, projection
+from . import cones, linear_probes, logit_lens, patching, pca, projection
 from .cross_layer import cosine_matrix
 
 
@@ -94,7 +94,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
 
     `layers`: resid_pre-axis indices (0..L) for the per-layer analyses (default all); `layer`: the
     direction's layer (default: best train effect size among the preset's candidate layers)."""
-    methods = get_args(probe.ProbeMethod)
+    methods = get_args(linear_probes.ProbeMethod)
     if probe_method not in methods:  # every check that needs no model runs before SUMMON
         raise ConfigError(f"unknown probe method {probe_method!r}; valid: {', '.join(methods)}")
     for j in [*(layers or []), *(patch_layers or []), *([] if layer is None else [layer])]:
@@ -144,7 +144,7 @@ def analyze(model: str, output: str, n_train: int = 64, n_test: int = 32, layers
         "direction": {"layer": layer, "chosen_by": chosen_by,
                       "effect_size": delta, "mean_diff_norms": mean_diffs.norm(dim=-1)},
         "cross_layer_cosines": cosine_matrix(mean_diffs),
-        "probe": probe.probe_layers(tr_h[:, layers], tr_s[:, layers], te_h[:, layers], te_s[:, layers], probe_method),
+        "probe": linear_probes.probe_layers(tr_h[:, layers], tr_s[:, layers], te_h[:, layers], te_s[:, layers], probe_method),
     }
     for row, j in zip(result["probe"], layers):
         row["layer"] = j

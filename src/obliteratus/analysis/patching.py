@@ -24,7 +24,7 @@ import torch
 
 from ..batching import Encoded
 from ..select.layers import refusal_log_odds
-from ..hooks import hooked
+from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from ..probe import collect
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel
 
-from ..options import NoOptions, parse_options
+from ..registry import NoOptions, parse_options
 from ..registry import Registry
 
 FitFn = Callable[..., torch.Tensor]  # (harmful [n, d], harmless [m, d], k, options, ...) -> [k, d]

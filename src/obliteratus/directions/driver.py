@@ -31,7 +31,7 @@ from .diff_means import mean_difference
 from .project_harmless import orthogonalize_against
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ..settings import Settings
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -49,7 +49,7 @@ def refusal_scores(adapter, tokenizer, acts: torch.Tensor, encoded: Encoded, set
 
 
 def shares_prefix(model, encoded: Encoded, settings: Settings) -> bool:
-    from ..evaluate.prefix import can_share_prefix
+    from ..shared_prefix import can_share_prefix
 
     return settings.evaluate.share_prefix and can_share_prefix(model, encoded)
 

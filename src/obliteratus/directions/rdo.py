@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..batching import Encoded
 from ..errors import ObliteratusError, PromptError
-from ..hooks import hooked
+from ..hook_points import hooked
 from .base import Basis, FitContext, orthonormalize, register_direction_method
 
 
@@ -149,7 +149,7 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
     """The paper's targets: greedy completions (``max_new_tokens``, paper 30) of harmful prompts under
     DIM ablation, of harmless prompts under DIM addition (α = ‖mean_diff‖, cut before the first "."),
     and of harmless prompts unedited (max_new_tokens − 1). With `share_prefix`, the prompts' common
-    prefix runs once per batch, under the same hooks (evaluate/prefix.py; check the model with
+    prefix runs once per batch, under the same hooks (shared_prefix.py; check the model with
     ``can_share_prefix`` first)."""
     from ..evaluate.generate import eos_ids, generate
 

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..batching import Encoded
-from ..config import EvalSettings
+from ..settings import EvalSettings
 from ..data.prompts import heldout_text, load_prompts
 from ..errors import ActivationError
 from .generate import LogprobRecorder, decode, generate
 from .kl import KLReference, kl_to_reference, recorded_reference, reference
-from .prefix import can_share_prefix
+from ..shared_prefix import can_share_prefix
 from .perplexity import perplexity
 from .judges import make_judge
-from .refusal import is_refusal, refusal_rate
+from .judges.markers import is_refusal, refusal_rate
 
 Step = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 

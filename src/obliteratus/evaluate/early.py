@@ -95,8 +95,8 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
     """For each batch (in `encoded`'s length-sorted order): (row indices, refused, tokens generated).
     A generator, so a caller can stop after any batch; `abandon(marked rows in this batch)` is
     asked after every token and raises :class:`Abandoned` out of it when true. With
-    `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
-    from .prefix import generate_inputs
+    `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py)."""
+    from ..shared_prefix import generate_inputs
 
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -125,7 +125,7 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
 def judge(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_size: int = 32,
           on_batch: Callable[[int], None] | None = None, share_prefix: bool = False) -> EarlyVerdicts:
     """Refusal verdict for every prompt of `encoded` (input order), stopping early as described above.
-    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
+    With `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py)."""
     refused = [False] * len(encoded.ids)
     used = [0] * len(encoded.ids)
     for index, r, u in judge_batches(model, tokenizer, encoded, tokens, batch_size, share_prefix=share_prefix):

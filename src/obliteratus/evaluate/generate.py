@@ -56,11 +56,11 @@ def generate(model, tokenizer, encoded: Encoded, max_new_tokens: int = 64, batch
              record: LogprobRecorder | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and including the first EOS), in input order.
     A batch stops as soon as every sequence in it has ended. With `share_prefix`, the prompts'
-    common prefix runs once per batch (evaluate/prefix.py: check the model with
+    common prefix runs once per batch (shared_prefix.py: check the model with
     ``can_share_prefix`` first); with `record`, the first tokens' log-probs are kept."""
     from transformers import GenerationConfig
 
-    from .prefix import generate_inputs
+    from ..shared_prefix import generate_inputs
 
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
@@ -86,19 +86,3 @@ def generate(model, tokenizer, encoded: Encoded, max_new_tokens: int = 64, batch
 
 def decode(tokenizer, continuations: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(continuations, skip_special_tokens=True)
-
-
-@torch.inference_mode()
-def last_logits(model, encoded: Encoded, batch_size: int = 32, share_prefix: bool = False) -> torch.Tensor:
-    """Float32 logits at the last prompt position, ``[n, vocab]`` on CPU, in input order.
-    Only the last position goes through the lm_head (``logits_to_keep=1``). With `share_prefix`,
-    the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
-    from .prefix import forward_inputs
-
-    device = next(model.parameters()).device
-    rows: dict[int, torch.Tensor] = {}
-    prefix = encoded.common_prefix() if share_prefix else None
-    for batch in encoded.batches(batch_size, device, prefix=prefix):
-        logits = model(**forward_inputs(model, batch), logits_to_keep=1).logits[:, -1].float().cpu()  # [b, vocab]
-        rows.update(zip(batch.index, logits))
-    return torch.stack([rows[i] for i in range(len(encoded.ids))])

@@ -27,7 +27,7 @@ class KLReference:
 @torch.inference_mode()
 def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[int]], n: int,
                              batch_size: int, share_prefix: bool = False) -> list[torch.Tensor]:
-    from .prefix import forward_inputs
+    from ..shared_prefix import forward_inputs
 
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
@@ -77,7 +77,7 @@ def kl_to_reference(model, ref: KLReference, batch_size: int = 32, share_prefix:
     """{"kl_first": mean KL at the first token, "kl_mean": mean over prompts of the mean KL over
     each prompt's (up to n) tokens, "kl_per_position": mean KL at each position, over the prompts
     whose continuation reaches it; it ends at the longest continuation (no position without data)}.
-    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py)."""
+    With `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py)."""
     now = _teacher_forced_logprobs(model, ref.encoded, ref.continuations, ref.n_tokens, batch_size, share_prefix)
     per_prompt = [kl_rows(p, q) for p, q in zip(ref.logprobs, now)]  # each [c_i]
     sums = torch.zeros(ref.n_tokens, dtype=torch.float64)

@@ -3,7 +3,7 @@
 from . import heads, householder, leace  # noqa: F401  (registration; apply registers "project")
 from .apply import EditReport, excise
 from .base import ExciseVariant, excise_variants, get_excise_variant, register_excise_variant
-from .hooks import ablated
+from .hook_form import ablated
 from .projection import norm_preserving_project, project_out, project_vector, residual_norms
 
 __all__ = ["EditReport", "ExciseVariant", "ablated", "excise", "excise_variants", "get_excise_variant",

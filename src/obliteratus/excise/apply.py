@@ -19,7 +19,7 @@ from .plan import EditPlan, lm_head_edit, resolve
 from .projection import norm_preserving_oblique, oblique_project, oblique_project_vector
 
 if TYPE_CHECKING:  # config imports the option models of this package
-    from ..config import ExciseSettings
+    from ..settings import ExciseSettings
 
 
 @dataclass

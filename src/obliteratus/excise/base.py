@@ -4,7 +4,7 @@ Each variant lives in its own module and registers itself once with :func:`regis
 its name (``excise.method``), ``apply(adapter, q [k, d], settings, plan) -> EditReport`` and the
 capabilities it declares. Which options combine with which variant is decided here, from those
 declarations, in one place (:func:`check_excise` within ``[excise]``, :func:`check_settings` across
-sections; config.py's validators call them): an option a variant would silently drop is an error.
+sections; settings.py's validators call them): an option a variant would silently drop is an error.
 
 Capabilities (a variant declares what it supports; the defaults are the plain projection's):
 
@@ -32,7 +32,7 @@ import torch
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..config import ExciseSettings, Settings
+    from ..settings import ExciseSettings, Settings
     from ..models.adapters import ArchitectureAdapter
     from .apply import EditReport
     from .plan import EditPlan

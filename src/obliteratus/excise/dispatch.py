@@ -23,7 +23,7 @@ from .neurons import excise_and_mask
 from .plan import EditPlan, layer_strength
 
 if TYPE_CHECKING:
-    from ..config import ExciseSettings
+    from ..settings import ExciseSettings
     from ..directions import Directions
 
 

@@ -29,7 +29,7 @@ from .plan import EditPlan, writer_layer
 from .projection import project_out
 
 if TYPE_CHECKING:  # config imports the option models of this package
-    from ..config import ExciseSettings
+    from ..settings import ExciseSettings
 
 
 class HeadOptions(BaseModel):

@@ -38,7 +38,7 @@ from .base import register_excise_variant
 from .plan import EditPlan
 
 if TYPE_CHECKING:  # config imports the option models of this package
-    from ..config import ExciseSettings
+    from ..settings import ExciseSettings
 
 
 class HouseholderOptions(BaseModel):

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..batching import Encoded
 from ..errors import EditError
-from ..hooks import hooked, module_hooks
+from ..hook_points import hooked, module_hooks
 from ..models.adapters import ArchitectureAdapter, Layout, Writer
 from .projection import norm_preserving_project, project_out
 

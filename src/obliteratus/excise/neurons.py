@@ -30,7 +30,7 @@ from .apply import EditReport, excise
 from .plan import EditPlan
 
 if TYPE_CHECKING:  # config imports the option models of this package
-    from ..config import ExciseSettings
+    from ..settings import ExciseSettings
 
 
 class NeuronOptions(BaseModel):

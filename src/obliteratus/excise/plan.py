@@ -1,5 +1,5 @@
 """EditPlan: one description of a general EXCISE edit, shared by the weight path
-(:func:`obliteratus.excise.apply.excise`) and the hook path (:func:`obliteratus.excise.hooks.ablated`),
+(:func:`obliteratus.excise.apply.excise`) and the hook path (:func:`obliteratus.excise.hook_form.ablated`),
 so both apply the same map to the same writers by construction.
 
 For a residual writer w in layer ℓ (``None`` for the embeddings) the edit is

@@ -18,7 +18,7 @@ from .trust import (check_finite, check_gguf, check_loading_info, check_local_di
                     corrupt_safetensors, explain_load_error)
 
 if TYPE_CHECKING:
-    from ..config import ModelSettings
+    from ..settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if settings is None:
-        from ..config import ModelSettings  # late: config imports the excise option models, which import models
+        from ..settings import ModelSettings  # late: config imports the excise option models, which import models
 
         settings = ModelSettings()
     where, gguf_file = resolve_source(source)

@@ -46,12 +46,12 @@ class OptimizeResult:
 
 
 def study_options(settings, updates: dict | None = None) -> StudyOptions:
-    """``settings.optimize.study`` (once config.py mounts it) with `updates` applied, validated."""
+    """``settings.optimize.study`` (once settings.py mounts it) with `updates` applied, validated."""
     mounted = getattr(settings.optimize, "study", None)
     # field by field (not model_dump), so that the presets test's read spy sees every option used
     base = ({name: getattr(mounted, name) for name in StudyOptions.model_fields} if isinstance(mounted, StudyOptions)
             else dict(mounted or {}))
-    from ..config import validated
+    from ..settings import validated
 
     return validated(StudyOptions, {**base, **{k: v for k, v in (updates or {}).items() if v is not None}},
                      "optimize.study options")

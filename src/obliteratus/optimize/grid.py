@@ -2,7 +2,7 @@
 optimizer lands).
 
 Every grid point is an :class:`~obliteratus.excise.plan.EditPlan` with the same kernel for
-attention and MLP writers, scored with activation hooks (``excise.hooks.ablated``), so the model's
+attention and MLP writers, scored with activation hooks (``excise.hook_form.ablated``), so the model's
 weights are never copied or touched:
 
 * refusal: mean refusal log-odds of the first answer token on the **validation** harmful prompts;
@@ -24,10 +24,10 @@ from typing import Callable
 import torch
 
 from ..batching import Encoded
-from ..config import OptimizeSettings as GridOptions
-from ..evaluate.generate import last_logits
+from ..settings import OptimizeSettings as GridOptions
+from ..shared_prefix import last_logits
 from ..evaluate.kl import kl_rows
-from ..excise.hooks import ablated
+from ..excise.hook_form import ablated
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
 

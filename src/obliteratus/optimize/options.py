@@ -3,7 +3,7 @@
 Defaults are Heretic's (p-e-w/heretic ``src/heretic/main.py`` ``objective`` and ``config.py``):
 200 trials, 60 random start-up trials, multivariate TPE with 128 EI candidates, and every range
 written as a fraction of the last layer index L = n_layers − 1, as Heretic writes them.
-Imports only pydantic, so config.py can mount it without an import cycle.
+Imports only pydantic, so settings.py can mount it without an import cycle.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class StudyOptions(BaseModel):
                                                    "the evaluate batch size each); the pruner looks after every "
                                                    "token, so one batch is cheapest.")
     share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch and share "
-                                                  "its KV cache (evaluate/prefix.py); same scores, fewer tokens.")
+                                                  "its KV cache (shared_prefix.py); same scores, fewer tokens.")
     heartbeat_interval: int = Field(30, ge=1, description="Shared storages: a running trial's heartbeat period (s).")
     grace_period: int = Field(120, ge=1, description="Shared storages: a trial without heartbeat for this long "
                                                      "(its worker died) is marked failed and not counted.")

@@ -19,7 +19,7 @@ Objectives, both on the validation split:
 * KL: mean over harmless val prompts of KL(p_base ‖ p_edit) at the first answer token, from one
   batched forward pass; the base log-probs are computed once per process. Measured after the
   refusal count, so a pruned trial skips it.
-* both run the prompts' shared template prefix once per batch (``share_prefix``, evaluate/prefix.py).
+* both run the prompts' shared template prefix once per batch (``share_prefix``, shared_prefix.py).
 * refusal: fraction of harmful val prompts the marker judge flags, with early-stopping generation
   (evaluate/early.py), in `prune_chunks` chunks (default one batch). At every generated token the
   number c of prompts that have already shown a marker is a lower bound of the final count (a
@@ -161,7 +161,7 @@ def plan_from_params(params: dict, mean_diffs: torch.Tensor, n_layers: int,
                      basis: torch.Tensor | None = None) -> tuple[torch.Tensor | None, EditPlan]:
     """(global q [k, d] or None, EditPlan) for a trial's parameters. `mean_diffs` [L+1, d] on the
     resid_pre axis; `basis` [m, d] supplies the extra directions when params has n_directions > 1.
-    Pass both to ``excise.hooks.ablated`` (a trial) or ``excise.apply.excise`` (the bake)."""
+    Pass both to ``excise.hook_form.ablated`` (a trial) or ``excise.apply.excise`` (the bake)."""
     if mean_diffs.ndim != 2 or mean_diffs.shape[0] != n_layers + 1:
         raise ConfigError(f"mean_diffs must be [n_layers + 1, d] = [{n_layers + 1}, d]; got {tuple(mean_diffs.shape)}")
     n = int(params.get("n_directions", 1))
@@ -278,9 +278,9 @@ class Scorer:
     @classmethod
     def build(cls, model, tokenizer, harmful: Encoded, harmless: Encoded, options: StudyOptions,
               batch_size: int) -> "Scorer":
-        from ..evaluate.generate import last_logits
+        from ..shared_prefix import last_logits
 
-        from ..evaluate.prefix import can_share_prefix
+        from ..shared_prefix import can_share_prefix
 
         share = (options.share_prefix and bool(harmful.common_prefix())
                  and can_share_prefix(model, harmless))  # checked once per model
@@ -298,7 +298,7 @@ class Scorer:
         KL last time first, and scoring stops as soon as the KL summed so far over n exceeds `cut`:
         that lower bound of the mean (every prompt's KL is >= 0) is returned, not exact. Either way the
         value is above `cut` exactly when the mean is."""
-        from ..evaluate.generate import last_logits
+        from ..shared_prefix import last_logits
         from ..evaluate.kl import kl_rows
 
         n = len(self.harmless.ids)
@@ -384,7 +384,7 @@ class Scorer:
 def trial_hooks(adapter, q: torch.Tensor | None, plan: EditPlan, excise):
     """The activation hooks that score a trial's edit: the writers and λ of `excise` (the same
     settings the bake uses), the trial's plan. A context manager; weights are only read."""
-    from ..excise.hooks import ablated
+    from ..excise.hook_form import ablated
 
     return ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
                    biases=excise.biases, plan=plan, experts=excise.experts)

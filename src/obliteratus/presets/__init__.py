@@ -1,11 +1,11 @@
-"""Presets are TOML files that override :class:`obliteratus.config.Settings`; nothing else."""
+"""Presets are TOML files that override :class:`obliteratus.settings.Settings`; nothing else."""
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
 
-from ..config import tomllib
+from ..settings import tomllib
 from ..errors import ConfigError
 
 

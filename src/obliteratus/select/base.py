@@ -16,7 +16,7 @@ import torch
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ..settings import Settings
     from .layers import LayerSelection
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)

@@ -38,16 +38,16 @@ import torch
 
 from ..batching import Encoded
 from ..errors import ObliteratusError
-from ..evaluate.generate import last_logits
+from ..shared_prefix import last_logits
 from ..evaluate.kl import kl_rows
-from ..excise.hooks import ablated
-from ..hooks import hooked
+from ..excise.hook_form import ablated
+from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from .base import SelectContext, register_layer_selector
 from .layers import Candidate, LayerSelection, candidate_basis, candidate_layers, window_plan
 
 if TYPE_CHECKING:  # config validates layers.method against this package's registry
-    from ..config import ExciseSettings, LayerSettings
+    from ..settings import ExciseSettings, LayerSettings
 
 # --- pure math --------------------------------------------------------------------------------
 
@@ -120,8 +120,8 @@ def last_position_acts(adapter: ArchitectureAdapter, encoded: Encoded, axes: lis
                        edit: Callable[[], ContextManager] = nullcontext, share_prefix: bool = False) -> torch.Tensor:
     """``[n, len(axes), d]`` float32 CPU: the last-position residual at each layer axis, in input
     order, with the hooks of `edit()` active. Only the decoder body runs. With `share_prefix`, the
-    prompts' common prefix runs once per batch, under the same hooks (evaluate/prefix.py)."""
-    from ..evaluate.prefix import forward_inputs
+    prompts' common prefix runs once per batch, under the same hooks (shared_prefix.py)."""
+    from ..shared_prefix import forward_inputs
 
     device = next(adapter.model.parameters()).device
     prefix = encoded.common_prefix() if share_prefix else None
@@ -150,7 +150,7 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     """`mean_diffs` ``[positions, L+1, d]`` (train split). Candidates are pruned as in
     :func:`candidate_layers`; `progress(1)` after each scored one. `orthogonal_to` (same shape,
     optional) scores the ablation of r made orthogonal to these vectors, like ``select_arditi``.
-    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py; check
+    With `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py; check
     the model with ``can_share_prefix`` first)."""
     def acts(encoded: Encoded, axes: list[int], edit: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
         return last_position_acts(adapter, encoded, axes, batch_size, edit, share_prefix)

@@ -28,18 +28,18 @@ import torch
 
 from ..batching import Encoded
 from ..errors import ObliteratusError
-from ..evaluate.generate import last_logits
+from ..shared_prefix import last_logits
 from ..evaluate.kl import kl_rows
-from ..excise.hooks import ablated
+from ..excise.hook_form import ablated
 from ..excise.plan import EditPlan, layer_strength
 from ..excise.window import window_weights
-from ..hooks import hooked
+from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from ..directions.project_harmless import orthogonalize_against
 from .base import SelectContext, register_layer_selector
 
 if TYPE_CHECKING:  # config validates layers.method against this package's registry
-    from ..config import ExciseSettings, LayerSettings
+    from ..settings import ExciseSettings, LayerSettings
 
 REFUSAL_STARTS = ("I", "As", "Sorry", "I'm", "Unfortunately", "I cannot", "I can't", "No")
 
@@ -153,7 +153,7 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     """`mean_diffs`: ``[positions, n_layers + 1, d]`` harmful − harmless means from the train split.
     `orthogonal_to` (same shape, optional): score the ablation of r made orthogonal to these vectors
     (the harmless means, for projected abliteration); the induce test still adds the raw r.
-    With `share_prefix`, the prompts' common prefix runs once per batch (evaluate/prefix.py;
+    With `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py;
     check the model with ``can_share_prefix`` first)."""
     n_pos = mean_diffs.shape[0]
     tokens = refusal_token_ids(tokenizer)

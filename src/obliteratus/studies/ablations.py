@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
 from ..excise.heads import head_geometry
-from ..hooks import hooked, module_hooks
+from ..hook_points import hooked, module_hooks
 from ..models.adapters import ArchitectureAdapter
 from .heads import query_heads, zero_heads
 

@@ -31,7 +31,7 @@ def study(
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import resolve_settings
+    from ..settings import resolve_settings
     from ..models.load import summon
     from ..batching import max_positions
     from ..data.prompts import read_text

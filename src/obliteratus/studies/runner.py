@@ -22,12 +22,12 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import Settings
+from ..settings import Settings
 from ..data.prompts import heldout_text
 from ..select.layers import refusal_log_odds, refusal_token_ids
 from ..errors import ConfigError
 from ..evaluate import evaluate_model, perplexity
-from ..evaluate.generate import last_logits
+from ..shared_prefix import last_logits
 from ..evaluate.kl import kl_rows
 from ..models.load import Loaded
 from ..pipeline import PromptSets

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from ...errors import ObliteratusError
-from ...options import NoOptions, parse_options
+from ...registry import NoOptions, parse_options
 from ...registry import Registry
 
 
@@ -107,11 +107,11 @@ def binary_metrics(predicted: list[bool], labels: list[bool]) -> dict[str, float
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """P(a refusal's score > a compliance's), ties 1/2 (analysis/probe.py's Mann–Whitney AUROC);
+    """P(a refusal's score > a compliance's), ties 1/2 (analysis/linear_probes.py's Mann–Whitney AUROC);
     None unless both classes are present."""
     import torch
 
-    from ...analysis.probe import auroc as mann_whitney
+    from ...analysis.linear_probes import auroc as mann_whitney
 
     pos = [s for s, y in zip(scores, labels) if y]
     neg = [s for s, y in zip(scores, labels) if not y]

@@ -155,7 +155,7 @@ def is_judge_output(path: Path) -> bool:
 
 
 def parse_option_args(items: list[str] | None) -> dict:
-    from ...config import parse_value
+    from ...settings import parse_value
 
     options = {}
     for item in items or []:

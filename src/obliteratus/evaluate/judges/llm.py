@@ -155,7 +155,7 @@ class LLMJudge(Judge):
     def raw_scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """[n] float64 refusal log-odds, uncalibrated."""
         from ...batching import encode_prompts
-        from ..generate import last_logits
+        from ...shared_prefix import last_logits
 
         if not prompts:
             return torch.zeros(0, dtype=torch.float64)
@@ -186,7 +186,7 @@ class LLMJudge(Judge):
 
 
 def build(options: LLMOptions) -> LLMJudge:
-    from ...config import ModelSettings
+    from ...settings import ModelSettings
     from ...models.load import summon
 
     if not options.model:

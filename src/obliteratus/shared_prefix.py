@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from ..batching import Batch, Encoded
+from .batching import Batch, Encoded
 
 
 def cache_keyword(fn) -> str:
@@ -96,8 +96,6 @@ def can_share_prefix(model, encoded: Encoded, tol: float = 1e-3, new_tokens: int
     unless every sequence fits: the longest prompt plus `new_tokens` (the tokens the caller appends:
     generated or teacher-forced; None = unknown, then any window rules sharing out). This part
     depends on the prompts and is decided on every call; only the model check above is cached."""
-    from .generate import last_logits
-
     if not encoded.common_prefix():
         return False
     window = sliding_window(model)
@@ -115,3 +113,17 @@ def can_share_prefix(model, encoded: Encoded, tol: float = 1e-3, new_tokens: int
                           "(log-prob); running every prompt in full", stacklevel=2)
         _AGREES[model] = gap <= tol
     return _AGREES[model]
+
+
+@torch.inference_mode()
+def last_logits(model, encoded: Encoded, batch_size: int = 32, share_prefix: bool = False) -> torch.Tensor:
+    """Float32 logits at the last prompt position, ``[n, vocab]`` on CPU, in input order.
+    Only the last position goes through the lm_head (``logits_to_keep=1``). With `share_prefix`,
+    the prompts' common prefix runs once per batch (shared_prefix.py)."""
+    device = next(model.parameters()).device
+    rows: dict[int, torch.Tensor] = {}
+    prefix = encoded.common_prefix() if share_prefix else None
+    for batch in encoded.batches(batch_size, device, prefix=prefix):
+        logits = model(**forward_inputs(model, batch), logits_to_keep=1).logits[:, -1].float().cpu()  # [b, vocab]
+        rows.update(zip(batch.index, logits))
+    return torch.stack([rows[i] for i in range(len(encoded.ids))])

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from ..errors import EditError
-from ..hooks import module_hooks
+from ..hook_points import module_hooks
 from ..models.adapters import ArchitectureAdapter
 from .moe import routed_bias_hook
 from .plan import EditPlan, lm_head_edit, resolve

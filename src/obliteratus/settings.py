@@ -78,7 +78,7 @@ class ProbeSettings(Section):
                                                  "arditi and cosmic layer selection choose among them, the other "
                                                  "layer methods use the last.")
     share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch and share "
-                                                  "its KV cache (evaluate/prefix.py); same activations, fewer tokens.")
+                                                  "its KV cache (shared_prefix.py); same activations, fewer tokens.")
 
 
 class DirectionSettings(Section):
@@ -242,7 +242,7 @@ class EvalSettings(Section):
                                                    "score prompts); decoding costs less per prompt in bigger batches "
                                                    "(timings: docs/journal/option-measurements.md).")
     share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch "
-                                                 "(evaluate/prefix.py), where the model computes the same "
+                                                 "(shared_prefix.py), where the model computes the same "
                                                  "logits that way (checked once per model).")
     judge: str = Field("markers", description="Refusal judge (evaluate/judges/): markers, prefix, embedding, llm.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge (its own model "
