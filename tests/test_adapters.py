@@ -13,7 +13,8 @@ from obliteratus.settings import ExciseSettings
 from obliteratus.errors import EditError, UnsupportedArchitectureError
 from obliteratus.excise import ablated, excise, residual_norms
 from obliteratus.hook_points import hooked
-from obliteratus.models import ArchitectureAdapter, summon, supported_families
+from obliteratus.models import ArchitectureAdapter, supported_families
+from obliteratus.models.load import summon
 
 families = pytest.mark.parametrize("family", family_params())
 

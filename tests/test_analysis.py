@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from obliteratus.analysis import cones, linear_probes as probe, pca
-from obliteratus.analysis.command import analyze
+from obliteratus.analysis.analyze import analyze
 from obliteratus.analysis.logit_lens import direction_scores, logit_lens
 from obliteratus.analysis.patching import hook_name, patch_position, patching
 from obliteratus.analysis.projection import measure

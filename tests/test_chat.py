@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from obliteratus.batching import Encoded
-from obliteratus.chat import ChatOptions, ChatSession, answers, chat_loop, compare, compare_table, next_token, render
+from obliteratus.chat import ChatOptions, ChatSession, answers, chat_loop, next_token, render
+from obliteratus.commands.chat import compare, compare_table
 from obliteratus.errors import ConfigError
 from obliteratus.evaluate.generate import generate
 from obliteratus.evaluate.judges.markers import is_refusal

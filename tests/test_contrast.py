@@ -80,7 +80,6 @@ def test_generate_labels_come_from_the_judged_answers(monkeypatch, tokenizer):
 
     from obliteratus.settings import resolve_settings
     from obliteratus.directions import driver
-    from obliteratus.evaluate import early
     from obliteratus.probe import ActivationCache
 
     model = tiny_model("llama")
@@ -89,7 +88,7 @@ def test_generate_labels_come_from_the_judged_answers(monkeypatch, tokenizer):
     acts = collect(adapter, enc, positions=1)
     cache = ActivationCache(acts, acts.flip(0))
     verdicts = [True, False, True, False]
-    monkeypatch.setattr(early, "judge", lambda *a, **k: SimpleNamespace(refused=verdicts))
+    monkeypatch.setattr(driver, "judge", lambda *a, **k: SimpleNamespace(refused=verdicts))
     settings = resolve_settings(None, {"directions": {"contrast": "behaviour", "min_group": 2}})
     c = driver.contrast_groups(adapter, tokenizer, cache, settings, {"harmful": enc, "harmless": enc})
     assert c.labels == "generate" and not c.fallback
@@ -103,7 +102,6 @@ def test_filtered_generate_labels_judge_both_sides(monkeypatch, tokenizer):
 
     from obliteratus.settings import resolve_settings
     from obliteratus.directions import driver
-    from obliteratus.evaluate import early
     from obliteratus.presets import load_preset
     from obliteratus.probe import ActivationCache
 
@@ -114,7 +112,7 @@ def test_filtered_generate_labels_judge_both_sides(monkeypatch, tokenizer):
     harmless_acts = acts.flip(0)
     cache = ActivationCache(acts, harmless_acts)
     calls = iter([[True, False, True, True], [False, True, False, False]])  # harmful, then harmless answers
-    monkeypatch.setattr(early, "judge", lambda *a, **k: SimpleNamespace(refused=next(calls)))
+    monkeypatch.setattr(driver, "judge", lambda *a, **k: SimpleNamespace(refused=next(calls)))
     settings = resolve_settings(load_preset("basic"), {"directions": {"min_group": 2}})
     assert settings.directions.contrast == "filtered" and settings.directions.label == "generate"
     c = driver.contrast_groups(adapter, tokenizer, cache, settings, {"harmful": enc, "harmless": enc})

@@ -71,7 +71,7 @@ def test_llm_judge_with_the_demo_model_on_the_labelled_set():
     """The README's llm rows: the demo model as judge, asked the default question, on the shipped set
     (calibrated on content-free pairs, and at the threshold fitted on the set)."""
     from obliteratus.evaluate.judges import binary_metrics, make_judge
-    from obliteratus.evaluate.judges.command import labelled_set_path, read_rows, score_calibration
+    from obliteratus.evaluate.judges.rows import labelled_set_path, read_rows, score_calibration
 
     data = read_rows(labelled_set_path())
     judge = make_judge("llm", model="demo")  # the default: content-free calibration, threshold 0

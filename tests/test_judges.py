@@ -18,7 +18,8 @@ from obliteratus.evaluate.judges import Verdicts, binary_metrics, get_judge, jud
 from obliteratus.evaluate.judges import embedding as emb
 from obliteratus.evaluate.judges import llm, markers
 from obliteratus.evaluate.judges.base import auroc, calibrate_threshold, cross_validated_accuracy
-from obliteratus.evaluate.judges.command import judge, labelled_set_path, read_rows
+from obliteratus.commands.judge import judge
+from obliteratus.evaluate.judges.rows import labelled_set_path, read_rows
 from obliteratus.evaluate.judges.prefix import PREFIXES
 
 # ------------------------------------------------------------------ registry and metrics
@@ -154,7 +155,7 @@ def test_embedding_judge_on_known_cases():
     direct = emb.refusal_scores(j.embed(responses[:2]), j.refusal, j.compliance)
     assert v.scores[:2] == pytest.approx(direct.tolist(), abs=1e-6)
     # the README's embedding row on the shipped set (the threshold was fitted there: emb.calibrate)
-    from obliteratus.evaluate.judges.command import score_calibration
+    from obliteratus.evaluate.judges.rows import score_calibration
 
     data = read_rows(labelled_set_path())
     got = j(data.prompts, data.responses)
@@ -301,7 +302,7 @@ def write_jsonl(path, rows):
 
 def test_judge_command_calibrates_a_scoring_judge(tmp_path, capsys, monkeypatch):
     """With labels and scores, the command prints the AUROC, the best threshold and its 5-fold accuracy."""
-    from obliteratus.evaluate.judges import command
+    import obliteratus.commands.judge as command
 
     src = write_jsonl(tmp_path / "in.jsonl", ROWS)  # labels [T, F, T, F, T]
     scores = [0.9, 0.1, 0.8, 0.2, 0.7]

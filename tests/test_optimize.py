@@ -105,7 +105,7 @@ def test_a_seed_window_is_the_source_window_edit():
     f·L + 1, every attention and MLP writer of layers 0 .. f·L + 1 at weight 1, nothing after."""
     from obliteratus.errors import ConfigError
     from obliteratus.excise.window import window_weights
-    from obliteratus.optimize.command import study_options
+    from obliteratus.optimize.base import study_options
     from obliteratus.optimize.trial import window_params
 
     n = 24
@@ -273,7 +273,7 @@ def test_pareto_front_and_pick():
 
 
 def test_orthogonalized_directions_are_unit_and_orthogonal_to_the_harmless_mean():
-    from obliteratus.optimize.command import orthogonal_to
+    from obliteratus.optimize.base import orthogonal_to
 
     g = torch.randn(L + 1, D, generator=torch.Generator().manual_seed(1))
     r = mean_diffs() + 3 * g  # a large component along the harmless mean
@@ -491,7 +491,7 @@ def test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_t
 def test_extra_directions_need_a_method_that_gives_them(tmp_path):
     """max_directions > 1 with diff_means (one direction) would search a parameter that does nothing."""
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.run import run_optimize
 
     with pytest.raises(ConfigError, match="max_directions = 3 needs a direction method.*'diff_means' gives 1"):
         run_optimize(str(tmp_path / "never-loaded"), "optimized", study={"max_directions": 3}, run_dir=str(tmp_path))
@@ -604,6 +604,7 @@ def test_confirmation_scores_other_prompts_under_the_trials_hooks(monkeypatch):
 def test_confirmation_generates_the_prompts_an_earlier_check_refused_first(monkeypatch):
     """Prompts found refusing by one check are generated first, in their own batch, by the next: a
     candidate failing on them is given up after that small batch. The rate does not depend on it."""
+    from obliteratus.optimize import trial
     from obliteratus.optimize.trial import Confirmation
 
     model = tiny_model("llama")
@@ -627,7 +628,7 @@ def test_confirmation_generates_the_prompts_an_earlier_check_refused_first(monke
         groups.append(len(encoded_.ids))
         yield from real(model_, tokenizer, encoded_, *args, **kwargs)
 
-    monkeypatch.setattr(early, "judge_batches", spy)
+    monkeypatch.setattr(trial, "judge_batches", spy)  # the name optimize/trial.py calls
     check = Confirmation(objective.adapter, objective.scorer, other, 4, md, objective.excise, target=1.0)
     assert check(p) == len(refusing) / 8 and set(check.suspects) == refusing and groups == [8]
     groups.clear()
@@ -649,7 +650,7 @@ def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import save_tiny
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.run import run_optimize
     from obliteratus.optimize.trial import scaled_plan
 
     src = save_tiny(tmp_path, "llama")
@@ -679,7 +680,7 @@ def test_the_recount_budget_is_a_study_option(tmp_path, monkeypatch):
     """optimize.study.confirm_recounts reaches pick_confirmed (0: the fallback compares the bounds)."""
     from conftest import save_tiny
     from obliteratus.optimize import study as st
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.run import run_optimize
 
     seen, real = [], st.pick_confirmed
 
@@ -700,7 +701,7 @@ def test_the_recount_budget_is_a_study_option(tmp_path, monkeypatch):
 def test_confirmation_needs_enough_spare_prompts(tmp_path):
     """Checked before any model is loaded (the model path does not exist)."""
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.run import run_optimize
 
     sizes = {"data": {"n_train": 200, "n_val": 32, "n_test": 64}}  # 332 built-in harmful prompts: 36 spare
     with pytest.raises(ConfigError, match="confirm_prompts = 64, but only 36 harmful prompts are left"):
@@ -726,11 +727,13 @@ def test_extra_directions_reuse_the_judged_contrast(tmp_path, monkeypatch):
     the filtered contrast (which generates an answer for every train prompt) is judged once."""
     from conftest import save_tiny
     from obliteratus.directions import driver
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize import base
+    from obliteratus.optimize.run import run_optimize
 
     calls = []
     real = driver.contrast_groups
-    monkeypatch.setattr(driver, "contrast_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module in (driver, base):  # optimize/base.py (train_contrast) imports it by name
+        monkeypatch.setattr(module, "contrast_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
     src = save_tiny(tmp_path, "llama")
     overrides = {"data": {"n_train": 8, "n_val": 4, "n_test": 4}, "directions": {"method": "svd"},
                  "layers": {"method": "fixed"}, "evaluate": {"max_new_tokens": 2, "kl_tokens": 2, "perplexity": False}}

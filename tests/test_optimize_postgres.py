@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not URL, reason="set OBLITERATUS_TEST_POSTGRES t
 def test_two_workers_share_one_study(tmp_path):
     src = save_tiny(tmp_path, "llama")
     name = f"test-{uuid.uuid4().hex[:12]}"
-    cmd = [sys.executable, "-m", "obliteratus.optimize.command", str(src), "--worker", "--storage", URL,
+    cmd = [sys.executable, "-m", "obliteratus.cli", "optimize", str(src), "--worker", "--storage", URL,
            "--study-name", name, "--trials", str(N_TRIALS), "--startup-trials", "4", "--n-train", "8",
            "--n-val", "12", "--n-test", "4", "--refusal-tokens", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -30,7 +30,7 @@ def finished_rows(db) -> list[tuple[int, str]]:
 
 
 def command(src, out) -> list[str]:
-    return [sys.executable, "-m", "obliteratus.optimize.command", str(src), "--output", str(out),
+    return [sys.executable, "-m", "obliteratus.cli", "optimize", str(src), "--output", str(out),
             "--trials", str(N_TRIALS), "--startup-trials", "4", "--n-train", "8", "--n-val", "12", "--n-test", "4",
             "--max-new-tokens", "4", "--refusal-tokens", "24", "--set", "evaluate.perplexity=false"]
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from conftest import params_digest, random_unit, save_tiny, tiny_model
-from obliteratus.settings import ExciseSettings, ModelSettings
+from obliteratus.models.options import ModelSettings
+from obliteratus.settings import ExciseSettings
 from obliteratus.excise.apply import excise
 from obliteratus.excise.hook_form import ablated
 from obliteratus.models import packed

@@ -110,7 +110,7 @@ def test_norms_panel_from_the_saved_mean_diffs_when_the_metadata_has_none(run_di
 
 
 def test_urls_in_metadata_are_not_links_and_the_command_rebuilds(run_dir, tmp_path, capsys, monkeypatch):
-    from obliteratus.report.command import report
+    from obliteratus.commands.report import report
 
     monkeypatch.setenv("COLUMNS", "20")  # narrower than the path: it is printed whole, not wrapped
 

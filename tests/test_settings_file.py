@@ -107,7 +107,8 @@ def _verbs():
 
 
 def test_cli_options_of_settings_take_help_and_choices_from_the_model_and_default_to_unset():
-    from obliteratus.settings import DataSettings, ModelSettings
+    from obliteratus.models.options import ModelSettings
+    from obliteratus.settings import DataSettings
 
     verbs = _verbs()
     ob = {p.name: p for p in verbs["obliterate"].params}
@@ -153,7 +154,7 @@ def test_generated_options_gather_overrides_and_implications():
     import typer
     from typer.testing import CliRunner
 
-    from obliteratus.cli_options import Opt, settings_options
+    from obliteratus.commands.options import Opt, settings_options
 
     seen = {}
 
@@ -175,7 +176,7 @@ def test_generated_options_gather_overrides_and_implications():
 
 
 def test_command_option_models_hold_the_python_api_defaults():
-    from obliteratus.analysis.command import analyze
+    from obliteratus.analysis.analyze import analyze
     from obliteratus.analysis.options import AnalyzeOptions
 
     params = inspect.signature(analyze).parameters
@@ -184,7 +185,7 @@ def test_command_option_models_hold_the_python_api_defaults():
 
 
 def test_a_bad_command_option_names_its_flag():
-    from obliteratus.cli_options import command_options
+    from obliteratus.commands.options import command_options
     from obliteratus.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--batch-size \(compare.batch_size\)"):

@@ -208,7 +208,7 @@ def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path
     from obliteratus.select.layers import refusal_log_odds, refusal_token_ids
     from obliteratus.shared_prefix import last_logits
     from obliteratus.studies import runner
-    from obliteratus.studies.command import write_study
+    from obliteratus.studies.save import write_study
 
     built = []  # the evaluator (base outputs, encoded prompts) is built once per study, not per ablation
     init = runner.Evaluator.__init__
@@ -243,7 +243,7 @@ def test_runner_rows_match_weight_edited_copies_and_leave_weights_alone(tmp_path
 
 
 def test_study_command_end_to_end(tmp_path):
-    from obliteratus.studies.command import study
+    from obliteratus.commands.study import study
 
     src = save_tiny(tmp_path, "qwen2")
     cfg = tmp_path / "s.yaml"

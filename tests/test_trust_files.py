@@ -36,7 +36,9 @@ def no_model(monkeypatch):
     def summon(*args, **kwargs):
         raise AssertionError("a model was loaded before the outputs were checked")
 
-    monkeypatch.setattr(load, "summon", summon)
+    for module in [m for name, m in sys.modules.items()  # the verbs (commands/) import it by name
+                   if name.startswith("obliteratus") and getattr(m, "summon", None) is load.summon]:
+        monkeypatch.setattr(module, "summon", summon)
 
 
 # -- item 8: what an output may be ----------------------------------------------------------------
@@ -149,7 +151,7 @@ def test_judge_malformed_row_is_an_error_naming_it(tmp_path, capsys, monkeypatch
 
 def test_sqlite_study_in_use_is_refused_naming_study_and_lock(tiny_dir, tmp_path, monkeypatch):
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.command import run_optimize
+    from obliteratus.optimize.run import run_optimize
 
     run = tmp_path / "st"
     run.mkdir()

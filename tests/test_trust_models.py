@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from obliteratus.settings import ModelSettings
+from obliteratus.models.options import ModelSettings
 from obliteratus.errors import ActivationError, IntegrityError, ModelNotFoundError
 from obliteratus.models.load import summon
 
@@ -317,7 +317,7 @@ def test_gguf_without_tokenizer_scores(tmp_path, capsys, monkeypatch):
 
 
 def test_gguf_conversion_checks_too(tmp_path):
-    from obliteratus.models.load import convert_gguf
+    from obliteratus.models.aliases import convert_gguf
 
     path = write_tiny_gguf(tmp_path / "t.gguf")
     data = path.read_bytes()

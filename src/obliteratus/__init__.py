@@ -5,18 +5,28 @@ Stages: SUMMON (``models``) -> PROBE (``probe``) -> DISTILL (``directions``) -> 
 returns a ``Run`` (``run.metrics``, ``run.save(dir)``); ``RunRecord`` is ``obliteratus.json``.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pipeline import obliterate
+    from .record import RunRecord
+    from .run import Run
+
 __version__ = "0.1.0"
 
-
-def obliterate(*args, **kwargs):
-    """See :func:`obliteratus.pipeline.obliterate` (imported lazily to keep ``import obliteratus`` light)."""
-    from .pipeline import obliterate as run
-
-    return run(*args, **kwargs)
+__all__ = ["Run", "RunRecord", "obliterate", "__version__"]
 
 
 def __getattr__(name: str):
-    """``Run`` (what obliterate returns) and ``RunRecord`` (``obliteratus.json``), imported lazily."""
+    """``obliterate``, ``Run`` and ``RunRecord``, loaded on first use (PEP 562), so that importing one
+    stage (``obliteratus.models.load``, ``obliteratus.errors``) does not load the whole pipeline.
+    The one import inside a function outside the optional extras (tests/test_imports.py)."""
+    if name == "obliterate":
+        from .pipeline import obliterate
+
+        return obliterate
     if name == "Run":
         from .run import Run
 
@@ -26,6 +36,3 @@ def __getattr__(name: str):
 
         return RunRecord
     raise AttributeError(f"module 'obliteratus' has no attribute {name!r}")
-
-
-__all__ = ["Run", "RunRecord", "obliterate", "__version__"]

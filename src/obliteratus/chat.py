@@ -1,5 +1,5 @@
-"""Conversation: ``obliteratus chat MODEL`` (streamed, multi-turn) and ``obliteratus compare A B``
-(both models' answers side by side with a judge's verdicts).
+"""Conversation: what ``obliteratus chat MODEL`` (streamed, multi-turn) and ``obliteratus compare A B``
+(both models' answers side by side with a judge's verdicts) run; the verbs are commands/chat.py.
 
 Streaming is a manual decoding loop over the KV cache: each step feeds the last token, picks the
 next one greedily (temperature 0) or by sampling softmax(logits / T) restricted to the smallest
@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Callable, Optional
 
 import torch
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from .cli_options import command_options, settings_options
-from .errors import ConfigError, PromptError
+from .batching import check_lengths, encode_plain, encode_rendered, max_positions
+from .data.prompts import encode_chat
+from .errors import PromptError
+from .evaluate.generate import decode, eos_ids, generate
+from .evaluate.judges import JudgeSpec
+from .models import ALIASES
+from .models.load import resolve_source, summon
+from .settings import DataSettings, ModelSettings
 
 
 class ChatOptions(BaseModel):
@@ -37,7 +41,7 @@ class ChatOptions(BaseModel):
 
 
 class CompareOptions(BaseModel):
-    """``obliteratus compare``'s options (the CLI options are generated from them: cli_options.py)."""
+    """``obliteratus compare``'s options (the CLI options are generated from them: commands/options.py)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -50,8 +54,6 @@ class CompareOptions(BaseModel):
 def render(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation ending with the assistant turn's opening. The messages' text
     is plain text: a special-token string typed in it never becomes a control token."""
-    from .batching import encode_plain, encode_rendered
-
     if getattr(tokenizer, "chat_template", None):
         def text_of(contents: list[str]) -> str:
             return tokenizer.apply_chat_template([{**m, "content": c} for m, c in zip(messages, contents)],
@@ -81,8 +83,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
 def stream_reply(model, tokenizer, ids: list[int], on_text: Callable[[str], None], options: ChatOptions) -> list[int]:
     """Generate after `ids`, calling `on_text` with each newly complete piece of text; returns the new
     token ids (without the stop token)."""
-    from .evaluate.generate import eos_ids
-
     stop = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(options.seed) if options.temperature > 0 else None
@@ -121,8 +121,6 @@ class ChatSession:
         head = [{"role": "system", "content": self.options.system}] if self.options.system else []
         self.history.append({"role": "user", "content": user})
         ids = render(self.tokenizer, head + self.history)
-        from .batching import max_positions
-
         positions = max_positions(self.model)
         if positions is not None and len(ids) + self.options.max_new_tokens > positions:
             self.history.pop()
@@ -156,49 +154,10 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]], write: Ca
         write("\n")
 
 
-def _model_settings(given: dict):
-    from .settings import ModelSettings, validated
-
-    return validated(ModelSettings, given.get("model", {}), "model settings")
-
-
-@settings_options("chat.system", "chat.max_new_tokens", "chat.temperature", "chat.top_p", "chat.seed",
-                  "model.dtype", "model.device", sets=False, into="given")
-def chat(
-    model: str = typer.Argument(..., help="Alias, local directory, .gguf file or hub id."),
-    given: dict | None = None,
-) -> None:
-    """Talk to a model in the terminal (streamed replies; /reset clears the history, /exit quits)."""
-    import sys
-
-    from .models.load import summon
-
-    options = command_options(given, "chat")
-    loaded = summon(model, _model_settings(given))
-
-    def read() -> Optional[str]:
-        try:
-            return input("you> ")
-        except EOFError:
-            return None
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    print(f"chatting with {model} (/reset clears the history, /exit quits)")
-    chat_loop(ChatSession(loaded.model, loaded.tokenizer, options), read, write)
-
-
 # -- compare ---------------------------------------------------------------------------------------
 
 def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, system: str | None = None) -> list[str]:
     """Greedy answers of one model to `prompts` (chat template when the tokenizer has one), batched."""
-    from .batching import check_lengths, max_positions
-    from .settings import DataSettings
-    from .data.prompts import encode_chat
-    from .evaluate.generate import decode, generate
-
     tok = loaded.tokenizer
     enc = encode_chat(tok, prompts, True, system)
     cap = DataSettings.model_fields["max_prompt_tokens"].default
@@ -210,52 +169,12 @@ def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, sy
     return decode(tok, generate(loaded.model, tok, enc, max_new_tokens, batch_size))
 
 
-def compare_table(prompts: list[str], name_a: str, a: list[str], va: list[bool], name_b: str, b: list[str],
-                  vb: list[bool], judge: str):
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"{name_a} vs {name_b} · judge: {judge}", show_lines=True)
-    table.add_column("prompt", ratio=2)
-    table.add_column(f"A: {name_a}", ratio=3)
-    table.add_column("A", justify="center")
-    table.add_column(f"B: {name_b}", ratio=3)
-    table.add_column("B", justify="center")
-    mark = lambda r: "[red]refusal[/]" if r else "[green]answer[/]"  # noqa: E731
-    for p, ta, ra, tb, rb in zip(prompts, a, va, b, vb):
-        table.add_row(escape(p), escape(ta), mark(ra), escape(tb), mark(rb))
-    return table
-
-
-@settings_options("compare.judge", "compare.column", "compare.max_new_tokens", "compare.batch_size",
-                  "model.dtype", "model.device", sets=False, into="given")
-def compare(
-    model_a: str = typer.Argument(..., help="First model."),
-    model_b: str = typer.Argument(..., help="Second model."),
-    prompts: Path = typer.Option(..., "--prompts", help=".txt (one per line), .jsonl or .csv file, or builtin:NAME."),
-    option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
-                                                        "model=PATH for --judge llm (as in obliteratus judge).")] = None,
-    given: dict | None = None,
-) -> None:
-    """Both models' greedy answers to the same prompts, side by side, with the judge's verdicts."""
-    from rich.console import Console
-
-    from .data.prompts import load_prompts
-    from .evaluate.judges import get_judge
-    from .evaluate.judges.command import parse_option_args
-    from .models import ALIASES
-    from .models.load import resolve_source, summon
-
-    opts = command_options(given, "compare")  # its defaults: CompareOptions
-    judge, max_new_tokens, batch_size = opts.judge, opts.max_new_tokens, opts.batch_size
-    spec = get_judge(judge)  # fail on a bad name or bad options before loading anything
-    judge_options = parse_option_args(option)
-    spec.parse_options(judge_options)
-    texts = load_prompts(str(prompts), opts.column)
-    if not texts:
-        raise ConfigError(f"{prompts} holds no prompts")
-    settings = _model_settings(given)
-    for name in (model_a, model_b):  # a missing second model fails before the first one is loaded and run
+def compare_models(model_a: str, model_b: str, texts: list[str], settings: ModelSettings, spec: JudgeSpec,
+                   judge_options: dict, max_new_tokens: int, batch_size: int):
+    """Both models' greedy answers to `texts` (one model in memory at a time), then the judge's
+    verdicts: (answers of A, answers of B, A refused, B refused). A missing second model fails
+    before the first one is loaded and run."""
+    for name in (model_a, model_b):
         if name not in ALIASES:
             resolve_source(name)
     results = []
@@ -265,6 +184,8 @@ def compare(
         del loaded
     judged_by = spec.create(**judge_options)  # after the two models are gone (an llm judge loads its own)
     va, vb = (judged_by(texts, r).refused for r in results)  # True = refusal
-    console = Console()
-    console.print(compare_table(texts, model_a, results[0], va, model_b, results[1], vb, judge))
-    console.print(f"refusals: A {sum(va)}/{len(texts)}, B {sum(vb)}/{len(texts)}")
+    return results[0], results[1], va, vb
+
+
+__all__ = ["ChatOptions", "ChatSession", "CompareOptions", "answers", "chat_loop", "compare_models", "next_token",
+           "render", "stream_reply"]

@@ -21,16 +21,18 @@ import torch
 from .analysis.pca import run_pca
 from .batching import Encoded, check_lengths, max_positions
 from .settings import Settings, deep_merge, resolve_settings
-from .data.prompts import Split, encode_chat, load_prompts, split_prompts
+from .data.prompts import Split, encode_texts, load_prompts, split_prompts
 from .directions import Directions, get_direction_method, orthonormalize
-from .directions.driver import distill as distill_directions
+from .directions.driver import distill
 from .select.layers import LayerSelection, refusal_token_ids
 from .errors import ConfigError, PromptError
 from .evaluate import evaluate_model
 from .excise import EditReport, get_excise_variant
 from .excise.dispatch import apply_edit, build_plan
 from .excise.kernels import KernelOptions
+from .export.lora import export_lora
 from .optimize.grid import GridResult, kernels as grid_kernels, search as grid_search
+from .optimize.strategy import StudyEdit
 from .models.load import Loaded, summon
 from .presets import load_preset
 from .probe import ActivationCache, collect
@@ -87,12 +89,6 @@ def prepare_prompts(tokenizer, settings: Settings, positions: int | None = None,
     return PromptSets(splits["harmful"], splits["harmless"], encoded)
 
 
-def encode_texts(tokenizer, settings: Settings, prompts: list[str]) -> Encoded:
-    """Raw prompts -> chat-formatted (when the data settings ask for it), tokenized prompts."""
-    d = settings.data
-    return encode_chat(tokenizer, prompts, d.chat_template, d.system_prompt)
-
-
 def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Reporter) -> ActivationCache:
     acts = {}
     for cls in ("harmful", "harmless"):
@@ -101,22 +97,6 @@ def probe(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Rep
         acts[cls] = collect(loaded.adapter, enc, settings.probe.positions, settings.probe.batch_size, advance,
                              settings.probe.share_prefix)
     return ActivationCache(acts["harmful"], acts["harmless"])
-
-
-def distill(loaded: Loaded, cache: ActivationCache, prompts: PromptSets, settings: Settings,
-            reporter: Reporter, selection: LayerSelection | None = None,
-            contrast=None) -> tuple[Directions, LayerSelection]:
-    """Choose the source layer (unless `selection` is given, e.g. shared by runs with the same
-    layer settings) and fit the direction method there (directions/driver.py); `contrast`: the
-    contrast groups of `cache` when the caller has already judged them."""
-    d = settings.data
-
-    def encode(texts: list[str]) -> Encoded:
-        return encode_chat(loaded.tokenizer, texts, d.chat_template, d.system_prompt)
-
-    parts = {part: {cls: prompts.encoded[f"{cls}.{part}"] for cls in ("harmful", "harmless")} for part in ("train", "val")}
-    return distill_directions(loaded, cache, settings, parts["val"], parts["train"], encode, prompts.harmful.train,
-                              reporter.task, selection, contrast)
 
 
 def moved_cosine(total: torch.Tensor, leftover: torch.Tensor) -> float:
@@ -196,8 +176,6 @@ class Edited:
 
 def export_adapter(loaded: Loaded, settings: Settings, directions: Directions, lora: str, overwrite: bool) -> None:
     """Write the edit about to be applied as a PEFT LoRA adapter (before the weights change)."""
-    from .export.lora import export_lora
-
     ex = settings.excise
     if ex.mode == "hooks" or not get_excise_variant(ex.method).low_rank or ex.neurons is not None or ex.passes > 1 or (
             loaded.adapter.moe_layers and (ex.moe.expert_directions or ex.moe.transplant or ex.moe.stabilise_routers)):
@@ -317,8 +295,6 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
     given = isinstance(model, Loaded)
     source = model.source if given else model
     if study is not None or uses_study(settings):
-        from .optimize.strategy import StudyEdit
-
         if lora is not None:
             raise ConfigError(f"--lora: preset {preset!r} bakes an optimizer trial; export from a fixed preset")
         choice = StudyEdit(settings, source, preset, output, study, run_dir, pick, worker)
@@ -365,5 +341,5 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
     return run
 
 
-__all__ = ["Edited", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "distill", "edit_model", "obliterate",
+__all__ = ["Edited", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "edit_model", "obliterate",
            "prepare_prompts", "probe", "split_prompt_sets", "uses_study"]

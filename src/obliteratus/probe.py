@@ -16,6 +16,7 @@ from .batching import Encoded
 from .errors import ActivationError
 from .hook_points import hooked
 from .models.adapters import ArchitectureAdapter
+from .shared_prefix import can_share_prefix, forward_inputs
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ def shared_prefix(adapter: ArchitectureAdapter, encoded: Encoded, positions: int
     """The prompts' common prefix, shortened so that every row keeps its last `positions` tokens
     outside it, when the model gives the same activations with it shared (shared_prefix.py's
     check, once per model); else None."""
-    from .shared_prefix import can_share_prefix
-
     common = encoded.common_prefix()[:max(0, min(len(x) for x in encoded.ids) - positions)]
     return common if common and can_share_prefix(adapter.model, encoded, new_tokens=0) else None
 
@@ -93,8 +92,6 @@ def collect(
     With `share_prefix`, the prompts' common template prefix runs once per batch (its keys and
     values are shared by every row, shared_prefix.py); the positions kept lie after it, and
     their activations are the same as in full left-padded batches up to float rounding."""
-    from .shared_prefix import forward_inputs
-
     device = next(adapter.model.parameters()).device
     n, L, d = len(encoded.ids), adapter.n_layers, adapter.d_model
     shortest = min(len(x) for x in encoded.ids)

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import ObliteratusError
+from .models.load import describe
 from .record import RunRecord
+from .save import check_output, save_run, versions
+from .settings_file import saved_settings
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -53,7 +56,7 @@ class Run:
     unedited and edited); ``save(dir)`` writes the edited model with ``obliteratus.json``
     (:meth:`record`), the directions, the report and, in hook mode, the steering files. The fixed
     edit and the kernel grid fill ``directions`` and ``selection`` (and ``search``: the grid's trials);
-    the Optuna study fills ``study`` (optimize.command.OptimizeResult: the front, the chosen trial, its
+    the Optuna study fills ``study`` (optimize.base.OptimizeResult: the front, the chosen trial, its
     confirmation). A ``--worker`` run of the study only ran trials: no edit, no metrics."""
 
     preset: str
@@ -88,7 +91,7 @@ class Run:
 
     @property
     def study(self):
-        """The study's outcome (optimize.command.OptimizeResult), or None."""
+        """The study's outcome (optimize.base.OptimizeResult), or None."""
         return getattr(self.choice, "result", None)
 
     @property
@@ -99,14 +102,10 @@ class Run:
 
     def record(self) -> RunRecord:
         """The typed run record (``obliteratus.json``)."""
-        from .models.load import describe
-        from .save import versions
-
         if self.edit is None:
             raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
         model = describe(self.loaded)
         model.pop("config")
-        from .settings_file import saved_settings
 
         settings = saved_settings(self.settings)  # a storage password (or any secret setting) stays out of the file
         return RunRecord.model_validate({
@@ -134,8 +133,6 @@ class Run:
         """REBIRTH: write the edited model, ``obliteratus.json``, the directions, README.md, the report
         (and the steering files in hook mode) to `output`, atomically (save.save_run); the same files
         as passing ``output=`` to obliterate()."""
-        from .save import check_output, save_run
-
         if self.edit is None:
             raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
         check_output(output, overwrite, source=self.loaded.source)

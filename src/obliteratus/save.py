@@ -20,7 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import ObliteratusError, OutputExistsError
+from .models.aliases import ALIASES, cache_root
 from .record import RunRecord
+from .report import build_report
+from .steering import write_steering_files
 
 
 MARKER = ".obliteratus-output"  # written into every directory write_atomically creates
@@ -32,7 +35,6 @@ def source_path(source: str | os.PathLike | None) -> Path | None:
     """The local files of `source`: its directory, its .gguf file or an alias's converted cache."""
     if source is None:
         return None
-    from .models.aliases import ALIASES, cache_root
 
     path = cache_root() / str(source) if str(source) in ALIASES else Path(source).expanduser()
     return path.resolve() if path.exists() else None
@@ -41,8 +43,6 @@ def source_path(source: str | os.PathLike | None) -> Path | None:
 def cache_roots() -> list[Path]:
     """The caches models are read from: the alias cache and the Hugging Face hub cache."""
     from huggingface_hub import constants
-
-    from .models.aliases import cache_root
 
     return [cache_root().expanduser().resolve(), Path(constants.HF_HUB_CACHE).expanduser().resolve()]
 
@@ -280,13 +280,9 @@ def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], Ru
         (tmp / "obliteratus.json").write_text(record.to_json(), "utf-8")
         (tmp / "README.md").write_text(model_card(record.model_dump()), "utf-8")
         if steering is not None:
-            from .steering import write_steering_files
-
             write_steering_files(steering, tmp)
         if pca is not None:
             (tmp / "pca.json").write_text(json.dumps(pca), "utf-8")
-        from .report import build_report  # report.html + plots/ (panels need matplotlib; noted when missing)
-
-        build_report(tmp)
+        build_report(tmp)  # report.html + plots/ (panels need matplotlib; noted when missing)
 
     return write_atomically(Path(out), overwrite, fill)

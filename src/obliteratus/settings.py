@@ -22,39 +22,23 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .directions import direction_methods, get_direction_method
 from .errors import ConfigError
+from .evaluate.judges import get_judge
 from .excise.base import check_excise, check_settings
 from .excise.heads import HeadOptions
 from .excise.householder import HouseholderOptions
 from .excise.kernels import KernelOptions
 from .excise.moe import MoeOptions
 from .excise.neurons import NeuronOptions
+from .models.options import ModelSettings
 from .optimize.options import StudyOptions
+from .select import layer_selectors
 
 
 class Section(BaseModel):
     # allow_inf_nan=False: a NaN or infinite number (`--set excise.lam=inf`) is an error here, not after VERIFY
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class ModelSettings(Section):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto = float32 on CPU, the checkpoint's dtype (or bfloat16) on CUDA."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = CUDA when available (device_map='auto' over several GPUs), else CPU."
-    )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
-    allow_pickle: bool = Field(
-        False, description="Load PyTorch pickle weights (pytorch_model.bin) when a checkpoint has no safetensors; "
-                           "unpickling can run code hidden in the file, so only for sources you trust."
-    )
-    cpu_pack: Literal["auto", "off"] = Field(
-        "auto", description="auto: on the CPU, float32 Linear layers multiply with a oneDNN-packed copy of their "
-                            "weight (models/packed.py: same results, one more copy of the weights in memory; skipped "
-                            "when that copy would not fit); off: plain GEMM (timings: "
-                            "docs/journal/option-measurements.md)."
-    )
 
 
 class DataSettings(Section):
@@ -102,8 +86,6 @@ class DirectionSettings(Section):
 
     @model_validator(mode="after")
     def _check_tables(self) -> "DirectionSettings":
-        from .directions import direction_methods  # registry (imported late: it imports nothing from here)
-
         methods = direction_methods()
         for name, table in self.options.items():
             if name not in methods:
@@ -115,8 +97,6 @@ class DirectionSettings(Section):
         return self
 
     def options_for(self, name: str) -> BaseModel:
-        from .directions import get_direction_method
-
         return get_direction_method(name).parse_options(self.options.get(name))
     n_directions: int = Field(1, ge=1, description="Directions to extract (methods that give one ignore k > 1).")
     contrast: Literal["prompts", "behaviour", "filtered"] = Field(
@@ -252,8 +232,6 @@ class EvalSettings(Section):
 
     @model_validator(mode="after")
     def _known_judge(self) -> "EvalSettings":
-        from .evaluate.judges import get_judge  # late: the judges import nothing from here at import time
-
         get_judge(self.judge)
         return self
 
@@ -273,8 +251,6 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
-        from .directions import direction_methods
-
         if self.directions.method not in direction_methods():
             raise ValueError(
                 f"unknown directions.method {self.directions.method!r}; valid: {', '.join(sorted(direction_methods()))}"
@@ -283,8 +259,6 @@ class Settings(Section):
             raise ValueError("the optimizer's trials (optimize.search = 'study') edit the writers of layers 0..L-1 "
                              "through Heretic's kernels and never the embeddings: set excise.embeddings = false "
                              "(true would be silently ignored)")
-        from .select import layer_selectors  # registry (imported late: select imports modules that import this one)
-
         if self.layers.method not in layer_selectors():
             raise ValueError(f"unknown layers.method {self.layers.method!r}; valid: {', '.join(sorted(layer_selectors()))}")
         if self.layers.min_fraction >= 1.0 - self.layers.prune_fraction:

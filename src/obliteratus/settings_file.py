@@ -11,6 +11,7 @@ value replaced). A dict-valued field (``evaluate.judge_options``) has every key 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import textwrap
@@ -214,8 +215,6 @@ def default_toml() -> str:
 
 def settings_toml(settings: Settings, header: str = "") -> str:
     """`settings` as a commented TOML file (every setting, secrets redacted) that loads back to them."""
-    import inspect
-
     defaults = settings
     lines = (header.rstrip("\n").split("\n") + [""]) if header else []
     sections = []

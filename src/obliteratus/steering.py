@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ObliteratusError, OutputExistsError
+from .errors import ConfigError, ObliteratusError, OutputExistsError
 from .hook_points import hooked
 from .models.adapters import ArchitectureAdapter
 
@@ -163,8 +163,6 @@ def ablation_points(adapter: ArchitectureAdapter, *, attention: bool, mlp: bool,
     (``mlp_out``) when all its experts are edited, else ``experts_out`` / ``shared_expert_out``;
     ``lm_head_in`` when the lm_head's input side is edited (a tied head with the embeddings, or the
     lm_head option of an untied one). Raises ConfigError where no such hook exists."""
-    from .errors import ConfigError
-
     names: list[str] = []
     for w in adapter.writers(attention=attention, mlp=mlp, embeddings=False, experts=experts):
         if not biases and w.bias is not None:

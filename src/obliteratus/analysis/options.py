@@ -1,5 +1,5 @@
-"""Options of ``obliteratus analyze`` (analysis/command.py): one typed model holds their defaults;
-the CLI options are generated from it (cli_options.py). Imports only pydantic."""
+"""Options of ``obliteratus analyze`` (analysis/analyze.py): one typed model holds their defaults;
+the CLI options are generated from it (commands/options.py). Imports only pydantic."""
 
 from __future__ import annotations
 

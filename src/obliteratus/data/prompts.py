@@ -13,8 +13,13 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..batching import Encoded, encode_plain, encode_prompts, encode_rendered, has_special
 from ..errors import PromptError
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 BUILTIN = ("harmful", "harmless", "benign_sensitive")
 
@@ -168,8 +173,6 @@ def encode_chat(tokenizer, prompts: list[str], chat_template: bool = True, syste
     """:func:`format_prompts` then :func:`batching.encode_prompts`, except that a prompt holding a
     special-token string (``<|im_start|>``, ``<eos>``…) has it encoded as plain text, so a prompt
     file cannot forge turns or control tokens; other prompts tokenize exactly as before."""
-    from ..batching import Encoded, encode_plain, encode_prompts, encode_rendered, has_special
-
     templated = uses_template(tokenizer, chat_template)
     encoded = encode_prompts(tokenizer, format_prompts(tokenizer, prompts, chat_template, system_prompt), templated)
     ids = list(encoded.ids)
@@ -179,3 +182,9 @@ def encode_chat(tokenizer, prompts: list[str], chat_template: bool = True, syste
             ids[i] = (encode_rendered(tokenizer, render, [prompt]) if templated
                       else encode_plain(tokenizer, prompt, add_special_tokens=True))
     return Encoded.from_ids(ids, tokenizer.pad_token_id)
+
+
+def encode_texts(tokenizer, settings: Settings, prompts: list[str]) -> Encoded:
+    """Raw prompts -> chat-formatted (when the data settings ask for it), tokenized prompts."""
+    d = settings.data
+    return encode_chat(tokenizer, prompts, d.chat_template, d.system_prompt)

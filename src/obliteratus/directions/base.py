@@ -17,13 +17,19 @@ it lands in ``obliteratus.json`` under ``directions.fit``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from pydantic import BaseModel
 
+from ..errors import ActivationError
 from ..registry import NoOptions, parse_options
 from ..registry import Registry
+from ..shared_prefix import can_share_prefix
+
+if TYPE_CHECKING:
+    from ..batching import Encoded
+    from ..settings import Settings
 
 FitFn = Callable[..., torch.Tensor]  # (harmful [n, d], harmless [m, d], k, options, ...) -> [k, d]
 
@@ -122,8 +128,6 @@ def orthonormalize(basis: torch.Tensor, rtol: float = RANK_RTOL, min_rows: int =
     A row that (nearly) lies in the span of the rows before it is dropped: normalising its residual
     would blow rounding noise up to a unit vector, an unrelated direction. Raises ActivationError
     when fewer than `min_rows` rows are left (min_rows = k: every row must be independent)."""
-    from ..errors import ActivationError
-
     b = basis.detach().to(torch.float64)  # [k, d]
     if b.ndim != 2:
         raise ActivationError(f"orthonormalize: expected [k, d] rows, got shape {tuple(basis.shape)}")
@@ -139,6 +143,12 @@ def orthonormalize(basis: torch.Tensor, rtol: float = RANK_RTOL, min_rows: int =
                               f"keeps less than {rtol:.1e} of its norm outside the span of the others, or is zero); "
                               f"{min_rows} needed")
     return q.to(basis.dtype)
+
+
+def shares_prefix(model, encoded: Encoded, settings: Settings) -> bool:
+    """Whether DISTILL's generation and scoring passes over `encoded` run the prompts' common template
+    prefix once per batch: ``evaluate.share_prefix`` and the model computes the same logits that way."""
+    return settings.evaluate.share_prefix and can_share_prefix(model, encoded)
 
 
 def point_toward(basis: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

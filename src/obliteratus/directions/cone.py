@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..analysis.cones import category_directions, effective_dimension
+from ..analysis.cones import categorise, category_directions, effective_dimension
 from ..analysis.cross_layer import unit_rows
 from ..errors import PromptError
 from .base import Basis, FitContext, orthonormalize, register_direction_method
@@ -62,8 +62,6 @@ def cone_basis(positive: torch.Tensor, negative: torch.Tensor, k: int = 1, optio
 
 def fit_in_pipeline(ctx: FitContext) -> Basis:
     """The cone from every harmful train prompt (categorised by its text) and every harmless one."""
-    from ..analysis.cones import categorise
-
     p, layer = ctx.position, ctx.layer
     return Basis(cone_basis(ctx.positive, ctx.negative, ctx.k, ctx.options, harmful=ctx.cache.harmful[:, p, layer],
                             labels=categorise(ctx.harmful_texts), harmless=ctx.cache.harmless[:, p, layer]))

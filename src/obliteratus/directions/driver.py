@@ -17,20 +17,27 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..analysis.cross_layer import agreement_weights
 from ..batching import Encoded
+from ..data.prompts import encode_texts
 from ..errors import ConfigError
+from ..evaluate.early import judge
 from ..excise.base import get_excise_variant
+from ..excise.spectral import cascade_signal, spectral_weights
+from ..excise.window import window_weights
 from ..probe import ActivationCache
 from ..select import SelectContext, get_layer_selector
 from ..select.interpolate import direction_at
 from ..select.knee import mean_norms
 from ..select.layers import LayerSelection, refusal_log_odds, refusal_token_ids
-from .base import Directions, FitContext, get_direction_method, orthonormalize
+from .base import Directions, FitContext, get_direction_method, orthonormalize, shares_prefix
 from .contrast import Contrast, filter_by_refusal, final_logits, split_by_refusal
 from .diff_means import mean_difference
 from .project_harmless import orthogonalize_against
 
 if TYPE_CHECKING:
+    from ..pipeline import PromptSets
+    from ..run import Reporter
     from ..settings import Settings
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -41,17 +48,10 @@ def refusal_scores(adapter, tokenizer, acts: torch.Tensor, encoded: Encoded, set
     ds = settings.directions
     if ds.label == "logodds":  # last token, final residual: no extra forward pass
         return refusal_log_odds(final_logits(adapter, acts[:, -1, -1]), refusal_token_ids(tokenizer)), ds.refusal_threshold
-    from ..evaluate.early import judge
 
     verdicts = judge(adapter.model, tokenizer, encoded, ds.label_tokens, settings.evaluate.batch_size,
                      share_prefix=shares_prefix(adapter.model, encoded, settings))
     return torch.tensor(verdicts.refused, dtype=torch.float64) * 2 - 1, 0.0  # +1 refused, -1 answered
-
-
-def shares_prefix(model, encoded: Encoded, settings: Settings) -> bool:
-    from ..shared_prefix import can_share_prefix
-
-    return settings.evaluate.share_prefix and can_share_prefix(model, encoded)
 
 
 def contrast_groups(adapter, tokenizer, cache: ActivationCache, settings: Settings,
@@ -90,17 +90,11 @@ def layer_weights(contrast: Contrast, mean_diffs: torch.Tensor, source: int, set
     if ex.layer_weights == "none":
         return None
     if ex.layer_weights == "through_source":
-        from ..excise.window import window_weights
-
         w = window_weights(mean_diffs.shape[0] - 1, source)
     elif ex.layer_weights == "spectral":
-        from ..excise.spectral import cascade_signal, spectral_weights
-
         norms = mean_norms(contrast.positive[:, -1], contrast.negative[:, -1])  # [L+1]
         w = spectral_weights(cascade_signal(mean_diffs[1:], norms[1:]), ex.spectral_bands, ex.spectral_decay)
     else:
-        from ..analysis.cross_layer import agreement_weights
-
         w = agreement_weights(mean_diffs, source, ex.informed_floor)[1:]
     return {i: float(v) for i, v in enumerate(w.tolist())}
 
@@ -139,13 +133,20 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
     return fitted.rows, fitted.fit
 
 
-def distill(loaded, cache: ActivationCache, settings: Settings, val: dict[str, Encoded], train: dict[str, Encoded],
-            encode: Callable[[list[str]], Encoded], harmful_texts: list[str], task: Progress,
+def distill(loaded, cache: ActivationCache, prompts: PromptSets, settings: Settings, reporter: Reporter,
             selection: LayerSelection | None = None, contrast: Contrast | None = None) -> tuple[Directions, LayerSelection]:
     """Choose the source layer (unless `selection` is given, e.g. shared by runs with the same layer
-    settings) and fit the direction method there. `contrast`: the groups of `cache`, when the caller
-    has already judged them (contrast_groups generates answers for the filtered/behaviour contrasts)."""
+    settings) and fit the direction method there, from the train and val parts of `prompts`.
+    `contrast`: the groups of `cache`, when the caller has already judged them (contrast_groups
+    generates answers for the filtered/behaviour contrasts)."""
     ds = settings.directions
+    task = reporter.task
+    train, val = ({cls: prompts.encoded[f"{cls}.{part}"] for cls in ("harmful", "harmless")} for part in ("train", "val"))
+    harmful_texts = prompts.harmful.train
+
+    def encode(texts: list[str]) -> Encoded:
+        return encode_texts(loaded.tokenizer, settings, texts)
+
     if contrast is None:
         contrast = contrast_groups(loaded.adapter, loaded.tokenizer, cache, settings, train)
     mean_diffs = mean_difference(contrast.positive, contrast.negative)  # [positions, L+1, d]

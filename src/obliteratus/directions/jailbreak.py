@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ActivationError, PromptError
+from ..probe import collect
 from .base import Basis, FitContext, register_direction_method
 
 PLACEHOLDER = "{prompt}"
@@ -103,8 +104,6 @@ def wrap_prompts(prompts: list[str], templates: list[str]) -> list[str]:
 
 def fit_in_pipeline(ctx: FitContext) -> Basis:
     """Probe the harmful train prompts wrapped in the jailbreak templates (a third set), then blend."""
-    from ..probe import collect
-
     probe = ctx.settings.probe
     wrapped = ctx.encode(wrap_prompts(ctx.harmful_texts, load_jailbreak_templates()))
     acts = collect(ctx.loaded.adapter, wrapped, probe.positions, probe.batch_size, share_prefix=probe.share_prefix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ActivationError
 from .base import orthonormalize
 
 
@@ -19,8 +20,6 @@ def orthogonalize_against(basis: torch.Tensor, v: torch.Tensor, min_rows: int = 
     orthonormalisation of [v̂; basis] without its first row, so a row (nearly) parallel to v is dropped
     instead of becoming its normalised rounding noise. Raises ActivationError when fewer than
     `min_rows` rows are left (min_rows = 0: an empty [0, d] answer is the caller's to handle)."""
-    from ..errors import ActivationError
-
     b = basis.double()
     if not float(v.double().norm()) > 0:
         return orthonormalize(b, min_rows=min_rows).float()

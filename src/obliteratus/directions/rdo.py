@@ -47,8 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..batching import Encoded
 from ..errors import ObliteratusError, PromptError
+from ..evaluate.generate import eos_ids, generate
 from ..hook_points import hooked
-from .base import Basis, FitContext, orthonormalize, register_direction_method
+from .base import Basis, FitContext, orthonormalize, register_direction_method, shares_prefix
 
 
 class RdoOptions(BaseModel):
@@ -151,8 +152,6 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
     and of harmless prompts unedited (max_new_tokens − 1). With `share_prefix`, the prompts' common
     prefix runs once per batch, under the same hooks (shared_prefix.py; check the model with
     ``can_share_prefix`` first)."""
-    from ..evaluate.generate import eos_ids, generate
-
     alpha = float(mean_diff.double().norm())
     if not alpha > 0:
         raise ObliteratusError("rdo targets: the difference of means at the source layer is zero")
@@ -366,8 +365,6 @@ def _needs_model(harmful, harmless, k, options=None):
 def fit_in_pipeline(ctx: FitContext) -> Basis:
     """The targets from the model's own completions, then the optimisation from `initial_basis`;
     the fit reports :func:`fit_info` under ``"rdo"``."""
-    from .driver import shares_prefix
-
     loaded, settings, train = ctx.loaded, ctx.settings, ctx.train
     targets = rdo_targets(loaded.model, loaded.adapter, loaded.tokenizer, train["harmful"], train["harmless"],
                           ctx.layer, ctx.mean_diff, ctx.options.target_tokens, settings.evaluate.batch_size,

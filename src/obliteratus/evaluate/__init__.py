@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..batching import Encoded
-from ..settings import EvalSettings
 from ..data.prompts import heldout_text, load_prompts
 from ..errors import ActivationError
 from .generate import LogprobRecorder, decode, generate
@@ -17,6 +16,9 @@ from ..shared_prefix import can_share_prefix
 from .perplexity import perplexity
 from .judges import make_judge
 from .judges.markers import is_refusal, refusal_rate
+
+if TYPE_CHECKING:
+    from ..settings import EvalSettings
 
 Step = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
 

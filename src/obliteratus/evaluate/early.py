@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..batching import Encoded
+from ..shared_prefix import generate_inputs
 from .judges import markers
 from .generate import eos_ids
 
@@ -62,8 +64,6 @@ def _criterion(tokenizer, prompt_width: int, stop: set[int], rows: int,
     it ended with EOS (the token budget is max_new_tokens), and records ``ends[row]``: the number
     of new tokens at the step it was decided (None while undecided). With `abandon`, raises
     :class:`Abandoned` as soon as ``abandon(rows with a marker)`` is true."""
-    from transformers import StoppingCriteria
-
     class MarkerSeen(StoppingCriteria):
         def __init__(self):
             self.ends: list[int | None] = [None] * rows
@@ -96,10 +96,6 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
     A generator, so a caller can stop after any batch; `abandon(marked rows in this batch)` is
     asked after every token and raises :class:`Abandoned` out of it when true. With
     `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py)."""
-    from ..shared_prefix import generate_inputs
-
-    from transformers import GenerationConfig, StoppingCriteriaList
-
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,

@@ -6,8 +6,10 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
+from transformers import GenerationConfig
 
 from ..batching import Encoded
+from ..shared_prefix import generate_inputs
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -58,10 +60,6 @@ def generate(model, tokenizer, encoded: Encoded, max_new_tokens: int = 64, batch
     A batch stops as soon as every sequence in it has ended. With `share_prefix`, the prompts'
     common prefix runs once per batch (shared_prefix.py: check the model with
     ``can_share_prefix`` first); with `record`, the first tokens' log-probs are kept."""
-    from transformers import GenerationConfig
-
-    from ..shared_prefix import generate_inputs
-
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batching import Encoded
+from ..shared_prefix import forward_inputs
 
 
 @dataclass
@@ -27,8 +28,6 @@ class KLReference:
 @torch.inference_mode()
 def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[int]], n: int,
                              batch_size: int, share_prefix: bool = False) -> list[torch.Tensor]:
-    from ..shared_prefix import forward_inputs
-
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
     prefix = encoded.common_prefix() if share_prefix else None

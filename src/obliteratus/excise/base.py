@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
+from ..directions import direction_methods, get_direction_method
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -121,12 +122,10 @@ def check_excise(ex: ExciseSettings) -> None:
 
 def check_settings(settings: Settings) -> None:
     """The rules between ``[excise]`` and the other sections."""
-    from ..directions import get_direction_method
-
     ds, ex = settings.directions, settings.excise
     v = EXCISE_VARIANTS.get(ex.method)
     if v.refit is not None and not get_direction_method(ds.method).mean_difference:
-        valid = " or ".join(repr(n) for n, m in _direction_methods().items() if m.mean_difference)
+        valid = " or ".join(repr(n) for n, m in direction_methods().items() if m.mean_difference)
         raise ValueError(f"excise.method = {ex.method!r} fits its own rank-1 eraser at the source layer and would "
                          f"replace the {ds.method!r} directions: use directions.method = {valid} with it")
     if v.refit is not None and (ds.project_harmless or ds.biproject or ds.scope == "per_layer" or ds.index is not None):
@@ -143,9 +142,3 @@ def check_settings(settings: Settings) -> None:
     if ex.mode == "hooks" and settings.optimize.enabled and settings.optimize.search == "grid":
         raise ValueError("optimize.search = 'grid' picks a per-layer kernel, which excise.mode = 'hooks' cannot "
                          "apply: use mode = 'weights'")
-
-
-def _direction_methods():
-    from ..directions import direction_methods
-
-    return direction_methods()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from ..directions.leace import leace_edit_basis
 from .apply import excise
 from .base import register_excise_variant
 
 
 def leace_refit(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """positive [n, d], negative [m, d] -> (basis [1, d], read [1, d]) (directions/leace.py)."""
-    from ..directions.leace import leace_edit_basis
-
     return leace_edit_basis(positive, negative)
 
 

@@ -11,7 +11,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from ..errors import IntegrityError, ModelNotFoundError
+from .trust import check_finite, check_gguf, check_loading_info
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,29 @@ def is_prepared(name: str) -> bool:
     return (cache_root() / name / "config.json").is_file()
 
 
+def strip_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF-loaded model is already dequantized; make it a plain model that save_pretrained accepts."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint through transformers and save it as safetensors."""
+    check_gguf(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    check_loading_info(info, str(gguf))  # a tensor it lacks would be saved as random weights
+    check_finite(model, str(gguf), torch.float32)
+    strip_gguf_quantizer(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
 def prepare(name: str) -> Path:
     """The local HF directory of alias `name`, converting it on first use (about a minute)."""
-    from .load import convert_gguf
-
     if name not in ALIASES:
         raise ModelNotFoundError(f"unknown alias {name!r}; aliases: {', '.join(ALIASES)}")
     alias = ALIASES[name]

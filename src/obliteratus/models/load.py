@@ -6,19 +6,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import IntegrityError, ModelNotFoundError
+from ..steering import attach_steering, has_steering, load_steering
 from .adapters import ArchitectureAdapter, spec_for
-from .aliases import ALIASES, prepare
+from .aliases import ALIASES, prepare, strip_gguf_quantizer
+from .options import ModelSettings
+from .packed import pack_linears
 from .trust import (check_finite, check_gguf, check_loading_info, check_local_dir, check_tokenizer,
                     corrupt_safetensors, explain_load_error)
-
-if TYPE_CHECKING:
-    from ..settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +38,6 @@ class Loaded:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def strip_gguf_quantizer(model: nn.Module) -> None:
-    """A GGUF-loaded model is already dequantized; make it a plain model that save_pretrained accepts."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-
-
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF checkpoint through transformers and save it as safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_gguf(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                       output_loading_info=True, ignore_mismatched_sizes=True)
-    check_loading_info(info, str(gguf))  # a tensor it lacks would be saved as random weights
-    check_finite(model, str(gguf), torch.float32)
-    strip_gguf_quantizer(model)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
 
 
 def resolve_source(source: str) -> tuple[str, str | None]:
@@ -103,8 +81,6 @@ def pick_dtype(dtype: str, device: str, config) -> torch.dtype:
 
 
 def read_config(where: str, gguf_file: str | None, trust_remote_code: bool):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -118,12 +94,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     A local model directory with ``steering.json`` + ``steering.safetensors`` (see
     :mod:`obliteratus.steering`) gets those hooks attached, so the model evaluated is the model that
     was saved (``Loaded.steering`` holds the handle); ``steering=False`` loads the bare weights."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if settings is None:
-        from ..settings import ModelSettings  # late: config imports the excise option models, which import models
-
         settings = ModelSettings()
     where, gguf_file = resolve_source(source)
     if gguf_file:
@@ -169,16 +140,12 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     model.requires_grad_(False)
     check_finite(model, source, dtype)  # before packing: the packed copies are made from these weights
     if device == "cpu" and settings.cpu_pack == "auto":
-        from .packed import pack_linears
-
         pack_linears(model)
     check_tokenizer(tokenizer, source)  # pad = eos when it has no pad token; the chat template renders
     tokenizer.padding_side = "left"
     loaded = Loaded(model, tokenizer, ArchitectureAdapter(model), source,
                     gguf_file and str(Path(where) / gguf_file) or where)
     if not gguf_file and Path(where).is_dir():
-        from ..steering import attach_steering, has_steering, load_steering  # steering imports models
-
         if has_steering(where):
             if steering:
                 loaded.steering = attach_steering(loaded.adapter, load_steering(where), source=where)

@@ -14,6 +14,8 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import IntegrityError, ModelNotFoundError
@@ -95,8 +97,6 @@ def check_gguf(path: Path) -> None:
 
 def corrupt_safetensors(where: str, err: Exception) -> str:
     """The message for a safetensors file that does not parse, naming it when it is local."""
-    from safetensors import SafetensorError, safe_open
-
     bad = []
     if Path(where).is_dir():
         for path in sorted(Path(where).glob("*.safetensors")):
@@ -118,8 +118,6 @@ def explain_load_error(err: Exception, where: str, trust_remote_code: bool) -> s
                 f"run, with your permissions, to load it. Read that code first; if you trust its source, pass "
                 f"{TRUST_CODE}")
     if "does not recognize this architecture" in text:
-        import transformers
-
         return (f"{line} Upgrade transformers (installed: {transformers.__version__}) or check config.json's "
                 "model_type")
     return line

@@ -30,6 +30,7 @@ from ..evaluate.kl import kl_rows
 from ..excise.hook_form import ablated
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
+from ..select.layers import refusal_log_odds
 
 
 @dataclass
@@ -74,8 +75,6 @@ def search(adapter, q: torch.Tensor, lam: float, val_harmful: Encoded, val_harml
            experts: bool | None = None) -> GridResult:
     """Score the plain edit and every kernel of the grid on the writers the bake edits (`attention`,
     `mlp`, `experts`, `embeddings`, `biases`: the excise settings)."""
-    from ..select.layers import refusal_log_odds  # late: directions imports config, which imports this package
-
     model = adapter.model
     base = torch.log_softmax(last_logits(model, val_harmless, batch_size).double(), -1)
 

@@ -15,8 +15,20 @@ from pathlib import Path
 
 import torch
 
-from .command import (OptimizeResult, _quiet_interrupts, check_storage, mean_differences, study_options,
-                      train_contrast)
+from ..analysis.pca import run_pca
+from ..data.prompts import encode_texts
+from ..directions.base import get_direction_method
+from ..directions.driver import distill
+from ..errors import ConfigError
+from ..excise.apply import excise
+from ..models import ALIASES
+from ..models.load import resolve_source
+from ..run import timed
+from ..settings_file import saved_settings
+from . import study as st
+from .base import (OptimizeResult, _quiet_interrupts, check_storage, mean_differences, study_options,
+                   train_contrast)
+from .trial import Confirmation, Objective, Scorer, scaled_plan, window_params
 
 
 class StudyEdit:
@@ -37,11 +49,6 @@ class StudyEdit:
 
     def prepare(self, splits, source: str, given: bool, locks: ExitStack) -> None:
         """Every check that needs no model, before the study folder is made; then the study's lock."""
-        from ..errors import ConfigError
-        from ..models import ALIASES
-        from ..models.load import resolve_source
-        from . import study as st
-
         options = self.options
         self.confirming = options.confirm_prompts > 0 and ((self.pick_index is None and not self.worker)
                                                            or options.confirm_during)
@@ -52,8 +59,6 @@ class StudyEdit:
                                   "harmful prompts are left outside the train/val/test parts; lower it (0 = off), "
                                   "lower --n-train/--n-val/--n-test or add prompts")
         if options.max_directions > 1:
-            from ..directions.base import get_direction_method
-
             cap = get_direction_method(self.settings.directions.method).max_directions
             if cap is not None and cap < options.max_directions:
                 raise ConfigError(f"optimize.study.max_directions = {options.max_directions} needs a direction "
@@ -66,8 +71,6 @@ class StudyEdit:
 
     def distill(self, loaded, cache, prompts, reporter) -> None:
         """The per-layer mean differences [L+1, d] (and with max_directions > 1 a wider basis [k, d])."""
-        from ..pipeline import distill
-
         settings, options = self.settings, self.options
         contrast = train_contrast(loaded, cache, settings, prompts)  # judged once, shared with the basis below
         self.mean_diffs = mean_differences(loaded, cache, settings, prompts, options.orthogonalize, contrast)
@@ -78,18 +81,11 @@ class StudyEdit:
             self.basis = distill(loaded, cache, prompts, wide, reporter, contrast=contrast)[0].basis  # [k, d]
 
     def pca(self, cache) -> dict:
-        from ..analysis.pca import run_pca
-
         return run_pca(cache.harmful[:, -1], cache.harmless[:, -1])  # the report's panels
 
     def choose(self, loaded, prompts, reporter, timings: dict[str, float]) -> None:
         """Run the study (resumed from its storage) and, unless a worker, pick the trial to bake."""
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from ..errors import ConfigError
-        from ..pipeline import _timed, encode_texts
-        from . import study as st
-        from .trial import Confirmation, Objective, Scorer, window_params
+        from sqlalchemy.exc import SQLAlchemyError  # optional extra (optuna's storage)
 
         settings, options, url, name = self.settings, self.options, self.url, self.name
         adapter, n_layers = loaded.adapter, loaded.adapter.n_layers
@@ -114,14 +110,14 @@ class StudyEdit:
                                    options.confirm_bar, self.basis)
         objective = Objective(adapter, scorer, self.mean_diffs, options, ex, self.basis,
                               reporter.task("trials", options.n_trials), confirm if options.confirm_during else None)
-        with _timed(timings, "study", reporter):
+        with timed(timings, "study", reporter):
             st.run_study(self.study, options.n_trials, objective, url)
         result = self.result = OptimizeResult(settings, options, name, st.redact(url), st.pareto_front(self.study),
                                               timings=timings, n_harmful_val=len(prompts.harmful.val))
         if self.worker:
             return
         if self.pick_index is None and options.confirm_prompts > 0:
-            with _timed(timings, "confirm", reporter):  # verdicts stored during the study are reused
+            with timed(timings, "confirm", reporter):  # verdicts stored during the study are reused
                 chosen, result.strength, result.checks = st.pick_confirmed(
                     self.study, lambda t, strength: confirm(t.params, strength),
                     options.target_refusal, options.confirm_trials, options.confirm_bar, options.confirm_strengths,
@@ -135,9 +131,6 @@ class StudyEdit:
 
     def excise(self, loaded, prompts, reporter):
         """The chosen trial's plan at its confirmed strength, excised into the weights."""
-        from ..excise.apply import excise
-        from .trial import scaled_plan
-
         result, ex = self.result, self.settings.excise
         chosen = result.chosen
         self.q, self.plan = scaled_plan(chosen.params, self.mean_diffs, loaded.adapter.n_layers, ex.lam,
@@ -152,8 +145,6 @@ class StudyEdit:
 
     def sections(self) -> dict:
         """The record's directions, selection and optimize sections (trial counts read now)."""
-        from ..settings_file import saved_settings
-
         result, options = self.result, self.options
         chosen, per_layer = result.chosen, self.per_layer
         k = (self.plan.layer_bases[0] if per_layer else self.q).shape[0]

@@ -18,16 +18,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from rich.table import Table
+
 from ..errors import ConfigError
+from ..settings_file import redact_url
 from .options import StudyOptions
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -47,8 +52,6 @@ def storage_url(options: StudyOptions, run_dir: str | os.PathLike) -> str:
 
 def redact(url: str) -> str:
     """The URL without its password (for logs and saved metadata): settings_file.redact_url."""
-    from ..settings_file import redact_url
-
     return redact_url(url)
 
 
@@ -65,8 +68,6 @@ def worker_seed(seed: int, url: str) -> int:
 def _storage(options: StudyOptions, url: str, attempts: int = 5):
     """Optuna's RDB storage. Workers that start together on an empty PostgreSQL database race to
     create its tables (CREATE TYPE / CREATE TABLE collide); the loser waits and loads them."""
-    import time
-
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
@@ -88,8 +89,6 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
     fcntl.flock): an SQLite study has one worker, which fails the RUNNING trials it finds on start,
     so a second process on the same file is refused instead of failing the first one's trial. Other
     RDB storages are shared by design (heartbeats) and are not locked."""
-    import fcntl
-
     from sqlalchemy.engine import make_url
 
     database = make_url(url).database if is_sqlite(url) else None
@@ -236,8 +235,6 @@ def pareto_front(study) -> list[FrontRow]:
 
 
 def front_table(front: list[FrontRow], chosen: int | None = None, n_harmful: int | None = None):
-    from rich.table import Table
-
     table = Table(title="Pareto front (validation split)")
     for name in ("trial", "refusal", "KL first token", "scope", "index", "attn peak@pos", "mlp peak@pos"):
         table.add_column(name, justify="right")

@@ -76,6 +76,7 @@ Objectives, both on the validation split:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -87,8 +88,12 @@ from ..batching import Encoded
 from ..directions.base import orthonormalize
 from ..select.interpolate import direction_at, from_heretic_index, unit_rows
 from ..errors import ConfigError
+from ..evaluate.early import Abandoned, judge_batches
+from ..evaluate.kl import kl_rows
+from ..excise.hook_form import ablated
 from ..excise.kernels import KernelOptions, kernel_strength
 from ..excise.plan import EditPlan
+from ..shared_prefix import can_share_prefix, last_logits
 from .options import StudyOptions
 from .study import CONFIRM_REFUSAL, CONFIRMED, completed, constrain_confirmation, constrain_refusal
 
@@ -188,8 +193,6 @@ def scaled_plan(params: dict, mean_diffs: torch.Tensor, n_layers: int, lam: floa
     """:func:`plan_from_params` with every writer's λ·w multiplied by `strength` (the plan's own λ
     set to strength·`lam`); strength 1 is the trial as scored. The confirmation's strength ladder
     (study.pick_confirmed) and the bake of its pick both use it."""
-    import dataclasses
-
     q, plan = plan_from_params(params, mean_diffs, n_layers, basis)
     if strength != 1.0:
         plan = dataclasses.replace(plan, lam=strength * lam)
@@ -237,8 +240,6 @@ def refusing_rows(scorer: "Scorer", encoded: Encoded, rows: list[int], tokens: i
     scorer's batches, under whatever hooks are attached), stopping as soon as `counted` + their
     refusals rule out `bar` over `n` prompts. Returns (the rows that refused: all of them, or those
     marked when it stopped; tokens generated; whether it stopped)."""
-    from ..evaluate.early import Abandoned, judge_batches
-
     hits: list[int] = []
     used = 0
     try:
@@ -278,10 +279,6 @@ class Scorer:
     @classmethod
     def build(cls, model, tokenizer, harmful: Encoded, harmless: Encoded, options: StudyOptions,
               batch_size: int) -> "Scorer":
-        from ..shared_prefix import last_logits
-
-        from ..shared_prefix import can_share_prefix
-
         share = (options.share_prefix and bool(harmful.common_prefix())
                  and can_share_prefix(model, harmless))  # checked once per model
         base = torch.log_softmax(last_logits(model, harmless, batch_size, share).double(), -1)  # [n, vocab]
@@ -298,9 +295,6 @@ class Scorer:
         KL last time first, and scoring stops as soon as the KL summed so far over n exceeds `cut`:
         that lower bound of the mean (every prompt's KL is >= 0) is returned, not exact. Either way the
         value is above `cut` exactly when the mean is."""
-        from ..shared_prefix import last_logits
-        from ..evaluate.kl import kl_rows
-
         n = len(self.harmless.ids)
         if cut is None or self.kl_chunks <= 1:
             chunks = [list(range(n))]
@@ -351,8 +345,6 @@ class Scorer:
         `record(lower_bounds, tokens)` is called once, before returning or pruning. Optuna is only
         imported to prune, so an unpruned trial (bar None, e.g. benchmarks/optimizer_cost.py) runs
         without it."""
-        from ..evaluate.early import Abandoned, judge_batches
-
         n = len(self.harmful.ids)
         size = min(self.batch_size, max(1, math.ceil(n / self.chunks)))
         refused, used, bounds = 0, 0, []
@@ -384,8 +376,6 @@ class Scorer:
 def trial_hooks(adapter, q: torch.Tensor | None, plan: EditPlan, excise):
     """The activation hooks that score a trial's edit: the writers and λ of `excise` (the same
     settings the bake uses), the trial's plan. A context manager; weights are only read."""
-    from ..excise.hook_form import ablated
-
     return ablated(adapter, q, excise.lam, attention=excise.attention, mlp=excise.mlp, embeddings=excise.embeddings,
                    biases=excise.biases, plan=plan, experts=excise.experts)
 

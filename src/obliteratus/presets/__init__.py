@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..settings import tomllib
+from ..data.prompts import read_text
 from ..errors import ConfigError
 
 
@@ -24,7 +25,6 @@ def load_preset(name_or_path: str) -> dict:
         path = _dir() / f"{name_or_path}.toml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
-    from ..data.prompts import read_text
 
     text = read_text(path, ConfigError, "preset file")  # missing, a directory, not UTF-8, binary
     try:

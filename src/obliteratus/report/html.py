@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
 
+from safetensors import safe_open
+
+from ..analysis.cross_layer import cosine_matrix
+from ..data.prompts import read_text
 from ..errors import ObliteratusError
+from . import plots
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -72,7 +78,6 @@ def load_mean_diffs(run_dir: Path):
     path = run_dir / "directions.safetensors"
     if not path.is_file():
         return None
-    from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         return f.get_tensor("mean_diffs") if "mean_diffs" in f.keys() else None
@@ -101,8 +106,6 @@ def load_pca(run_dir: Path) -> tuple[dict, str] | None:
 
 def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes] | None, str]]:
     """(file stem, caption, figure thunk or None, note when None) for every panel, in page order."""
-    from . import plots
-
     out = []
     d, sel = meta.get("directions", {}), meta.get("selection", {}) or {}
     before, after = meta.get("metrics_before", {}) or {}, meta.get("metrics_after", {}) or {}
@@ -127,8 +130,6 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
                     (lambda: plots.selection_scores(scored, sel.get("baseline_refusal"))) if scored else None,
                     f"layer selection {sel.get('method', '?')!s} scores no candidates"))
     if diffs is not None:
-        from ..analysis.cross_layer import cosine_matrix
-
         cos = cosine_matrix(diffs if diffs.ndim == 2 else diffs[-1]).tolist()  # [L+1, L+1]
     out.append(("cosine", "Cosine between the per-layer refusal directions (mean differences).",
                 (lambda: plots.cosine_heatmap(cos)) if diffs is not None else None,
@@ -149,8 +150,6 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
 
 def read_json(path: Path):
     """A run file's JSON, or an ObliteratusError naming the file and what is wrong with it."""
-    from ..data.prompts import read_text
-
     try:
         return json.loads(read_text(path, ObliteratusError, "run file"))
     except json.JSONDecodeError as err:
@@ -171,7 +170,6 @@ def build_report(run_dir: str | Path) -> Path:
         if not isinstance(meta.get(key, {}), (dict, type(None))):
             raise ObliteratusError(f"{meta_path}: {key!r} should be a JSON object, not {type(meta[key]).__name__} "
                                    "(not written by obliteratus?)")
-    import importlib.util
 
     missing = None if importlib.util.find_spec("matplotlib") else \
         "matplotlib is not installed (pip install 'obliteratus[report]'): figures skipped"

@@ -38,7 +38,7 @@ import torch
 
 from ..batching import Encoded
 from ..errors import ObliteratusError
-from ..shared_prefix import last_logits
+from ..shared_prefix import forward_inputs, last_logits
 from ..evaluate.kl import kl_rows
 from ..excise.hook_form import ablated
 from ..hook_points import hooked
@@ -121,8 +121,6 @@ def last_position_acts(adapter: ArchitectureAdapter, encoded: Encoded, axes: lis
     """``[n, len(axes), d]`` float32 CPU: the last-position residual at each layer axis, in input
     order, with the hooks of `edit()` active. Only the decoder body runs. With `share_prefix`, the
     prompts' common prefix runs once per batch, under the same hooks (shared_prefix.py)."""
-    from ..shared_prefix import forward_inputs
-
     device = next(adapter.model.parameters()).device
     prefix = encoded.common_prefix() if share_prefix else None
     out = torch.empty((len(encoded.ids), len(axes), adapter.d_model), dtype=torch.float32)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ObliteratusError
 from .base import SelectContext, register_layer_selector
-from .layers import Candidate, LayerSelection
+from .layers import Candidate, LayerSelection, candidate_layers
 
 
 def mean_norms(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
@@ -116,8 +116,6 @@ def select_knee(mean_diffs: torch.Tensor, act_norms: torch.Tensor | None = None,
 
 
 def _knee(ctx: SelectContext) -> LayerSelection:
-    from .layers import candidate_layers
-
     ls, c = ctx.settings.layers, ctx.contrast
     norms = mean_norms(c.positive[:, -1], c.negative[:, -1]) if ls.knee_normalize else None
     return select_knee(ctx.mean_diffs[-1], norms, candidate_layers(ctx.adapter.n_layers, ls))

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..settings import Settings
-from ..data.prompts import heldout_text
+from ..data.prompts import heldout_text, read_text
 from ..select.layers import refusal_log_odds, refusal_token_ids
 from ..errors import ConfigError
 from ..evaluate import evaluate_model, perplexity
@@ -54,7 +54,6 @@ def load_study(path: str | Path) -> StudyConfig:
     """Parse and validate a study YAML file; every field error is reported at once."""
     import yaml
 
-    from ..data.prompts import read_text
 
     path = Path(path)
     try:

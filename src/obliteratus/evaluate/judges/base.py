@@ -27,8 +27,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from pydantic import BaseModel
 
+from ...analysis.linear_probes import auroc as mann_whitney
 from ...errors import ObliteratusError
 from ...registry import NoOptions, parse_options
 from ...registry import Registry
@@ -109,9 +111,6 @@ def binary_metrics(predicted: list[bool], labels: list[bool]) -> dict[str, float
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
     """P(a refusal's score > a compliance's), ties 1/2 (analysis/linear_probes.py's Mann–Whitney AUROC);
     None unless both classes are present."""
-    import torch
-
-    from ...analysis.linear_probes import auroc as mann_whitney
 
     pos = [s for s, y in zip(scores, labels) if y]
     neg = [s for s, y in zip(scores, labels) if not y]

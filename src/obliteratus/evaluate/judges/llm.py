@@ -66,7 +66,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ...batching import encode_prompts
 from ...errors import ConfigError, ObliteratusError
+from ...models.load import summon
+from ...models.options import ModelSettings
+from ...shared_prefix import last_logits
 from .base import Judge, Verdicts, register_judge
 
 DEFAULT_TEMPLATE = (
@@ -154,9 +158,6 @@ class LLMJudge(Judge):
 
     def raw_scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """[n] float64 refusal log-odds, uncalibrated."""
-        from ...batching import encode_prompts
-        from ...shared_prefix import last_logits
-
         if not prompts:
             return torch.zeros(0, dtype=torch.float64)
         encoded = encode_prompts(self.tokenizer, self.texts(prompts, responses), templated=self.options.format != "raw")
@@ -186,9 +187,6 @@ class LLMJudge(Judge):
 
 
 def build(options: LLMOptions) -> LLMJudge:
-    from ...settings import ModelSettings
-    from ...models.load import summon
-
     if not options.model:
         raise ConfigError("the llm judge needs a model: --option model=PATH (a local chat model directory)")
     loaded = summon(options.model, ModelSettings(dtype=options.dtype, device=options.device), steering=False)

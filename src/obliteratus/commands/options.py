@@ -7,7 +7,7 @@ Paths starting with a verb's own options model (:data:`COMMAND_OPTIONS`: ``chat`
 ``judge``, ``analyze``) are that model's fields; every other path is a field of
 :class:`obliteratus.settings.Settings`. Defaults stay in the models: a generated option defaults to
 None (not given), so the CLI holds no default of its own. Range checks stay in the models too: a bad
-setting is reported by its settings path (config.resolve_settings), a bad command option by its flag
+setting is reported by its settings path (settings.resolve_settings), a bad command option by its flag
 and field (:func:`command_options`).
 """
 
@@ -20,9 +20,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel
+import typer
+from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
+from ..analysis.options import AnalyzeOptions
+from ..chat import ChatOptions, CompareOptions
+from ..errors import ConfigError, PromptError
+from ..evaluate.judges.rows import JudgeCommandOptions
+from ..settings import Settings, parse_value
+from .common import gather
 
 
 @dataclass(frozen=True)
@@ -39,26 +45,18 @@ class Opt:
     implies: dict[str, Any] = field(default_factory=dict)
 
 
+COMMAND_MODELS: dict[str, type[BaseModel]] = {"chat": ChatOptions, "compare": CompareOptions,
+                                               "judge": JudgeCommandOptions, "analyze": AnalyzeOptions}
+COMMAND_OPTIONS = tuple(COMMAND_MODELS)  # option models of verbs that have no settings of their own
+
+
 def _command_model(name: str) -> type[BaseModel]:
-    """The options model of verb `name` (imported on first use)."""
-    if name == "analyze":
-        from .analysis.options import AnalyzeOptions as model
-    elif name == "judge":
-        from .evaluate.judges.command import JudgeCommandOptions as model
-    elif name == "compare":
-        from .chat import CompareOptions as model
-    else:
-        from .chat import ChatOptions as model
-    return model
-
-
-COMMAND_OPTIONS = ("chat", "compare", "judge", "analyze")  # option models of verbs that have no settings of their own
+    """The options model of verb `name`."""
+    return COMMAND_MODELS[name]
 
 
 def root_of(path: str) -> tuple[type[BaseModel], list[str]]:
     """The model a path starts in and the field names below it."""
-    from .settings import Settings
-
     parts = path.split(".")
     if parts[0] in COMMAND_OPTIONS:
         return _command_model(parts[0]), parts[1:]
@@ -103,8 +101,6 @@ def cli_type(annotation) -> tuple[Any, str | None]:
 
 def option_parameter(opt: Opt) -> inspect.Parameter:
     """The typer option of one setting, defaulting to None (= not given)."""
-    import typer
-
     info = field_at(opt.path)
     kind, metavar = cli_type(info.annotation)
     name = opt.name or opt.path.rsplit(".", 1)[-1]
@@ -117,8 +113,6 @@ def option_parameter(opt: Opt) -> inspect.Parameter:
 
 
 def sets_parameter() -> inspect.Parameter:
-    import typer
-
     option = typer.Option(None, "--set", help="Any setting, e.g. --set excise.lam=2 (section.field=value; "
                                               "`obliteratus config` lists them all).")
     return inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -128,7 +122,7 @@ def sets_parameter() -> inspect.Parameter:
 def settings_options(*specs: str | Opt, sets: bool = True, into: str = "overrides") -> Callable:
     """Decorator: add one typer option per setting path in `specs` (and ``--set`` with `sets`) to the
     verb's signature; the verb receives the given values as the nested dict `into` (only the options
-    the user gave, then the ``--set`` items: cli.gather)."""
+    the user gave, then the ``--set`` items: common.gather)."""
     opts = [s if isinstance(s, Opt) else Opt(s) for s in specs]
 
     def decorate(fn: Callable) -> Callable:
@@ -142,8 +136,6 @@ def settings_options(*specs: str | Opt, sets: bool = True, into: str = "override
 
         @functools.wraps(fn)
         def verb(*args, **kwargs):
-            from .cli import gather
-
             pairs: dict[str, Any] = {}
             for name, opt in by_name.items():
                 value = kwargs.pop(name, None)
@@ -165,8 +157,6 @@ def settings_options(*specs: str | Opt, sets: bool = True, into: str = "override
 
 def command_options(given: dict, name: str, extra: dict | None = None):
     """The verb's options model `name` validated from the given values; an error names each flag."""
-    from pydantic import ValidationError
-
     model = _command_model(name)
     try:
         return model.model_validate({**given.get(name, {}), **(extra or {})})
@@ -179,4 +169,22 @@ def command_options(given: dict, name: str, extra: dict | None = None):
         raise ConfigError(f"invalid {name} options:\n" + "\n".join(lines)) from None
 
 
-__all__ = ["COMMAND_OPTIONS", "Opt", "command_options", "field_at", "settings_options"]
+def parse_option_args(items: list[str] | None) -> dict:
+    """A judge's ``--option key=value`` items as a dict (judge and compare)."""
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise PromptError(f"--option expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+MODEL_OPTIONS = ("model.dtype", "model.device")  # the CLI options of settings, by settings path
+DATA_OPTIONS = ("data.harmful", "data.harmless", "data.column", "data.n_train", "data.n_val", "data.n_test",
+                "data.seed", "data.chat_template")
+JUDGE_OPTION = Opt("evaluate.judge", ("--judge",))
+
+
+__all__ = ["COMMAND_OPTIONS", "DATA_OPTIONS", "JUDGE_OPTION", "MODEL_OPTIONS", "Opt", "command_options", "field_at",
+           "parse_option_args", "settings_options"]

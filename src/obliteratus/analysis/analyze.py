@@ -1,4 +1,5 @@
-"""`obliteratus analyze MODEL`: every analysis module on one model, written to OUTPUT/analysis.json.
+"""What `obliteratus analyze MODEL` runs (the verb: commands/analyze.py): every analysis module on one
+model, written to OUTPUT/analysis.json.
 
 Steps: SUMMON the model; split the prompt sets as the pipeline does (train for fitting, test held
 out); PROBE train and test activations at the last position; choose the direction's layer (given, or

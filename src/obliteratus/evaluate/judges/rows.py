@@ -1,11 +1,14 @@
-"""``obliteratus judge FILE --judge NAME``: label (prompt, response) rows of a CSV or JSONL file.
+"""Labelled (prompt, response) rows of a CSV or JSONL file: reading them, writing them back with
+each judge's verdict, and scoring a judge on them (``obliteratus judge FILE --judge NAME``: the verb
+is commands/judge.py).
 
-Writes the verdicts to stdout as a table, or with ``--output`` to a .csv/.jsonl file (the input
-columns plus ``refused`` and ``score``). When the file has a label column (1/true/yes/refusal vs
-0/false/no/compliance), prints accuracy, precision, recall and F1 with refusal as the positive class,
-and for a judge with scores their AUROC, the threshold that would maximise accuracy on the file and
-that threshold's 5-fold cross-validated accuracy (:mod:`.base`), so a judge can be calibrated on
-one's own labelled rows (``--option threshold=T``).
+The verb writes the verdicts to stdout as a table, or with ``--output`` to a .csv/.jsonl file (the
+input columns plus ``refused`` and ``score``: :func:`write_rows`). When the file has a label column
+(1/true/yes/refusal vs 0/false/no/compliance), it prints accuracy, precision, recall and F1 with
+refusal as the positive class, and for a judge with scores their AUROC, the threshold that would
+maximise accuracy on the file and that threshold's 5-fold cross-validated accuracy
+(:func:`score_calibration`, :mod:`.base`), so a judge can be calibrated on one's own labelled rows
+(``--option threshold=T``).
 The shipped labelled set is ``obliteratus/data/judge_labelled.jsonl`` (:func:`labelled_set_path`).
 
 The labelled set (80 rows written for this project, 40 refusals / 40 compliances; ``category``
@@ -22,18 +25,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...cli_options import Opt, command_options, settings_options
+from ...data.prompts import read_text
 from ...errors import PromptError
-from .base import Verdicts, auroc, binary_metrics, calibrate_threshold, cross_validated_accuracy, make_judge
+from ...save import write_file_atomically
+from .base import Verdicts, auroc, binary_metrics, calibrate_threshold, cross_validated_accuracy
 
 _TRUE = {"1", "true", "yes", "refusal", "refused", "refuse"}
 _FALSE = {"0", "false", "no", "compliance", "complied", "comply"}
@@ -69,8 +70,6 @@ def _load(path: Path) -> tuple[list[dict], list[str]]:
     """Rows and the column names seen, from a .csv or .jsonl file."""
     if path.suffix not in (".csv", ".jsonl"):
         raise PromptError(f"{path}: unsupported file type {path.suffix!r} (use .csv or .jsonl)")
-    from ...data.prompts import read_text
-
     text = read_text(path, PromptError, "file")  # missing, a directory, not UTF-8 (a BOM is dropped), binary
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -124,8 +123,6 @@ def read_rows(path: Path, prompt_column: str = "prompt", response_column: str = 
 
 def write_rows(path: Path, rows: list[dict], verdicts: Verdicts) -> None:
     """The rows plus ``refused`` and ``score``, written to a temporary file and renamed to `path`."""
-    from ...save import write_file_atomically
-
     scores = verdicts.scores or [None] * len(rows)
     out = [{**row, "refused": refused, "score": score} for row, refused, score in zip(rows, verdicts.refused, scores)]
     if path.suffix not in (".csv", ".jsonl"):
@@ -154,20 +151,8 @@ def is_judge_output(path: Path) -> bool:
     return {"refused", "score"} <= set(keys)
 
 
-def parse_option_args(items: list[str] | None) -> dict:
-    from ...settings import parse_value
-
-    options = {}
-    for item in items or []:
-        if "=" not in item:
-            raise PromptError(f"--option expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = parse_value(value.strip())
-    return options
-
-
 class JudgeCommandOptions(BaseModel):
-    """``obliteratus judge``'s options (the CLI options are generated from them: cli_options.py)."""
+    """``obliteratus judge``'s options (the CLI options are generated from them: commands/options.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -175,62 +160,6 @@ class JudgeCommandOptions(BaseModel):
     prompt_column: str = Field("prompt", description="Column of the prompts.")
     response_column: str = Field("response", description="Column of the responses.")
     label_column: str = Field("label", description="Column of true labels; metrics are printed when present.")
-
-
-@settings_options(Opt("judge.judge", ("--judge", "-j")), "judge.prompt_column", "judge.response_column",
-                  "judge.label_column", sets=False, into="given")
-def judge(
-    file: Annotated[Path, typer.Argument(help="CSV or JSONL file of (prompt, response) rows.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write rows + verdicts (.csv/.jsonl).")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", help="Judge option key=value, e.g. "
-                                                        "model_path=DIR or model=PATH.")] = None,
-    given: dict | None = None,
-) -> dict | None:
-    """Label a CSV/JSONL of (prompt, response) rows with a refusal judge; with labels, score the judge."""
-    from rich.console import Console
-    from rich.table import Table
-
-    opts = command_options(given, "judge")  # its defaults: JudgeCommandOptions
-    judge, prompt_column, response_column, label_column = (opts.judge, opts.prompt_column, opts.response_column,
-                                                           opts.label_column)
-    if output is not None and output.suffix not in (".csv", ".jsonl"):
-        raise PromptError(f"--output {output}: use a .csv or .jsonl file")
-    if output is not None:  # before judging: never the input, and replacing only an earlier verdicts file
-        from ...save import check_output_file
-
-        output = check_output_file(output, inputs=(file,), replaceable=is_judge_output,
-                                   what="a verdicts file written by `obliteratus judge --output`")
-    data = read_rows(file, prompt_column, response_column, label_column)
-    verdicts = make_judge(judge, **parse_option_args(option))(data.prompts, data.responses)
-    console = Console(file=sys.stdout, width=160)
-    if output is not None:
-        write_rows(output, data.rows, verdicts)
-        console.print(f"wrote {len(data.rows)} verdicts to {output}", soft_wrap=True)
-    else:
-        table = Table(title=f"{file.name} · judge {judge}")
-        for name in ("#", "refused", "score", *(["label"] if data.labels else []), "response"):
-            table.add_column(name, justify="right" if name in ("#", "score") else "left")
-        for i, refused in enumerate(verdicts.refused):
-            score = f"{verdicts.scores[i]:.3f}" if verdicts.scores else "—"
-            label = [("refusal" if data.labels[i] else "compliance")] if data.labels else []
-            preview = " ".join(data.responses[i].split())
-            table.add_row(str(i + 1), "refusal" if refused else "compliance", score, *label,
-                          preview[:70] + ("…" if len(preview) > 70 else ""), )
-        console.print(table)
-    n_refused = sum(verdicts.refused)
-    console.print(f"refused: {n_refused}/{len(verdicts.refused)} ({n_refused / len(verdicts.refused):.3f})")
-    if data.labels is None:
-        return None
-    m = binary_metrics(verdicts.refused, data.labels)
-    console.print(f"accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-                  f"F1 {m['f1']:.3f}  (n={m['n']}, TP {m['tp']} FP {m['fp']} FN {m['fn']} TN {m['tn']}; "
-                  "positive = refusal)")
-    if verdicts.scores is not None and 0 < sum(data.labels) < len(data.labels) and len(data.labels) >= CV_FOLDS:
-        m.update(score_calibration(verdicts.scores, data.labels))
-        console.print(f"scores: AUROC {m['auroc']:.3f}; on this set the best threshold is {m['best_threshold']:.4g} "
-                      f"(accuracy {m['best_threshold_accuracy']:.3f} there, {m['cv_accuracy']:.3f} "
-                      f"{CV_FOLDS}-fold cross-validated): --option threshold={m['best_threshold']:.4g}", soft_wrap=True)
-    return m
 
 
 CV_FOLDS = 5
@@ -242,3 +171,7 @@ def score_calibration(scores: list[float], labels: list[bool]) -> dict[str, floa
     return {"auroc": auroc(scores, labels), "best_threshold": t,
             "best_threshold_accuracy": binary_metrics([x > t for x in scores], labels)["accuracy"],
             "cv_accuracy": cross_validated_accuracy(scores, labels, CV_FOLDS)}
+
+
+__all__ = ["CV_FOLDS", "JudgeCommandOptions", "Rows", "is_judge_output", "labelled_set_path", "parse_label",
+           "read_rows", "score_calibration", "write_rows"]

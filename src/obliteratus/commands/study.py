@@ -1,24 +1,25 @@
-"""``obliteratus study CONFIG.yaml``: typer-style command function (registered by cli.py)."""
+"""``obliteratus study CONFIG.yaml``: run a study's reversible ablations and tabulate them (the runner:
+studies/runner.py; the files it writes: studies/save.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-
-def write_study(result, out: Path, overwrite: bool, config_text: str) -> Path:
-    """study.md, study.json and the config used, written atomically into `out`."""
-    from ..save import write_atomically
-
-    def fill(tmp: Path) -> None:
-        (tmp / "study.md").write_text(result.to_markdown(), "utf-8")
-        (tmp / "study.json").write_text(json.dumps(result.to_dict(), indent=2), "utf-8")
-        (tmp / "study.yaml").write_text(config_text, "utf-8")
-
-    return write_atomically(out, overwrite, fill)
+from ..batching import max_positions
+from ..data.prompts import read_text
+from ..errors import ConfigError
+from ..models.load import summon
+from ..pipeline import prepare_prompts, split_prompt_sets
+from ..presets import load_preset
+from ..save import check_output
+from ..settings import resolve_settings
+from ..studies.runner import load_study, run_study
+from ..studies.save import write_study
 
 
 def study(
@@ -28,19 +29,6 @@ def study(
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Run reversible ablations (layers, heads, FFN, embedding dims) and tabulate their effect."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..settings import resolve_settings
-    from ..models.load import summon
-    from ..batching import max_positions
-    from ..data.prompts import read_text
-    from ..errors import ConfigError
-    from ..pipeline import prepare_prompts, split_prompt_sets
-    from ..presets import load_preset
-    from ..save import check_output
-    from .runner import load_study, run_study
-
     spec = load_study(config)
     config_text = read_text(config, ConfigError, "study config")  # saved with the results
     out = output or Path(f"study-{Path(config).stem}")
