@@ -6,6 +6,11 @@ each design's refusal count and first-token KL (a consistency check: both score 
     python benchmarks/optimizer_cost.py                               # demo model, 32 + 32 val prompts
     python benchmarks/optimizer_cost.py --model /tmp/tiny-qwen --n-val 4 --n-train 8
     python benchmarks/optimizer_cost.py --device cuda --dtype bfloat16 --repeats 3 --json cost.json
+    python benchmarks/optimizer_cost.py --n-val 32 --write-results    # also replace RESULTS.md's section
+
+--write-results replaces the "optimizer-cost" section of benchmarks/RESULTS.md (results_md.py): the
+demo model on the CPU, both designs as they are by default. Its GPU table ("optimizer-cost-gpu")
+gathers the runs of several model shapes, which no single run covers: paste it with results_md.py.
 
 Ours (optimize/trial.py ``Objective``): the edit is applied as activation hooks
 (``excise.hook_form.ablated``), no weight is copied or written; KL from one batched forward pass per
@@ -32,7 +37,7 @@ above the RSS at the start of the run, sampled every 2 ms by a background thread
 torch.cuda.memory_allocated above its start. Passes: batched forward passes and generate calls,
 and "model calls" = every call of the model's forward (prefills and decoding steps).
 
-Setup as ``obliteratus optimize`` (optimize/command.py): preset ``optimized``, but with
+Setup as ``obliteratus optimize`` (optimize/strategy.py): preset ``optimized``, but with
 ``directions.contrast = "prompts"`` (the trial only needs the harmful-minus-harmless mean
 differences; the refusal labelling is skipped). Only the validation prompts are scored.
 """
@@ -51,9 +56,11 @@ import time
 
 import torch
 
+import results_md
 from obliteratus.batching import Encoded
 
 MIB = 2**20
+SECTION = "optimizer-cost"  # of benchmarks/RESULTS.md
 
 
 # --------------------------------------------------------------------------- measurement helpers
@@ -287,7 +294,12 @@ def main() -> None:
                         help="audited design: logits_to_keep=1 in its forward passes (default: HF's full logits)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to this file")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"also replace the {SECTION!r} section of benchmarks/RESULTS.md (the demo model on the "
+                             "CPU, the default designs)")
     args = parser.parse_args()
+    if args.write_results:
+        results_md.check_write(SECTION, partial_run(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -295,8 +307,8 @@ def main() -> None:
     import transformers
 
     from obliteratus.settings import resolve_settings
-    from obliteratus.models import summon
-    from obliteratus.optimize.command import mean_differences, study_options
+    from obliteratus.models.load import summon
+    from obliteratus.optimize.base import mean_differences, study_options
     from obliteratus.optimize.trial import Scorer, plan_from_params
     from obliteratus.pipeline import Reporter, prepare_prompts, probe
     from obliteratus.presets import load_preset
@@ -400,47 +412,53 @@ def main() -> None:
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print()
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch threads={torch.get_num_threads()} device={device}{gpu} load average={load}")
-    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    print(f"model: {args.model} ({loaded.path})  {n_layers} layers, d={adapter.d_model}, {params_m:.1f}M params, "
-          f"{str(dtype).replace('torch.', '')}; summon {t_summon:.1f} s, probe + mean differences {t_setup:.1f} s")
-    print(f"prompts: train {len(prompts.harmful.train)} + {len(prompts.harmless.train)} (contrast 'prompts'); "
-          f"trial scores val {n_h} harmful ({harmful.n_tokens} tokens) for refusal, {n_s} harmless "
-          f"({harmless.n_tokens} tokens) for KL; refusal budget {options.refusal_tokens} tokens, marker judge; "
-          f"our batch size {ev.batch_size}, generation chunks of {size}")
-    print(f"trial params: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in params.items()})}")
-    print(f"edit: {a['writers_edited']} writers with non-zero strength (audited clones {a['cloned_mib']:.1f} MiB)")
-    print(f"order: {' -> '.join(order)}; {args.repeats} repeat(s), medians of time and peak memory; "
-          "freed heap memory is returned to the OS (malloc_trim) before each run")
-    print(f"once per study (not in the trial): our Scorer base log-probs {t_scorer:.2f} s (batched)"
-          + (f"; audited base log-probs {t_base_once:.2f} s (--audited-base-once)" if base_once is not None else
-             "; the audited design recomputes its base log-probs in every trial (no once-per-study baseline)"))
-    print()
+    report: list[str] = []  # the lines printed below, which --write-results writes too
+
+    def say(text: str = "") -> None:
+        print(text)
+        report.append(text)
+
+    say()
+    say(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+        f"torch threads={torch.get_num_threads()} device={device}{gpu} load average={load}")
+    say(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}")
+    say(f"model: {args.model} ({loaded.path})  {n_layers} layers, d={adapter.d_model}, {params_m:.1f}M params, "
+        f"{str(dtype).replace('torch.', '')}; summon {t_summon:.1f} s, probe + mean differences {t_setup:.1f} s")
+    say(f"prompts: train {len(prompts.harmful.train)} + {len(prompts.harmless.train)} (contrast 'prompts'); "
+        f"trial scores val {n_h} harmful ({harmful.n_tokens} tokens) for refusal, {n_s} harmless "
+        f"({harmless.n_tokens} tokens) for KL; refusal budget {options.refusal_tokens} tokens, marker judge; "
+        f"our batch size {ev.batch_size}, generation chunks of {size}")
+    say(f"trial params: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in params.items()})}")
+    say(f"edit: {a['writers_edited']} writers with non-zero strength (audited clones {a['cloned_mib']:.1f} MiB)")
+    say(f"order: {' -> '.join(order)}; {args.repeats} repeat(s), medians of time and peak memory; "
+        "freed heap memory is returned to the OS (malloc_trim) before each run")
+    say(f"once per study (not in the trial): our Scorer base log-probs {t_scorer:.2f} s (batched)"
+        + (f"; audited base log-probs {t_base_once:.2f} s (--audited-base-once)" if base_once is not None else
+           "; the audited design recomputes its base log-probs in every trial (no once-per-study baseline)"))
+    say()
     mem_head = "peak extra RSS (MiB)" + (" | peak extra CUDA (MiB)" if device.type == "cuda" else "")
-    print(f"| design | seconds per trial | {mem_head} | forward/generate passes | model calls | tokens generated "
-          f"| refusals | KL first token |")
-    print("|---|---|---|" + ("---|" if device.type == "cuda" else "") + "---|---|---|---|---|")
+    say(f"| design | seconds per trial | {mem_head} | forward/generate passes | model calls | tokens generated "
+        f"| refusals | KL first token |")
+    say("|---|---|---|" + ("---|" if device.type == "cuda" else "") + "---|---|---|---|---|")
     labels = {"ours": "ours (hooks, batched, early stop, base once)",
               "audited": "audited (clone + excise + restore, one prompt at a time, full budget"
                          + (", base once)" if args.audited_base_once else ", base per trial)")}
     for name in ("ours", "audited"):
         s = summary[name]
         mem = f"{s['rss_extra_mib']:.1f}" + (f" | {s['cuda_extra_mib']:.1f}" if device.type == "cuda" else "")
-        print(f"| {labels[name]} | {s['seconds']:.3f} | {mem} | {s['forward_passes']} fwd + {s['generate_calls']} gen "
-              f"| {s['model_calls']} | {s['tokens_generated']} | {s['refusals']}/{n_h} | {s['kl_first']:.6f} |")
-    print()
+        say(f"| {labels[name]} | {s['seconds']:.3f} | {mem} | {s['forward_passes']} fwd + {s['generate_calls']} gen "
+            f"| {s['model_calls']} | {s['tokens_generated']} | {s['refusals']}/{n_h} | {s['kl_first']:.6f} |")
+    say()
     for name in ("ours", "audited"):
-        print(f"breakdown {name} (s): " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name]["breakdown_s"].items()))
-    print(f"model unchanged after every run of both designs: yes (sha256 {before[:16]}…)")
-    print(f"consistency: refusals ours {o['refusals']}/{n_h} vs audited {a['refusals']}/{n_h}; KL first token ours "
-          f"{o['kl_first']:.6f} vs audited {a['kl_first']:.6f} (|diff| {abs(o['kl_first'] - a['kl_first']):.2e}). "
-          "Hooks equal the weight edit and early stop changes no verdict within the same token budget (a marker, "
-          "once generated, stays); differences come only from batched left-padded vs unpadded numerics.")
-    print(f"ratio (audited / ours): time {ratio_t:.1f}×, memory {ratio_m:.1f}×"
-          + (f", CUDA memory {ratio_c:.1f}×" if ratio_c is not None else ""))
+        say(f"breakdown {name} (s): " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name]["breakdown_s"].items()))
+    say(f"model unchanged after every run of both designs: yes (sha256 {before[:16]}…)")
+    say(f"consistency: refusals ours {o['refusals']}/{n_h} vs audited {a['refusals']}/{n_h}; KL first token ours "
+        f"{o['kl_first']:.6f} vs audited {a['kl_first']:.6f} (|diff| {abs(o['kl_first'] - a['kl_first']):.2e}). "
+        "Hooks equal the weight edit and early stop changes no verdict within the same token budget (a marker, "
+        "once generated, stays); differences come only from batched left-padded vs unpadded numerics.")
+    say(f"ratio (audited / ours): time {ratio_t:.1f}×, memory {ratio_m:.1f}×"
+        + (f", CUDA memory {ratio_c:.1f}×" if ratio_c is not None else ""))
 
     if args.json:
         record = {
@@ -461,6 +479,28 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1, default=str)
         print(f"wrote {args.json}")
+    if args.write_results:
+        what = (f"One process, the {args.model} model, the same trial parameters and the same {n_h} harmful + {n_s} "
+                f"harmless validation prompts for both designs, {options.refusal_tokens}-token refusal budget, marker "
+                "judge; what each design does, the trial, the timings and the checks are below.")
+        results_md.write_section(SECTION, results_md.section_text(what, *results_md.paragraphs(report),
+                                                                  device=str(device), dtype=str(dtype)))
+
+
+def partial_run(args) -> list[str]:
+    """Why this run does not cover the optimizer-cost section (empty: it does)."""
+    why = []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        why.append("a GPU run: the runs of several shapes on a GPU are the 'optimizer-cost-gpu' section; paste that "
+                   "table with `python benchmarks/results_md.py optimizer-cost-gpu FILE` (--device cpu for this one)")
+    if args.model != "demo":
+        why.append(f"--model {args.model}: the section is the demo model's")
+    if args.audited_base_once or args.audited_last_logits:
+        why.append("--audited-base-once / --audited-last-logits: the section's audited design computes base log-probs "
+                   "in every trial, with HF's full logits")
+    if args.scope != "global":
+        why.append(f"--scope {args.scope}: the section's trial edits one global direction")
+    return why
 
 
 if __name__ == "__main__":

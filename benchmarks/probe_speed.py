@@ -9,6 +9,10 @@ measured matmul rate, and the ratio.
 
 --synthetic builds random weights of a named shape (no download), with random token ids whose
 lengths follow the demo prompts' chat-formatted lengths.
+
+--write-results also replaces the "probe-speed" section of benchmarks/RESULTS.md (results_md.py):
+the CPU run on the demo model with both designs. Its GPU table ("probe-speed-gpu") gathers the runs
+of several --synthetic shapes, which no single run covers: paste it with results_md.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 
 import torch
 
+import results_md
 from obliteratus.batching import Encoded
 from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.probe import collect
@@ -34,6 +39,7 @@ SHAPES = {  # name: (family config class, kwargs)
                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SECTION = "probe-speed"  # of benchmarks/RESULTS.md
 
 
 def sync(device: torch.device) -> None:
@@ -70,10 +76,10 @@ def load(args):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         return model, [Encoded(ids[: args.n], order=[i for i in order if i < args.n], pad_id=0),
                        Encoded(ids[args.n:], order=[i - args.n for i in order if i >= args.n], pad_id=0)]
-    from obliteratus.settings import ModelSettings
+    from obliteratus.models.options import ModelSettings
     from obliteratus.data import format_prompts, load_prompts
     from obliteratus.batching import encode_prompts
-    from obliteratus.models import summon
+    from obliteratus.models.load import summon
 
     loaded = summon(args.model, ModelSettings(dtype=args.dtype, device=args.device))
     sets = []
@@ -102,7 +108,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-loop", action="store_true", help="only time the batched PROBE")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"also replace the {SECTION!r} section of benchmarks/RESULTS.md (the demo model on the "
+                             "CPU, both designs)")
     args = parser.parse_args()
+    if args.write_results:
+        results_md.check_write(SECTION, partial_run(args))
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
 
@@ -122,9 +133,11 @@ def main() -> None:
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} cores={torch.get_num_threads()} "
           f"device={device} dtype={args.dtype} torch={torch.__version__}")
-    print(f"model: {args.synthetic or args.model}  non-embedding params={params / 1e6:.1f}M  "
-          f"prompts={sum(len(e.ids) for e in sets)}  tokens={n_tokens}")
-    print(f"measured matmul rate: {peak:.1f} GFLOP/s; FLOP floor at that rate: {flops / peak / 1e9:.2f} s")
+    described = (f"model: {args.synthetic or args.model}  non-embedding params={params / 1e6:.1f}M  "
+                 f"prompts={sum(len(e.ids) for e in sets)}  tokens={n_tokens}")
+    print(described)
+    floor = f"measured matmul rate: {peak:.1f} GFLOP/s; FLOP floor at that rate: {flops / peak / 1e9:.2f} s"
+    print(floor)
     print(f"batched PROBE : {t_batched:8.2f} s  {n_tokens / t_batched:9.1f} tok/s  "
           f"{flops / t_batched / 1e9:8.1f} GFLOP/s ({100 * flops / t_batched / 1e9 / peak:.0f}% of matmul rate)")
     if not args.skip_loop:
@@ -139,6 +152,38 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS: {rss:.2f} GiB" + (f"; peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
                                        if device.type == "cuda" else ""))
+    if args.write_results:  # check_write made sure the loop ran
+        def row(design: str, seconds: float) -> str:
+            return (f"| {design} | {seconds:.1f} s | {n_tokens / seconds:.0f} | {flops / seconds / 1e9:.1f} "
+                    f"({100 * flops / seconds / 1e9 / peak:.0f}% of the measured {peak:.1f} GFLOP/s matmul rate) |")
+
+        table = "\n".join([
+            "| design | time | tokens/s | achieved GFLOP/s |", "|---|---|---|---|",
+            row("batched PROBE (length-sorted, left-padded, decoder body only, hooks keep 1 position)", t_batched),
+            row("one prompt per forward pass, full model with `lm_head`, all hidden states (the audited design)",
+                t_loop),
+            f"| **ratio** | **{t_loop / t_batched:.2f}×** | | |"])
+        what = (f"{len(sets[0].ids)} harmful + {len(sets[1].ids)} harmless built-in prompts, chat-formatted "
+                f"({n_tokens:,} tokens), last position of the embedding output and every layer kept; both designs "
+                "timed in the same process on the same prompts.")
+        results_md.write_section(SECTION, results_md.section_text(
+            what, table, f"{described}; {floor}; max relative difference of the activations (layers 0..L-1) "
+            f"{err:.1e}; peak RSS {rss:.2f} GiB.", device=str(device), dtype=args.dtype))
+
+
+def partial_run(args) -> list[str]:
+    """Why this run does not cover the probe-speed section (empty: it does)."""
+    why = []
+    if args.synthetic:
+        why.append("--synthetic: the GPU runs of several shapes are the 'probe-speed-gpu' section; paste that "
+                   "table with `python benchmarks/results_md.py probe-speed-gpu FILE`")
+    elif args.model != "demo":
+        why.append(f"--model {args.model}: the section is the demo model's")
+    if args.device != "cpu":
+        why.append(f"--device {args.device}: the section is the CPU run")
+    if args.skip_loop:
+        why.append("--skip-loop leaves out the one-prompt-per-pass design")
+    return why
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ import torch
 
 from obliteratus.settings import resolve_settings
 from obliteratus.directions import rdo as R
+from obliteratus.directions.driver import distill
 from obliteratus.evaluate.early import judge
 from obliteratus.evaluate.judges.markers import is_refusal
 from obliteratus.hook_points import hooked
-from obliteratus.models import summon
-from obliteratus.pipeline import Reporter, distill, prepare_prompts, probe
+from obliteratus.models.load import summon
+from obliteratus.pipeline import Reporter, prepare_prompts, probe
 from obliteratus.presets import load_preset
 
 TERMS = {"ablation": (1.0, 0.0, 0.0), "addition": (0.0, 1.0, 0.0), "retain": (0.0, 0.0, 1.0)}

@@ -38,14 +38,15 @@ import torch
 
 from obliteratus.settings import resolve_settings
 from obliteratus.directions import orthonormalize
-from obliteratus.directions.driver import contrast_groups, shares_prefix
+from obliteratus.directions.base import shares_prefix
+from obliteratus.directions.driver import contrast_groups
 from obliteratus.select.layers import candidate_layers, window_plan
 from obliteratus.directions.svd import paired_svd
 from obliteratus.evaluate.early import judge
 from obliteratus.shared_prefix import last_logits
 from obliteratus.evaluate.kl import kl_rows
 from obliteratus.excise import excise
-from obliteratus.models import summon
+from obliteratus.models.load import summon
 from obliteratus.pipeline import Reporter, prepare_prompts, probe
 from obliteratus.presets import load_preset
 

@@ -18,6 +18,7 @@ the teacher-forced reference log-probs, and each design's KL of the unedited mod
 
     python benchmarks/verify_speed.py            # demo model, 64 + 64 test prompts, 64 tokens
     python benchmarks/verify_speed.py --perplexity   # perplexity too (unchanged code, same in both)
+    python benchmarks/verify_speed.py --write-results   # also replace RESULTS.md's "verify-speed" section
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 
 import torch
 
+import results_md
 from obliteratus.settings import resolve_settings
 from obliteratus.data.prompts import heldout_text
 from obliteratus.evaluate import evaluate_model, is_refusal, kl_to_reference, perplexity, reference
@@ -36,6 +38,8 @@ from obliteratus.evaluate.generate import generate
 from obliteratus.models.load import summon
 from obliteratus.pipeline import prepare_prompts
 from obliteratus.presets import load_preset
+
+SECTION = "verify-speed"  # of benchmarks/RESULTS.md
 
 
 def timed(times: dict, name: str, fn):
@@ -84,7 +88,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--perplexity", action="store_true",
                         help="also time perplexity (the same code in both designs, about 50 s each on the demo model)")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"also replace the {SECTION!r} section of benchmarks/RESULTS.md (the demo model only)")
     args = parser.parse_args()
+    if args.write_results:
+        results_md.check_write(SECTION, [] if args.model == "demo" else
+                               [f"--model {args.model}: the section is the demo model's"])
     settings = resolve_settings(load_preset("basic"), {"data": {"n_test": args.n_test},
                                                       "evaluate": {"max_new_tokens": args.tokens,
                                                                    "perplexity": args.perplexity}})
@@ -103,12 +112,27 @@ def main() -> None:
     old_text = loaded.tokenizer.batch_decode(old_h + old_s, skip_special_tokens=True)
     differ = sum(a != b for a, b in zip(old_text, before.harmful_responses + before.harmless_responses))
     print(f"\nprevious: {old_total:.1f} s   current: {new_total:.1f} s   ratio {old_total / new_total:.2f}x")
-    print(f"answers that differ (batch composition changes float rounding): {differ} of {len(old_text)}; "
-          f"refusal before: previous {sum(map(is_refusal, old_text[:len(old_h)])) / len(old_h):.3f}, "
-          f"current {before.metrics['refusal']:.3f}")
-    print(f"recorded vs teacher-forced reference, max |log-prob gap| {gap:.2e}; "
-          f"KL 16 of the unedited model: previous {old['kl_mean']:.2e}, current {after.metrics['kl_mean']:.2e}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    notes = [f"answers that differ (batch composition changes float rounding): {differ} of {len(old_text)}; "
+             f"refusal before: previous {sum(map(is_refusal, old_text[:len(old_h)])) / len(old_h):.3f}, "
+             f"current {before.metrics['refusal']:.3f}",
+             f"recorded vs teacher-forced reference, max |log-prob gap| {gap:.2e}; "
+             f"KL 16 of the unedited model: previous {old['kl_mean']:.2e}, current {after.metrics['kl_mean']:.2e}",
+             f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"]
+    for line in notes:
+        print(line)
+    if args.write_results:
+        table = ["| design | part | time |", "|---|---|---|"]
+        for design, times, total in (("previous", old_times, old_total), ("current", new_times, new_total)):
+            table += [f"| {design} | {part} | {seconds:.1f} s |" for part, seconds in times.items()]
+            table.append(f"| {design} | **total** | **{total:.1f} s** |")
+        table.append(f"| **ratio** | | **{old_total / new_total:.2f}×** |")
+        what = (f"One process, the {args.model} model, the {args.n_test} + {args.n_test} held-out test prompts, "
+                f"{args.tokens} greedy tokens, VERIFY as a run does it before and after an edit (the same unedited "
+                "model both times, so the \"after\" KL is ~0); perplexity "
+                + ("included." if args.perplexity else "left out (the same code in both designs)."))
+        results_md.write_section(SECTION, results_md.section_text(
+            what, "\n".join(table), "; ".join(notes) + ".", device=str(loaded.device),
+            dtype=str(next(loaded.model.parameters()).dtype)))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ length; each tool's speed and memory, and the chosen edit of each scored by ONE 
         --response-tokens 4                                            # smoke test
     python benchmarks/vs_heretic.py --skip-heretic --skip-ours         # re-score previous runs only
 
+``--write-results`` also replaces the "vs-heretic" section of benchmarks/RESULTS.md (results_md.py)
+with this run's table and lines; it is refused for another model than the demo model.
+
 What runs
 ---------
 1. Heretic ``heretic-llm==1.4.0`` lives in its OWN virtual environment (``--heretic-venv``, default
@@ -113,10 +116,13 @@ import sys
 import time
 from pathlib import Path
 
+import results_md
+
 HERETIC_VERSION = "1.4.0"
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "vs_heretic_driver.py"
 HERETIC_SYSTEM_PROMPT = "You are a helpful assistant."  # heretic-llm 1.4.0 config.py default
+SECTION = "vs-heretic"  # of benchmarks/RESULTS.md
 
 
 # --------------------------------------------------------------------------- helpers
@@ -441,7 +447,8 @@ def per_trial_mean(row: dict, without_s: float = 0.0) -> float:
     return (row["study_s"] - without_s) / max(row["trials"], 1)
 
 
-def table(rows: list[dict], scores: dict[str, dict]) -> str:
+def table_cells(rows: list[dict], scores: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table's header and rows, one list of cells each."""
     head = ["tool", "trials", "s/trial (median)", "s/trial (mean)", "study s", "total s", "directions s", "peak RSS GiB",
             "test refusals (k/n)", "over-refusal", "KL first", "KL16"]
     lines = []
@@ -458,11 +465,24 @@ def table(rows: list[dict], scores: dict[str, dict]) -> str:
     k0 = round(base["refusal"] * base["n_harmful"])
     lines.append(["(original)", "-", "-", "-", "-", "-", "-", "-", f"{k0}/{base['n_harmful']}", fmt(base["over_refusal"]),
                   "0", "0"])
+    return head, lines
+
+
+def table(rows: list[dict], scores: dict[str, dict]) -> str:
+    """The comparison table as printed: columns padded to their widths."""
+    head, lines = table_cells(rows, scores)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     sep = "-+-".join("-" * w for w in widths)
     text = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), sep]
     text += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(text)
+
+
+def markdown_table(rows: list[dict], scores: dict[str, dict]) -> str:
+    """The comparison table in markdown, for --write-results."""
+    head, lines = table_cells(rows, scores)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(line) + " |" for line in lines])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,7 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-heretic", action="store_true", help="reuse WORK/heretic from a previous run")
     p.add_argument("--skip-ours", action="store_true", help="reuse WORK/ours from a previous run")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    p.add_argument("--write-results", action="store_true",
+                   help=f"also replace the {SECTION!r} section of benchmarks/RESULTS.md (the demo model only)")
     args = p.parse_args(argv)
+    if args.write_results:
+        results_md.check_write(SECTION, [] if Path(args.model).name == "demo" else
+                               [f"--model {args.model}: the section is the demo model's (…/models/demo)"])
     args.model = str(Path(args.model).expanduser())
     args.heretic_venv = args.heretic_venv.expanduser()
     work = args.work_dir.expanduser()
@@ -526,36 +551,42 @@ def main(argv: list[str] | None = None) -> int:
     ratio = heretic["s_per_trial_median"] / ours["s_per_trial_median"]
     ratio_mean = per_trial_mean(heretic) / per_trial_mean(ours)
 
-    print()
-    print(f"model {args.model} · {args.trials} trials ({startup_trials(args)} random start-up) · seed {args.seed} · "
-          f"{args.response_tokens} tokens per refusal check · dtype {args.dtype} · batch {args.batch_size or 'auto'}")
-    print(f"prompts per class: train {args.n_train} (directions), val {args.n_val} (trials), "
-          f"test {args.n_test} (this table)")
-    print(f"pick rule (both): lowest KL among trials with val refusal rate <= {args.target}, else lowest refusal "
-          "count, ties by lowest KL")
-    print("test refusals, over-refusal and KL: ONE evaluator (obliteratus marker judge, greedy "
-          f"{args.eval_tokens} tokens; KL(original || edited) at the first answer token and mean over 16 tokens)")
-    print()
-    print(table(rows, scores))
-    print()
+    report: list[str] = []  # the lines printed below, which --write-results writes too
+
+    def say(text: str = "") -> None:
+        print(text)
+        report.append(text)
+
+    say()
+    say(f"model {args.model} · {args.trials} trials ({startup_trials(args)} random start-up) · seed {args.seed} · "
+        f"{args.response_tokens} tokens per refusal check · dtype {args.dtype} · batch {args.batch_size or 'auto'}")
+    say(f"prompts per class: train {args.n_train} (directions), val {args.n_val} (trials), "
+        f"test {args.n_test} (this table)")
+    say(f"pick rule (both): lowest KL among trials with val refusal rate <= {args.target}, else lowest refusal "
+        "count, ties by lowest KL")
+    say("test refusals, over-refusal and KL: ONE evaluator (obliteratus marker judge, greedy "
+        f"{args.eval_tokens} tokens; KL(original || edited) at the first answer token and mean over 16 tokens)")
+    say()
+    say(table(rows, scores))
+    say()
     for r in rows:
         c = r["chosen"]
-        print(f"{r['tool']}: chose trial {c['trial']}: own val refusals {c['val_refusals']}/{c['n_val']}, "
-              f"own val KL {fmt(c['val_kl_first'], 4)}")
+        say(f"{r['tool']}: chose trial {c['trial']}: own val refusals {c['val_refusals']}/{c['n_val']}, "
+            f"own val KL {fmt(c['val_kl_first'], 4)}")
     self_rep = ours.get("self_reported_test") or {}
     if self_rep:
-        print(f"obliteratus self-reported test: refusal {fmt(self_rep.get('refusal'))}, "
-              f"KL first {fmt(self_rep.get('kl_first'), 4)}, KL16 {fmt(self_rep.get('kl_mean'), 4)}")
-    print(f"per-trial speed ratio (Heretic / ours): {ratio:.2f}x by the median trial, {ratio_mean:.2f}x by the mean "
-          "(study s / trials; the median hides the complete trials once most are pruned)")
+        say(f"obliteratus self-reported test: refusal {fmt(self_rep.get('refusal'))}, "
+            f"KL first {fmt(self_rep.get('kl_first'), 4)}, KL16 {fmt(self_rep.get('kl_mean'), 4)}")
+    say(f"per-trial speed ratio (Heretic / ours): {ratio:.2f}x by the median trial, {ratio_mean:.2f}x by the mean "
+        "(study s / trials; the median hides the complete trials once most are pruned)")
     confirming = ours.get("confirm_in_study_s") or 0.0
     search_mean = per_trial_mean(ours, confirming)
     ratio_search = per_trial_mean(heretic) / search_mean if confirming else ratio_mean
     if confirming:
-        print(f"of our study, {confirming:.1f} s confirmed candidates on spare prompts (Heretic checks none): without "
-              f"them {search_mean:.2f} s per trial, {ratio_search:.2f}x by the mean")
+        say(f"of our study, {confirming:.1f} s confirmed candidates on spare prompts (Heretic checks none): without "
+            f"them {search_mean:.2f} s per trial, {ratio_search:.2f}x by the mean")
     if args.perplexity:
-        print("perplexity: " + ", ".join(f"{k} {fmt(v.get('perplexity'), 2)}" for k, v in scores.items()))
+        say("perplexity: " + ", ".join(f"{k} {fmt(v.get('perplexity'), 2)}" for k, v in scores.items()))
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +596,16 @@ def main(argv: list[str] | None = None) -> int:
                                          "speed_ratio_mean_without_confirmations": ratio_search},
                                         indent=2, default=str), "utf-8")
         log(f"wrote {args.json}")
+    if args.write_results:
+        printed = table(rows, scores)
+        what = (f"Heretic {HERETIC_VERSION} from PyPI in its own venv ({args.torch_spec}), unmodified, driven through "
+                "`benchmarks/vs_heretic_driver.py`, against `obliteratus optimize`"
+                + (" (Heretic's run reused: --skip-heretic)" if args.skip_heretic else "")
+                + (" (our run reused: --skip-ours)" if args.skip_ours else "")
+                + "; both chosen models scored by our evaluator on the same held-out prompts.")
+        results_md.write_section(SECTION, results_md.section_text(
+            what, *results_md.paragraphs([markdown_table(rows, scores) if line == printed else line
+                                          for line in report]), device=args.device, dtype=args.dtype))
     return 0
 
 

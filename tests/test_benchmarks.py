@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -65,3 +66,137 @@ def test_svd_span_sweeps_the_recipe_over_every_candidate_layer(tmp_path, monkeyp
         assert strength[("embed", None)] == 1.0
         edited = {i for kind, i in strength if kind != "embed"}
         assert edited == set(range(min(source + 1, n_layers)))  # layers 0 .. source, and no later one
+
+
+# --- --write-results: each benchmark script rewrites its own section of RESULTS.md -------------------
+
+RESULTS = BENCHMARKS / "RESULTS.md"
+
+
+@pytest.fixture
+def results_md(monkeypatch, tmp_path):
+    """benchmarks/results_md.py with its default file replaced by a copy of RESULTS.md in `tmp_path`."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # where the scripts find it when run as python benchmarks/X.py
+    import results_md
+
+    copy = tmp_path / "RESULTS.md"
+    copy.write_bytes(RESULTS.read_bytes())
+    monkeypatch.setattr(results_md, "RESULTS", copy)
+    return results_md
+
+
+def split_at(text: bytes, name: str) -> tuple[bytes, bytes, bytes]:
+    """(everything up to the begin marker, the section's text, the end marker and everything after)."""
+    begin, end = f"<!-- begin {name} -->\n".encode(), f"<!-- end {name} -->".encode()
+    head, rest = text.split(begin)
+    body, tail = rest.split(end)
+    return head + begin, body, end + tail
+
+
+def test_replacing_a_section_changes_its_text_and_no_other_byte(results_md):
+    path = results_md.RESULTS
+    names = results_md.sections()
+    assert {"methods-table", "vs-heretic", "optimizer-cost", "optimizer-cost-gpu", "probe-speed", "probe-speed-gpu",
+            "verify-speed", "packed-linear"} <= set(names)
+    for name in names:
+        before = path.read_bytes()
+        results_md.replace_section(name, f"\n\nnew text of {name}\n| a | b |\n\n")
+        after = path.read_bytes()
+        head, body, tail = split_at(before, name)
+        assert split_at(after, name) == (head, f"new text of {name}\n| a | b |\n".encode(), tail)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["RESULTS.md"]  # the temporary file was renamed
+
+
+def test_an_unknown_section_is_an_error_and_leaves_the_file_alone(results_md):
+    before = results_md.RESULTS.read_bytes()
+    with pytest.raises(SystemExit, match="no single section 'no-such-table'"):
+        results_md.replace_section("no-such-table", "text")
+    with pytest.raises(SystemExit, match="no single section 'no-such-table'"):
+        results_md.check_write("no-such-table", [])
+    assert results_md.RESULTS.read_bytes() == before
+    assert sorted(p.name for p in results_md.RESULTS.parent.iterdir()) == ["RESULTS.md"]
+
+
+def test_check_write_refuses_a_partial_run(results_md):
+    results_md.check_write("methods-table", [])  # a full run may write
+    with pytest.raises(SystemExit, match=r"covers only part of it \(--presets leaves out advanced; x\)"):
+        results_md.check_write("methods-table", ["--presets leaves out advanced", "x"])
+
+
+PARTIAL_RUNS = {  # script: (arguments of a run that covers only part of its section, what the refusal says)
+    "methods_table-presets": ("methods_table.py", ["--presets", "basic"], "--presets leaves out advanced"),
+    "methods_table-no-study": ("methods_table.py", ["--study-trials", "0"], "leaves out the study presets"),
+    "methods_table-model": ("methods_table.py", ["--model", "/tmp/tiny"], "the section is the demo model's"),
+    "probe_speed-skip-loop": ("probe_speed.py", ["--device", "cpu", "--skip-loop"], "--skip-loop"),
+    "probe_speed-synthetic": ("probe_speed.py", ["--device", "cpu", "--synthetic", "llama3-1b"], "probe-speed-gpu"),
+    "packed_linear": ("packed_linear.py", ["--skip-verify"], "--skip-verify"),
+    "verify_speed": ("verify_speed.py", ["--model", "/tmp/tiny"], "the section is the demo model's"),
+    "optimizer_cost": ("optimizer_cost.py", ["--device", "cpu", "--scope", "per_layer"], "--scope per_layer"),
+    "optimizer_cost-gpu": ("optimizer_cost.py", ["--device", "cuda"], "optimizer-cost-gpu"),
+    "vs_heretic": ("vs_heretic.py", ["--model", "/tmp/tiny", "--work-dir", "/nonexistent/vs"], "demo model's"),
+}
+
+
+@pytest.mark.parametrize("partial", PARTIAL_RUNS)
+def test_a_partial_run_is_refused_before_any_work(results_md, monkeypatch, partial):
+    import obliteratus.models.load as load
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--write-results of a partial run must be refused before a model loads")
+
+    monkeypatch.setattr(load, "summon", no_model)
+    script, argv, reason = PARTIAL_RUNS[partial]
+    before = results_md.RESULTS.read_bytes()
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--write-results"])
+    with pytest.raises(SystemExit, match="covers only part") as refused:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    assert reason in str(refused.value)
+    assert results_md.RESULTS.read_bytes() == before
+
+
+def test_the_methods_table_writes_its_section_in_the_sections_columns(results_md, monkeypatch):
+    """The section text methods_table.py writes (no model run: its rows as the script collects them)."""
+    table = runpy.run_path(str(BENCHMARKS / "methods_table.py"), run_name="methods_table")
+    old = split_at(results_md.RESULTS.read_bytes(), "methods-table")[1].decode()
+    assert table["COLUMNS"] in old.splitlines()  # the columns the section has today
+    from argparse import Namespace
+
+    every = Namespace(presets=[p for p in table["ORDER"] if p in table["preset_names"]()], study_trials=None, model="demo")
+    assert table["partial_run"](every) == []  # the script's default run may write its section
+    metrics = {"refusal": 0.025, "over_refusal": 0.0, "over_refusal_sensitive": None, "kl_first": 0.282,
+               "kl_mean": 0.081, "perplexity": 57.97}
+    rows = [{"method": "unedited", "metrics": {**metrics, "kl_first": None, "kl_mean": None}},
+            {"method": "basic", "times": {"probe (shared)": 34.2, "distill": 210.0, "excise": 9.6,
+                                          "verify_after": 112.4}, "metrics": metrics},
+            {"method": "optimized", "times": {"probe": 55.0, "distill": 169.0, "study": 490.0, "confirm": 17.0,
+                                              "verify_before": 115.0, "excise": 3.0, "verify_after": 124.0},
+             "metrics": metrics},
+            {"method": "arditi", "times": {"probe (shared)": 33.0}, "error": "no layer | passes\nthe filters"},
+            {"method": "arditi (layers.kl_threshold=1e9)", "times": {}, "metrics": metrics}]
+    text = table["results_table"](rows, {"basic": "preset", "optimized": "preset", "arditi": "baseline"},
+                                  {"arditi (layers.kl_threshold=1e9)": "arditi"}, "summon 11, VERIFY before 113")
+    lines = text.splitlines()
+    assert lines[0] == table["COLUMNS"] and len(lines) == 2 + len(rows)
+    assert {len(re.split(r"(?<!\\)\|", line)) for line in lines} == {11}  # 9 columns in every row
+    assert lines[2] == "| unedited | | 0.025 | 0.000 | — | — | — | 57.97 | summon 11, VERIFY before 113 |"
+    assert lines[3] == ("| `basic` | preset | 0.025 | 0.000 | — | 0.282 | 0.081 | 57.97 | probe (shared) 34, distill 210, "
+                        "excise 10, verify 112 |")
+    assert lines[4].endswith("| probe 55, distill 169, study 490, confirm 17, excise 3, verify 115 + 124 |")
+    assert lines[5] == "| `arditi` | baseline | error: no layer \\| passes the filters | | | | | | probe (shared) 33 |"
+    assert lines[6].startswith("| `arditi` (layers.kl_threshold=1e9) | variant | 0.025 |")
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/methods_table.py", "--n-train", "128", "--write-results"])
+    body = results_md.section_text("What it measured.", text, dtype="torch.float32")
+    results_md.write_section("methods-table", body)
+    written = split_at(results_md.RESULTS.read_bytes(), "methods-table")[1].decode()
+    head = written.splitlines()[0]
+    assert head.startswith("Regenerate: `python benchmarks/methods_table.py --n-train 128 --write-results` (20")
+    import torch
+
+    assert " cores" in head and f"torch {torch.__version__}" in head and head.endswith("float32. What it measured.")
+    assert text in written
+
+
+def test_printed_lines_become_bullets_and_tables_stay_tables(results_md):
+    assert results_md.paragraphs(["", "a", "b", "", "| x |", "|---|", "| 1 |", "", "", "c"]) == [
+        "- a\n- b", "| x |\n|---|\n| 1 |", "- c"]

@@ -18,8 +18,8 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (OBLITERATUS_TEST_CUDA=1)")
 
 from obliteratus.settings import resolve_settings  # noqa: E402
-from obliteratus.pipeline import obliterate, uses_study  # noqa: E402
-from obliteratus.presets import load_preset, preset_names  # noqa: E402
+from obliteratus.pipeline import obliterate  # noqa: E402
+from obliteratus.presets import preset_names  # noqa: E402
 
 from conftest import merge, params_digest, save_tiny, tiny_model  # noqa: E402
 from test_presets import moe_dir  # noqa: E402,F401  (the presets' tiny Mixtral, a fixture)
@@ -57,21 +57,19 @@ def test_every_direction_method_runs_and_is_excised_on_cuda(tiny_dir, method):
 
 
 @pytest.mark.parametrize("name", preset_names())
-def test_every_preset_and_baseline_runs_on_cuda(moe_dir, name, tmp_path):
+def test_every_preset_and_baseline_runs_on_cuda(moe_dir, name, tmp_path, monkeypatch):
     from test_presets import RDO_FAST as PRESET_RDO_FAST
     from test_presets import SMALL as PRESET_SMALL
     from test_presets import STUDY_FAST
 
-    from obliteratus.optimize.command import run_optimize
-
-    overrides = merge(PRESET_SMALL, PRESET_RDO_FAST if name == "rdo" else {}, CUDA32)
-    if uses_study(resolve_settings(load_preset(name))):
-        result = run_optimize(str(moe_dir), name, overrides=overrides, study=STUDY_FAST, run_dir=str(tmp_path))
-        assert result.chosen is not None
-    else:
-        result = obliterate(str(moe_dir), name, overrides=overrides)
-        assert next(result.loaded.model.parameters()).device.type == "cuda"
-    assert 0.0 <= result.after.metrics["refusal"] <= 1.0
+    monkeypatch.chdir(tmp_path)  # a study preset's SQLite study: obliteratus-runs/<study name>
+    overrides = merge(PRESET_SMALL, PRESET_RDO_FAST if name == "rdo" else {}, CUDA32,
+                      {"optimize": {"study": STUDY_FAST}})  # read by the study presets (optimized, heretic) only
+    run = obliterate(str(moe_dir), name, overrides=overrides)
+    assert next(run.loaded.model.parameters()).device.type == "cuda"
+    if run.study is not None:  # the optimizer study chose the edit
+        assert run.study.chosen is not None
+    assert 0.0 <= run.metrics["after"]["refusal"] <= 1.0
 
 
 def test_auto_dtype_on_cuda_is_bfloat16_and_the_edit_still_removes_the_direction(tiny_dir):
