@@ -47,7 +47,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run", ("run", "export")),
     ("optimize", ("optimize",)),
     ("pipeline", ("pipeline",)),
-    ("on the pipeline", ("analysis", "studies", "chat", "optimize.run")),
+    ("on the pipeline", ("analysis", "studies", "chat")),
     ("commands", ("commands", "cli", "__init__")),
 )
 

@@ -491,10 +491,10 @@ def test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_t
 def test_extra_directions_need_a_method_that_gives_them(tmp_path):
     """max_directions > 1 with diff_means (one direction) would search a parameter that does nothing."""
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
 
     with pytest.raises(ConfigError, match="max_directions = 3 needs a direction method.*'diff_means' gives 1"):
-        run_optimize(str(tmp_path / "never-loaded"), "optimized", study={"max_directions": 3}, run_dir=str(tmp_path))
+        obliterate(str(tmp_path / "never-loaded"), "optimized", study={"max_directions": 3}, run_dir=str(tmp_path))
 
 
 def test_constraint_reaches_the_sampler_without_trial_set_constraint(monkeypatch, tmp_path):
@@ -642,7 +642,7 @@ def test_confirmation_generates_the_prompts_an_earlier_check_refused_first(monke
 
 
 def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
-    """run_optimize bakes the pick at the strength its confirmation passed at (here the only one, 2):
+    """obliterate bakes the pick at the strength its confirmation passed at (here the only one, 2):
     the saved weights equal the trial's plan applied at λ = 2, and the metadata and result say so."""
     import json
 
@@ -650,7 +650,7 @@ def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import save_tiny
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
     from obliteratus.optimize.trial import scaled_plan
 
     src = save_tiny(tmp_path, "llama")
@@ -659,7 +659,7 @@ def test_the_pick_is_baked_and_recorded_at_its_confirmed_strength(tmp_path):
     study = {"n_trials": 3, "n_startup_trials": 1, "refusal_tokens": 3, "confirm_prompts": 6,
              "confirm_strengths": [2.0], "confirm_target": 1.0}
     out = tmp_path / "out"
-    result = run_optimize(str(src), "optimized", str(out), overrides=sizes, study=study, run_dir=str(tmp_path / "st"))
+    result = obliterate(str(src), "optimized", str(out), overrides=sizes, study=study, run_dir=str(tmp_path / "st")).study
     assert result.strength == 2.0 and result.edit.lam == 2.0 and result.checks[0]["strength"] == 2.0
     meta = json.loads((out / "obliteratus.json").read_text())
     assert meta["optimize"]["confirm"]["strength"] == 2.0 and meta["optimize"]["confirm"]["target"] == 1.0
@@ -680,7 +680,7 @@ def test_the_recount_budget_is_a_study_option(tmp_path, monkeypatch):
     """optimize.study.confirm_recounts reaches pick_confirmed (0: the fallback compares the bounds)."""
     from conftest import save_tiny
     from obliteratus.optimize import study as st
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
 
     seen, real = [], st.pick_confirmed
 
@@ -693,19 +693,19 @@ def test_the_recount_budget_is_a_study_option(tmp_path, monkeypatch):
     sizes = {"data": {"n_train": 8, "n_val": 4, "n_test": 4},
              "evaluate": {"max_new_tokens": 3, "kl_tokens": 2, "perplexity": False}}
     study = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 3, "confirm_prompts": 6, "confirm_recounts": 0}
-    run_optimize(str(src), "optimized", str(tmp_path / "out"), overrides=sizes, study=study,
-                 run_dir=str(tmp_path / "st"))
+    obliterate(str(src), "optimized", str(tmp_path / "out"), overrides=sizes, study=study,
+               run_dir=str(tmp_path / "st"))
     assert seen == [0]
 
 
 def test_confirmation_needs_enough_spare_prompts(tmp_path):
     """Checked before any model is loaded (the model path does not exist)."""
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
 
     sizes = {"data": {"n_train": 200, "n_val": 32, "n_test": 64}}  # 332 built-in harmful prompts: 36 spare
     with pytest.raises(ConfigError, match="confirm_prompts = 64, but only 36 harmful prompts are left"):
-        run_optimize(str(tmp_path / "never-loaded"), "optimized", overrides=sizes, run_dir=str(tmp_path))
+        obliterate(str(tmp_path / "never-loaded"), "optimized", overrides=sizes, study={}, run_dir=str(tmp_path))
 
 
 def test_an_unpruned_trial_needs_no_optuna(monkeypatch):
@@ -728,7 +728,7 @@ def test_extra_directions_reuse_the_judged_contrast(tmp_path, monkeypatch):
     from conftest import save_tiny
     from obliteratus.directions import driver
     from obliteratus.optimize import base
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
 
     calls = []
     real = driver.contrast_groups
@@ -739,7 +739,7 @@ def test_extra_directions_reuse_the_judged_contrast(tmp_path, monkeypatch):
                  "layers": {"method": "fixed"}, "evaluate": {"max_new_tokens": 2, "kl_tokens": 2, "perplexity": False}}
     study = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 2, "confirm_prompts": 0, "confirm_during": False,
              "max_directions": 2, "seed_windows": []}
-    result = run_optimize(str(src), "optimized", overrides=overrides, study=study, run_dir=str(tmp_path / "st"))
+    result = obliterate(str(src), "optimized", overrides=overrides, study=study, run_dir=str(tmp_path / "st")).study
     assert len(calls) == 1
     assert result.chosen is not None and result.front
 

@@ -151,7 +151,7 @@ def test_judge_malformed_row_is_an_error_naming_it(tmp_path, capsys, monkeypatch
 
 def test_sqlite_study_in_use_is_refused_naming_study_and_lock(tiny_dir, tmp_path, monkeypatch):
     from obliteratus.errors import ConfigError
-    from obliteratus.optimize.run import run_optimize
+    from obliteratus.pipeline import obliterate
 
     run = tmp_path / "st"
     run.mkdir()
@@ -160,8 +160,7 @@ def test_sqlite_study_in_use_is_refused_naming_study_and_lock(tiny_dir, tmp_path
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         no_model(monkeypatch)
         with pytest.raises(ConfigError, match="in use") as caught:
-            run_optimize(str(tiny_dir), "optimized", study={"study_name": "mine"},
-                         run_dir=str(run))
+            obliterate(str(tiny_dir), "optimized", study={"study_name": "mine"}, run_dir=str(run))
     assert "'mine'" in str(caught.value) and str(lock) in str(caught.value)
 
 

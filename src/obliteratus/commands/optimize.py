@@ -17,8 +17,8 @@ import typer
 
 from ..errors import Interrupted
 from ..optimize.base import OptimizeResult
-from ..optimize.run import run_optimize
 from ..optimize.study import front_table
+from ..pipeline import obliterate
 from .common import RichReporter, metrics_table, out
 from .options import Opt, settings_options
 
@@ -48,8 +48,9 @@ def optimize(
     study = {}  # the study's CLI options are settings (optimize.study.*, in overrides); {} runs the study strategy
     try:
         with RichReporter() as reporter:
-            result = run_optimize(model, method, str(output) if output else None, overwrite, overrides, study,
-                                  str(run_dir) if run_dir else None, pick, worker, reporter)
+            result = obliterate(model, method, str(output) if output else None, overwrite=overwrite, reporter=reporter,
+                                overrides=overrides, study=study, run_dir=str(run_dir) if run_dir else None,
+                                pick=pick, worker=worker).study
     except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM, cli.main): finished trials are in the storage
         raise Interrupted(f"{str(err) or 'interrupted'}: the study keeps its finished trials; run the same "
                           "command again to resume it") from None

@@ -2,8 +2,9 @@
 ``heretic`` presets) is built from: the study's outcome (:class:`OptimizeResult`), its options
 validated (:func:`study_options`), the storage URL checked before any model loads
 (:func:`check_storage`), Optuna's interrupted-trial log quietened, and the per-layer mean differences
-the trials ablate (:func:`mean_differences`). The Python entry point is optimize/run.py, the verb
-commands/optimize.py.
+the trials ablate (:func:`mean_differences`). From Python a study runs through pipeline.obliterate
+(``obliterate(model, "optimized")``, or ``study={...}`` with any preset; the outcome is ``run.study``);
+the verb is commands/optimize.py.
 """
 
 from __future__ import annotations
