@@ -4,10 +4,19 @@ pipeline settings like a built-in one."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import BaseModel
 
+from transformers import AutoModelForCausalLM
+
+from obliteratus.pipeline import obliterate
 from obliteratus.settings import resolve_settings
 from obliteratus.directions import Directions, direction_methods
 from obliteratus.directions.base import DIRECTION_METHODS, FitContext, register_direction_method
@@ -16,7 +25,7 @@ from obliteratus.excise.apply import excise
 from obliteratus.excise.base import EXCISE_VARIANTS, register_excise_variant
 from obliteratus.excise.dispatch import apply_edit
 from obliteratus.models.adapters import ArchitectureAdapter
-from obliteratus.registry import Registry
+from obliteratus.registry import Registry, import_technique_modules
 from obliteratus.select.base import LAYER_SELECTORS, register_layer_selector
 from obliteratus.select.layers import LayerSelection
 
@@ -154,7 +163,6 @@ def test_every_layer_selector_is_a_valid_layers_method(name):
 def test_a_technique_registered_in_a_test_runs_through_the_pipeline(tmp_path):
     """A toy direction method, layer selector and excise variant, each registered with one call, are
     chosen by name in the settings and used by the pipeline; unregistered afterwards."""
-    from obliteratus.pipeline import obliterate
 
     seen = {}
 
@@ -192,3 +200,65 @@ def test_a_technique_registered_in_a_test_runs_through_the_pipeline(tmp_path):
         EXCISE_VARIANTS.unregister("toy_project")
     with pytest.raises(ConfigError, match="toy_mean"):
         resolve_settings(None, {"directions": {"method": "toy_mean"}})
+
+
+def test_a_technique_module_registers_by_being_there(tmp_path, monkeypatch):
+    """A new technique is one new file: its package imports every module in it (but the skipped ones),
+    so the module's registration call runs without any list naming it."""
+    package = tmp_path / "techniques"
+    package.mkdir()
+    (package / "__init__.py").write_text("", "utf-8")
+    for name in ("alpha", "beta", "skipped"):
+        (package / f"{name}.py").write_text(f"import sys\nsys.modules['registry_probe'].append({name!r})\n", "utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "registry_probe", [])
+    import_technique_modules("techniques", [str(package)], skip=("skipped",))
+    assert sys.modules["registry_probe"] == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("package, skip", [("obliteratus.directions", {"driver"}), ("obliteratus.excise", set()),
+                                           ("obliteratus.select", set()), ("obliteratus.evaluate.judges", set())])
+def test_every_module_of_a_technique_package_is_imported_with_it(package, skip):
+    module = importlib.import_module(package)
+    names = {info.name for info in pkgutil.iter_modules(module.__path__)} - skip
+    assert all(f"{package}.{name}" in sys.modules for name in names)
+
+
+def contributing_example(path: str) -> str:
+    """The code block CONTRIBUTING.md gives as the worked example for the file `path`."""
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text("utf-8")
+    after = text.split(f"A worked example, `{path}`", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("path, name, overrides", [
+    ("src/obliteratus/directions/median_diff.py", "median_diff", {"directions": {"method": "median_diff"}}),
+    ("src/obliteratus/excise/half.py", "half", {"excise": {"method": "half"}}),
+])
+def test_contributings_worked_examples_run_as_one_file(tmp_path, monkeypatch, path, name, overrides):
+    """The worked examples in CONTRIBUTING.md, as written there, saved as the one new file they name
+    (here in a temporary folder, loaded under their package's name), are picked up by name and run
+    through obliterate(); nothing else is edited."""
+    file = tmp_path / Path(path).name
+    file.write_text(contributing_example(path), "utf-8")
+    module_name = path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, module_name, module)
+    registry = DIRECTION_METHODS if "directions" in module_name else EXCISE_VARIANTS
+    try:
+        spec.loader.exec_module(module)
+        src = save_tiny(tmp_path, "llama")
+        small = {"data": {"n_train": 12, "n_val": 4, "n_test": 4},
+                 "evaluate": {"max_new_tokens": 4, "kl_tokens": 2, "ppl_window": 32, "perplexity": False}}
+        before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(src).state_dict().items()}
+        r = obliterate(str(src), "basic", overrides=merge(small, {"layers": {"method": "fixed", "layer": 1}}, overrides))
+        q = r.directions.basis.double()  # [1, d]
+        o_proj = r.loaded.model.model.layers[0].self_attn.o_proj.weight.detach().double()
+        original = before["model.layers.0.self_attn.o_proj.weight"].double()
+        if name == "half":  # W' = W − ½·QQᵀW: half of the component is left
+            assert torch.allclose(q @ o_proj, 0.5 * (q @ original), atol=1e-5)
+        else:
+            assert r.directions.method == "median_diff" and float((q @ o_proj).abs().max()) < 1e-4
+    finally:
+        registry.unregister(name)

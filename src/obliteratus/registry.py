@@ -8,7 +8,9 @@ preset's table is an error, not a silently ignored key.
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Generic, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -77,3 +79,13 @@ def parse_options(model: type[BaseModel], table: dict | None, where: str) -> Bas
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{where}: {problems}") from None
+
+
+def import_technique_modules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:
+    """Import every module of the technique package `package` (its ``__path__``), in name order, except
+    those in `skip`: a technique registers itself when its module is imported, so adding one is one
+    new file that nothing else has to list."""
+    skip = set(skip)
+    for info in sorted(pkgutil.iter_modules(path), key=lambda info: info.name):
+        if info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")

@@ -59,7 +59,7 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     head = lm_head_edit(adapter, q, settings.lam, plan)
     k = q.shape[0] if q is not None else (edits[0].write.shape[0] if edits else 0)
     report = EditReport(settings.lam if plan.lam is None else plan.lam, norm_preserve, k,
-                        post_writer_norm=adapter.spec.post_writer_norm, skipped=skipped,
+                        post_writer_norm=adapter.post_writer_norm, skipped=skipped,
                         plan=None if given is None else plan.describe())
     edit = norm_preserving_oblique if norm_preserve else oblique_project
 

@@ -110,7 +110,7 @@ def head_surgery(adapter: ArchitectureAdapter, q: torch.Tensor, options: HeadOpt
             if not torch.isfinite(new).all():
                 raise EditError(f"editing {w.name} would produce non-finite weights; nothing was changed")
             news[w.name] = (w, new)
-    report = EditReport(lam, False, q.shape[0], post_writer_norm=adapter.spec.post_writer_norm, variant="heads")
+    report = EditReport(lam, False, q.shape[0], post_writer_norm=adapter.post_writer_norm, variant="heads")
     for name, (w, new) in news.items():
         w.weight.copy_(new)
         report.edited.append(f"{name}.weight")

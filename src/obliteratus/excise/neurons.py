@@ -111,7 +111,7 @@ def excise_and_mask(adapter: ArchitectureAdapter, q: torch.Tensor, options: Neur
     if settings is not None:
         report = excise(adapter, q, settings, plan)
     else:
-        report = EditReport(0.0, False, q.shape[0], post_writer_norm=adapter.spec.post_writer_norm)
+        report = EditReport(0.0, False, q.shape[0], post_writer_norm=adapter.post_writer_norm)
     by_name = {w.name: w for w in adapter.writers(attention=False, embeddings=False)}
     for name, neurons in chosen.items():
         w = by_name[name]

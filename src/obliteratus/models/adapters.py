@@ -33,10 +33,23 @@ A *writer* is a module whose output is added to the residual stream. Which side 
 lives in the residual stream follows from the module's role and type, never from the shape of
 the tensor (a square o_proj would be ambiguous): ``nn.Linear`` stores ``[out=d, in]``, GPT-2's
 ``Conv1D`` stores ``[in, out=d]``, ``nn.Embedding`` stores ``[vocab, d]``.
+
+Two sources, one adapter. The hand table ``SPECS`` below is the fast path for its 14 families (no
+forward pass). Any other model type falls back to architecture discovery (``discover.py``: one
+traced forward pass on a tiny text input and perturbations of it find the layers, embeddings, final
+norm, lm_head, every residual writer with its residual axis, and the MoE parts), which also covers
+hybrid layers (several token mixers, layers that differ) and fused experts classes the table does not
+know (the layout discovery found is used). A multimodal wrapper is edited in its text decoder only:
+every discovered writer must lie in the decoder layers or the token embeddings, never in a vision
+tower. Writers followed by a norm before the residual add (``post_writer_norm``) are still edited;
+the edit is then not an exact projection, which is logged as a warning and reported in
+``EditReport.post_writer_norm``. What discovery cannot find is one ``UnsupportedArchitectureError``
+that names it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,42 +57,9 @@ import torch
 from torch import nn
 
 from ..errors import ObliteratusError, UnsupportedArchitectureError
+from .discover import ArchSpec, Discovery, Layout, MoERole, MoESpec, discover, resolve
 
-Layout = Literal["out_in", "in_out"]
-MoERole = Literal["routed", "shared"]
-
-
-@dataclass(frozen=True)
-class MoESpec:
-    """Where a sparse MoE layer keeps its parts, relative to one decoder layer. A layer is treated as
-    MoE when ``experts`` exists in it (Qwen2/3-MoE can keep dense MLPs in ``mlp_only_layers``)."""
-
-    block: str = "mlp"  # the sparse block; its output is the layer's mlp_out hook point
-    experts: str = "mlp.experts"  # fused experts module, or an nn.ModuleList of expert modules
-    router: str = "mlp.gate"  # reads the residual: logits [tokens, E] = W x (+ b)
-    expert_down: str = "down_proj"  # fused [E, ..] parameter name, or each expert's down submodule
-    expert_down_bias: str = "down_proj_bias"  # fused [E, d] bias parameter name (if any)
-    shared_expert: str | None = None  # shared expert's down projection (a writer)
-    shared_expert_gate: str | None = None  # sigmoid gate of the shared expert (a reader)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    family: str
-    model_types: tuple[str, ...]
-    body: str  # base model (decoder without lm_head), relative to the CausalLM
-    layers: str  # ModuleList of decoder layers, relative to the CausalLM
-    embeddings: tuple[str, ...]  # modules whose output starts the residual stream
-    attn_out: str  # relative to one decoder layer
-    mlp_out: str  # relative to one decoder layer
-    final_norm: str
-    lm_head: str
-    # Gemma 2/3 normalise a writer's output (post_attention/post_feedforward RMSNorm) before the
-    # residual add: projecting the writer removes the direction from its output, but the norm's
-    # elementwise gain can bring a small component back. Reported, not hidden.
-    post_writer_norm: bool = False
-    moe: MoESpec | None = None  # sparse MoE layers (mlp_out above is then the dense-layer down projection)
-
+log = logging.getLogger(__name__)
 
 LLAMA_LIKE = dict(
     body="model",
@@ -183,11 +163,16 @@ class Writer:
     param: str = "weight"  # attribute of `module` holding the edited tensor
     bias_param: str | None = "bias"
     fused: bool = False  # `param` is a 3-D [E, .., ..] tensor holding every routed expert of the layer
+    found_layout: Layout | None = None  # the residual axis as discovery found it (None: decided by module type)
+    post_norm: str | None = None  # discovered: the norm between this writer and the residual add, if any
 
     @property
     def layout(self) -> Layout:
         """Which axis of ``weight`` is the residual stream: decided by module type (for a fused
-        [E, ·, ·] tensor: of its last two axes, by the experts module)."""
+        [E, ·, ·] tensor: of its last two axes, by the experts module); for a discovered writer, the
+        axis discovery found by perturbation."""
+        if self.found_layout is not None:
+            return self.found_layout
         if self.fused:
             return fused_layout(self.module)
         if isinstance(self.module, nn.Linear):
@@ -243,11 +228,18 @@ def _get(root: nn.Module, path: str) -> nn.Module:
 
 
 class ArchitectureAdapter:
-    """Maps a loaded HF causal LM to hook names and residual writers."""
+    """Maps a loaded HF causal LM to hook names and residual writers: by the table (``SPECS``) for
+    its families, by architecture discovery (``discovery`` is then the :class:`Discovery`) otherwise."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.spec = spec_for(model.config.model_type)
+        self.discovery: Discovery | None = None
+        model_type = model.config.model_type
+        if model_type not in _BY_MODEL_TYPE:
+            self.spec: ArchSpec | None = None
+            self._init_discovered(model, model_type)
+            return
+        self.spec = spec_for(model_type)
         try:
             self.body = _get(model, self.spec.body)
             self.layers = _get(model, self.spec.layers)
@@ -267,9 +259,48 @@ class ArchitectureAdapter:
                 "the transformers version may have renamed them"
             ) from None
 
+    def _init_discovered(self, model: nn.Module, model_type: str) -> None:
+        try:
+            found = discover(model)
+        except UnsupportedArchitectureError as err:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture {model_type!r}: architecture discovery could not find it: {err} "
+                f"(families of the table: {', '.join(supported_families())})") from None
+        allowed = (found.layers, *found.embeddings)
+        outside = [w.path for w in found.writers if not any(_within(w.path, p) for p in allowed)]
+        if outside:  # e.g. a vision tower: only the text decoder is edited
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture {model_type!r}: discovered writers outside the decoder layers "
+                f"{found.layers} and the token embeddings: {', '.join(outside)}")
+        self.discovery = found
+        self.body = resolve(model, found.body)
+        self.layers = resolve(model, found.layers)
+        self.embeddings = [resolve(model, p) for p in found.embeddings]
+        # no final norm module (a functional norm, or none): the last layer's output reaches the lm_head as it is
+        self.final_norm = resolve(model, found.final_norm) if found.final_norm is not None else nn.Identity()
+        self.lm_head = resolve(model, found.lm_head)
+        self.moe_layers = found.moe_layers
+        self._found_writers = [
+            Writer(w.name, w.module, w.kind, moe=w.moe, param=w.param, bias_param=w.bias_param, fused=w.fused,
+                   found_layout=w.layout, post_norm=w.post_norm) for w in found.writers]
+        normed = [w.name for w in self._found_writers if w.post_norm]
+        if normed:
+            log.warning("%s: %d residual writers are normalised before the residual add (%s%s): the edit still "
+                        "runs, but it is not an exact projection of the residual stream (post_writer_norm in the "
+                        "edit report)", model_type, len(normed), ", ".join(normed[:4]),
+                        ", ..." if len(normed) > 4 else "")
+
     @property
     def family(self) -> str:
+        if self.spec is None:
+            return f"{self.model.config.model_type} (discovered)"
         return self.spec.family
+
+    @property
+    def post_writer_norm(self) -> bool:
+        """True when some writer's output is normalised before the residual add (Gemma 2/3 sandwich
+        norms): the projection of its weights is then not exact on the residual stream."""
+        return self.discovery.post_writer_norm if self.spec is None else self.spec.post_writer_norm
 
     @property
     def n_layers(self) -> int:
@@ -284,11 +315,29 @@ class ArchitectureAdapter:
         """True when lm_head shares its weight with the token embedding (editing one edits both)."""
         return self.lm_head.weight is self.embeddings[0].weight
 
+    def _layer_found(self, i: int, kind: str, moe: str | None = "any") -> list[Writer]:
+        return [w for w in self._found_writers if w.name.startswith(f"layers.{i}.") and w.kind == kind
+                and (moe == "any" or w.moe == moe)]
+
     def attn_out(self, i: int) -> nn.Module:
+        if self.spec is None:
+            found = self._layer_found(i, "attn")
+            if not found:
+                raise ObliteratusError(f"layer {i} of this {self.family} model has no token-mixing writer "
+                                       f"(its writers: {self.discovery.layer_kinds[i]})")
+            return found[0].module
         return _get(self.layers[i], self.spec.attn_out)
 
     def mlp_out(self, i: int) -> nn.Module:
         """The module whose output is layer i's mlp_out: the down projection, or the sparse MoE block."""
+        if self.spec is None:
+            if i in self.moe_layers:
+                return resolve(self.model, self.discovery.moe[i].block)
+            found = self._layer_found(i, "mlp", None)
+            if not found:
+                raise ObliteratusError(f"layer {i} of this {self.family} model has no MLP writer "
+                                       f"(its writers: {self.discovery.layer_kinds[i]})")
+            return found[0].module
         if self.spec.moe is not None and i in self.moe_layers:
             return _get(self.layers[i], self.spec.moe.block)
         return _get(self.layers[i], self.spec.mlp_out)
@@ -308,29 +357,48 @@ class ArchitectureAdapter:
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
 
-    def _moe_spec(self, i: int) -> MoESpec:
-        if self.spec.moe is None or i not in self.moe_layers:
+    def _moe_spec(self, i: int) -> MoESpec | None:
+        """The table's MoESpec of an MoE layer (None for a discovered model); an error for a dense layer."""
+        if i not in self.moe_layers or (self.spec is not None and self.spec.moe is None):
             raise ObliteratusError(f"layer {i} of this {self.family} model is not a mixture-of-experts layer "
                                    f"(MoE layers: {self.moe_layers})")
-        return self.spec.moe
+        return self.spec.moe if self.spec is not None else None
 
     def router(self, i: int) -> nn.Module:
         """Layer i's router: weight [E, d] (+ bias [E]); its forward returns (logits [tokens, E], ...)
         with the batch and sequence axes flattened into one tokens axis."""
+        if self.spec is None:
+            self._moe_spec(i)
+            path = self.discovery.moe[i].router
+            if path is None:
+                raise ObliteratusError(f"layer {i} of this {self.family} model: discovery found no router")
+            return resolve(self.model, path)
         return _get(self.layers[i], self._moe_spec(i).router)
 
     def experts(self, i: int) -> nn.Module:
+        if self.spec is None:
+            self._moe_spec(i)
+            return resolve(self.model, self.discovery.moe[i].experts)
         return _get(self.layers[i], self._moe_spec(i).experts)
 
     def n_experts(self, i: int) -> int:
+        if self.spec is None:
+            return sum(w.n_experts for w in self.expert_writers(i))
         return self.router(i).weight.shape[0]
 
     def shared_expert_gate(self, i: int) -> nn.Module | None:
+        if self.spec is None:
+            self._moe_spec(i)
+            path = self.discovery.moe[i].shared_expert_gate
+            return None if path is None else resolve(self.model, path)
         path = self._moe_spec(i).shared_expert_gate
         return None if path is None else _get(self.layers[i], path)
 
     def expert_writers(self, i: int) -> list[Writer]:
         """Layer i's routed experts: one fused Writer ([E, ..] tensor), or one Writer per expert module."""
+        if self.spec is None:
+            self._moe_spec(i)
+            return self._layer_found(i, "mlp", "routed")
         moe = self._moe_spec(i)
         experts = self.experts(i)
         if isinstance(experts, nn.ModuleList):
@@ -350,6 +418,10 @@ class ArchitectureAdapter:
         return [writer]
 
     def shared_expert_writer(self, i: int) -> Writer | None:
+        """Layer i's shared expert (the first, where discovery found several: ``writers`` lists them all)."""
+        if self.spec is None:
+            self._moe_spec(i)
+            return next(iter(self._layer_found(i, "mlp", "shared")), None)
         path = self._moe_spec(i).shared_expert
         return None if path is None else Writer(f"layers.{i}.shared_expert", _get(self.layers[i], path), "mlp",
                                                 moe="shared")
@@ -359,6 +431,8 @@ class ArchitectureAdapter:
         """Residual writers. `mlp` selects dense MLPs and shared experts; `experts` (default: as `mlp`)
         selects routed experts."""
         experts = mlp if experts is None else experts
+        if self.spec is None:
+            return self._discovered_writers(attention, mlp, embeddings, layers, experts)
         out: list[Writer] = []
         if embeddings:
             names = [p.rsplit(".", 1)[-1] for p in self.spec.embeddings]
@@ -377,12 +451,28 @@ class ArchitectureAdapter:
                 out.append(shared)
         return out
 
+    def _discovered_writers(self, attention: bool, mlp: bool, embeddings: bool, layers: list[int] | None,
+                            experts: bool) -> list[Writer]:
+        """The discovered writers in the table's order (embeddings, then per layer: token mixers, dense
+        MLP or routed experts, shared experts), filtered as ``writers`` says."""
+        wanted = {"embed": embeddings, "attn": attention, None: mlp, "routed": experts, "shared": mlp}
+        out = [w for w in self._found_writers if w.kind == "embed" and embeddings]
+        for i in range(self.n_layers) if layers is None else layers:
+            out += [w for w in self._found_writers if w.name.startswith(f"layers.{i}.")
+                    and wanted["attn" if w.kind == "attn" else w.moe]]
+        return out
+
     def hook_names(self) -> list[str]:
         names = ["embed"]
         for i in range(self.n_layers):
-            names += [f"layers.{i}.{p}" for p in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
+            names += [f"layers.{i}.{p}" for p in ("resid_pre", "resid_post")]
+            if self.spec is not None or self._layer_found(i, "attn"):
+                names.append(f"layers.{i}.attn_out")
+            if self.spec is not None or i in self.moe_layers or self._layer_found(i, "mlp", None):
+                names.append(f"layers.{i}.mlp_out")
             if i in self.moe_layers:
-                names += [f"layers.{i}.experts_out"] if self.expert_writers(i)[0].fused else []
+                routed = self.expert_writers(i)
+                names += [f"layers.{i}.experts_out"] if routed and routed[0].fused else []
                 names += [f"layers.{i}.shared_expert_out"] if self.shared_expert_writer(i) is not None else []
         return names + ["lm_head_in"]
 
@@ -399,12 +489,14 @@ class ArchitectureAdapter:
                 return self.layers[i], "input"
             if point == "resid_post":
                 return self.layers[i], "output"
-            if point == "attn_out":
-                return self.attn_out(i), "output"
-            if point == "mlp_out":
-                return self.mlp_out(i), "output"
+            if point in ("attn_out", "mlp_out") and name in self.hook_names():
+                return (self.attn_out(i) if point == "attn_out" else self.mlp_out(i)), "output"
             if point in ("experts_out", "shared_expert_out") and name in self.hook_names():
                 return (self.experts(i) if point == "experts_out" else self.shared_expert_writer(i).module), "output"
         valid = ", ".join(self.hook_names()[:6])
         raise KeyError(f"unknown hook name {name!r}; valid names: {valid}, ... layers.{self.n_layers - 1}.mlp_out, "
                        "lm_head_in (MoE layers also: layers.{i}.experts_out, layers.{i}.shared_expert_out)")
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".")

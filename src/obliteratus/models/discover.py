@@ -1,6 +1,7 @@
 """Architectures found by role, not by a table: the decoder layers, embeddings, final norm, lm_head
 and every residual writer of a decoder-only model, decided from one traced forward pass on a tiny
-text input and a few perturbations of it (issue 26, first part; not wired into the pipeline yet).
+text input and a few perturbations of it (issue 26). ``ArchitectureAdapter`` (adapters.py) uses it
+for every model type its table does not list.
 
 The residual stream is what flows from one decoder layer to the next. Everything here is decided by
 what a module *does* to it, never by a module's name or by the shape of a tensor:
@@ -60,7 +61,46 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from .adapters import ArchSpec, Layout, MoERole, MoESpec
+
+# ---------------------------------------------------------------------------- the table's row form
+# (here rather than in adapters.py, which imports this module: ArchSpec is what a table row of
+# adapters.py holds and what Discovery.arch_spec() gives)
+
+Layout = Literal["out_in", "in_out"]
+MoERole = Literal["routed", "shared"]
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a sparse MoE layer keeps its parts, relative to one decoder layer. A layer is treated as
+    MoE when ``experts`` exists in it (Qwen2/3-MoE can keep dense MLPs in ``mlp_only_layers``)."""
+
+    block: str = "mlp"  # the sparse block; its output is the layer's mlp_out hook point
+    experts: str = "mlp.experts"  # fused experts module, or an nn.ModuleList of expert modules
+    router: str = "mlp.gate"  # reads the residual: logits [tokens, E] = W x (+ b)
+    expert_down: str = "down_proj"  # fused [E, ..] parameter name, or each expert's down submodule
+    expert_down_bias: str = "down_proj_bias"  # fused [E, d] bias parameter name (if any)
+    shared_expert: str | None = None  # shared expert's down projection (a writer)
+    shared_expert_gate: str | None = None  # sigmoid gate of the shared expert (a reader)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    body: str  # base model (decoder without lm_head), relative to the CausalLM
+    layers: str  # ModuleList of decoder layers, relative to the CausalLM
+    embeddings: tuple[str, ...]  # modules whose output starts the residual stream
+    attn_out: str  # relative to one decoder layer
+    mlp_out: str  # relative to one decoder layer
+    final_norm: str
+    lm_head: str
+    # Gemma 2/3 normalise a writer's output (post_attention/post_feedforward RMSNorm) before the
+    # residual add: projecting the writer removes the direction from its output, but the norm's
+    # elementwise gain can bring a small component back. Reported, not hidden.
+    post_writer_norm: bool = False
+    moe: MoESpec | None = None  # sparse MoE layers (mlp_out above is then the dense-layer down projection)
+
 
 Kind = Literal["attn", "mlp", "embed"]
 
