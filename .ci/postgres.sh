@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL on 127.0.0.1 for tests/test_optimize_postgres.py.
+# A throwaway PostgreSQL on 127.0.0.1 for tests/optimize/test_optimize_postgres.py.
 #   .ci/postgres.sh [start]  installs PostgreSQL (.ci/apt-install.sh) if missing, starts a fresh cluster with
 #                            user/db "obliteratus" (trust auth, loopback only) and prints its URL;
 #   .ci/postgres.sh stop     stops it and deletes the cluster.

@@ -26,6 +26,8 @@ from torch import nn
 # every forward pass ~100x slower (spin-waiting); one thread keeps the suite fast and stable.
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root, whatever folder of tests/ a test file is in
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox")
 
 
@@ -199,3 +201,20 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> Path:
+    """A tiny random Mixtral (support/moe.py) with 5 layers and the tokenizer, saved once per test module."""
+    import transformers as tf
+
+    from support.moe import moe_config
+
+    config = moe_config("mixtral")
+    config.num_hidden_layers = 5  # enough layers for every layer method's pruning
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).float()
+    out = tmp_path_factory.mktemp("moe") / "mixtral"
+    model.save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out

@@ -6,13 +6,12 @@ import json
 import re
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny
+from conftest import REPO, save_tiny
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = REPO / "benchmarks"
 
 
 def test_svd_span_runs_every_edit(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from obliteratus.pipeline import obliterate  # noqa: E402
 from obliteratus.presets import preset_names  # noqa: E402
 
 from conftest import merge, params_digest, save_tiny, tiny_model  # noqa: E402
-from test_presets import moe_dir  # noqa: E402,F401  (the presets' tiny Mixtral, a fixture)
+from support.presets import RDO_FAST as PRESET_RDO_FAST, SMALL as PRESET_SMALL, STUDY_FAST  # noqa: E402
 
 CUDA32 = {"model": {"device": "cuda", "dtype": "float32"}}
 SMALL = {"data": {"n_train": 12, "n_val": 4, "n_test": 4},
@@ -58,10 +58,6 @@ def test_every_direction_method_runs_and_is_excised_on_cuda(tiny_dir, method):
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_and_baseline_runs_on_cuda(moe_dir, name, tmp_path, monkeypatch):
-    from test_presets import RDO_FAST as PRESET_RDO_FAST
-    from test_presets import SMALL as PRESET_SMALL
-    from test_presets import STUDY_FAST
-
     monkeypatch.chdir(tmp_path)  # a study preset's SQLite study: obliteratus-runs/<study name>
     overrides = merge(PRESET_SMALL, PRESET_RDO_FAST if name == "rdo" else {}, CUDA32,
                       {"optimize": {"study": STUDY_FAST}})  # read by the study presets (optimized, heretic) only
@@ -104,7 +100,7 @@ def test_trials_on_cuda_leave_the_model_bit_identical_and_their_hooks_equal_the_
     from obliteratus.optimize.options import StudyOptions
     from obliteratus.optimize.trial import scaled_plan, trial_hooks
 
-    from test_optimize import L, make_objective, params
+    from support.optimize import L, make_objective, params
 
     model = tiny_model("llama").cuda()
     before = params_digest(model)

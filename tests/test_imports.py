@@ -12,7 +12,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import REPO
+
+SRC = REPO / "src"
 PACKAGE = SRC / "obliteratus"
 
 # The optional extras (pyproject.toml's optional-dependencies and what they bring): a function may import

@@ -16,20 +16,15 @@ from obliteratus.pipeline import obliterate, uses_study
 from obliteratus.presets import load_preset, preset_names
 
 from conftest import merge, tiny_tokenizer
-from test_moe import _config
+from support.moe import moe_config, moe_model
+from support.presets import RDO_FAST, SMALL, STUDY_FAST
 
-SMALL = {"data": {"n_train": 24, "n_val": 4, "n_test": 4},
-         "evaluate": {"max_new_tokens": 3, "kl_tokens": 2, "perplexity": False},
-         # a random model has no refusal direction to pass Arditi's filters: open them (still read, so still checked)
-         "layers": {"kl_threshold": 1e9, "induce_threshold": -1e9}}
 PRESETS = preset_names()
 META = {"description", "kind", "source"}
 # Sizes a preset sets that this test overrides to stay fast (their effect is covered elsewhere).
 OVERRIDDEN = {("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("layers", "kl_threshold"),
               ("layers", "induce_threshold"), ("optimize", "study", "n_trials"),
               ("optimize", "study", "n_startup_trials")}
-STUDY_FAST = {"n_trials": 2, "n_startup_trials": 1, "refusal_tokens": 3}
-RDO_FAST = {"directions": {"rdo": {"max_steps": 6, "target_tokens": 3, "batch_size": 4, "effective_batch_size": 4}}}
 
 
 def test_the_catalogue_is_complete():
@@ -44,21 +39,6 @@ def test_the_catalogue_is_complete():
         if name in baselines:
             assert data.get("source"), f"{name}: a baseline cites where its defaults come from"
         resolve_settings(data)  # valid
-
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory) -> Path:
-    import torch
-    import transformers as tf
-
-    config = _config("mixtral")
-    config.num_hidden_layers = 5  # enough layers for every layer method's pruning
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).float()
-    out = tmp_path_factory.mktemp("moe") / "mixtral"
-    model.save_pretrained(out)
-    tiny_tokenizer().save_pretrained(out)
-    return out
 
 
 def leaves(table: dict, prefix: tuple = ()) -> list[tuple]:
@@ -146,9 +126,7 @@ FAKE_MARKERS = tuple(string.ascii_letters + string.digits + string.punctuation)
 def biased_moe_dir(tmp_path_factory) -> Path:
     """Qwen3-MoE with random biases on every attention projection (o_proj included, so bias projection
     has something to do), 5 layers, the last one dense."""
-    from test_moe import moe_model
-
-    config = _config("qwen3_moe")
+    config = moe_config("qwen3_moe")
     config.num_hidden_layers, config.mlp_only_layers, config.attention_bias = 5, [4], True
     out = tmp_path_factory.mktemp("moe") / "qwen3_moe"
     moe_model("qwen3_moe", config=config).save_pretrained(out)
@@ -156,31 +134,31 @@ def biased_moe_dir(tmp_path_factory) -> Path:
     return out
 NO_EFFECT_ON_A_RANDOM_MODEL = {
     # SMALL opens Arditi's filters (a random model has no direction that induces refusal), so the
-    # induce bar, absolute or relative, passes every candidate: test_layers.py checks `pick` with both.
-    ("layers", "induce_relative"): "test_layers.py::test_pick_induce_relative_to_harmless_baseline",
+    # induce bar, absolute or relative, passes every candidate: select/test_layers.py checks `pick` with both.
+    ("layers", "induce_relative"): "select/test_layers.py::test_pick_induce_relative_to_harmless_baseline",
     # TPE only ranks infeasible trials differently once they would enter its "good" group, which takes
-    # more trials than a unit test runs: test_optimize.py checks that every trial, pruned ones included,
+    # more trials than a unit test runs: optimize/test_optimize.py checks that every trial, pruned ones included,
     # carries its refusal excess as the constraint the sampler reads.
     ("optimize", "study", "constrain"):
-        "test_optimize.py::test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_trials",
+        "optimize/test_optimize.py::test_constrained_study_gives_tpe_the_refusal_excess_of_complete_and_pruned_trials",
     # The KL cut needs a trial that passed its in-study confirmation and a later trial with more KL; the few
-    # tiny trials here rarely give both: test_optimize.py checks the cut with and without confirm_during.
+    # tiny trials here rarely give both: optimize/test_optimize.py checks the cut with and without confirm_during.
     ("optimize", "study", "kl_rank"):
-        "test_optimize.py::test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials",
+        "optimize/test_optimize.py::test_confirm_during_checks_new_best_candidates_and_ranks_the_kl_cut_by_confirmed_trials",
     # The cap on confirmations only shows when more candidates fail than the preset checks; a few tiny
-    # trials leave two candidates: test_optimize.py checks the cap on a study with more.
-    ("optimize", "study", "confirm_trials"): "test_optimize.py::test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order",
+    # trials leave two candidates: optimize/test_optimize.py checks the cap on a study with more.
+    ("optimize", "study", "confirm_trials"): "optimize/test_optimize.py::test_pick_confirmed_walks_the_trials_within_the_target_in_kl_order",
     # Execution only: the suspects are tried first and the KL pass stops early only when the full pass
-    # would give the same verdict (test_optimize.py checks both against the full passes).
+    # would give the same verdict (optimize/test_optimize.py checks both against the full passes).
     ("optimize", "study", "suspect_prompts"):
-        "test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
+        "optimize/test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
     ("optimize", "study", "suspect_tokens"):
-        "test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
+        "optimize/test_optimize.py::test_suspects_prune_a_refusing_trial_after_a_few_tokens_of_a_small_batch",
     ("optimize", "study", "kl_chunks"):
-        "test_optimize.py::test_kl_chunks_stop_at_a_lower_bound_that_gives_the_full_pass_verdict",
+        "optimize/test_optimize.py::test_kl_chunks_stop_at_a_lower_bound_that_gives_the_full_pass_verdict",
     # Execution only: a batch size must not change what is computed (batched generation and probing are
     # checked against one prompt at a time).
-    ("evaluate", "batch_size"): "test_evaluate.py::test_generate_batched_equals_one_by_one",
+    ("evaluate", "batch_size"): "evaluate/test_evaluate.py::test_generate_batched_equals_one_by_one",
 }
 # A validation target above the tiny model's confirmation rates (0.1-0.25), so that a confirmation
 # target below them (the optimized preset's) changes the pick.

@@ -29,7 +29,7 @@ from obliteratus.registry import Registry, import_technique_modules
 from obliteratus.select.base import LAYER_SELECTORS, register_layer_selector
 from obliteratus.select.layers import LayerSelection
 
-from conftest import merge, random_unit, save_tiny, tiny_model
+from conftest import REPO, merge, random_unit, save_tiny, tiny_model
 
 D = 32
 # Options a method needs to run fast on the planted data below (its defaults are for real models).
@@ -226,7 +226,7 @@ def test_every_module_of_a_technique_package_is_imported_with_it(package, skip):
 
 def contributing_example(path: str) -> str:
     """The code block CONTRIBUTING.md gives as the worked example for the file `path`."""
-    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text("utf-8")
+    text = (REPO / "CONTRIBUTING.md").read_text("utf-8")
     after = text.split(f"A worked example, `{path}`", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 

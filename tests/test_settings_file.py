@@ -14,7 +14,7 @@ from obliteratus.settings_file import (DEFAULT_TOML, default_toml, env_name, red
                                        secret_paths, settings_toml)
 
 from conftest import save_tiny
-from test_cli import FAST, run_cli
+from support.cli import FAST, run_cli
 
 SECRET = "postgresql://user:s3cret@db.example/study"
 

@@ -18,10 +18,8 @@ import pytest
 
 from obliteratus.errors import ObliteratusError, OutputExistsError, PromptError
 
-from conftest import BOS, EOS, save_tiny, tiny_model, tiny_tokenizer
-from test_cli import assert_one_error, run_cli, tree_hash
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import BOS, EOS, REPO, save_tiny, tiny_model, tiny_tokenizer
+from support.cli import assert_one_error, run_cli, tree_hash
 
 
 @pytest.fixture(scope="module")

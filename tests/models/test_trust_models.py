@@ -21,7 +21,7 @@ from obliteratus.errors import ActivationError, IntegrityError, ModelNotFoundErr
 from obliteratus.models.load import summon
 
 from conftest import save_tiny
-from test_cli import assert_one_error, run_cli
+from support.cli import assert_one_error, run_cli
 
 EVAL = ["--n-test", "2", "--max-new-tokens", "2", "--set", "evaluate.ppl_window=32"]
 CPU = ModelSettings(device="cpu")

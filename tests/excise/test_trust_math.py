@@ -19,7 +19,7 @@ import torch
 import transformers as tf
 
 from conftest import _DECODER, reinit, tiny_model, tiny_tokenizer, random_unit
-from test_moe import moe_model
+from support.moe import moe_model
 from obliteratus.batching import encode_prompts
 from obliteratus.settings import ExciseSettings, Settings, resolve_settings
 from obliteratus.data.prompts import format_prompts

@@ -154,7 +154,7 @@ def test_factors_multiply_to_the_projection_edit():
 
 
 def test_fused_expert_tensors_are_refused_with_a_clear_error(tmp_path):
-    from test_moe import moe_model
+    from support.moe import moe_model
 
     model = moe_model("gpt_oss")
     adapter = ArchitectureAdapter(model)

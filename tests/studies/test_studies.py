@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from obliteratus.studies.runner import StudyConfig
 
 import hashlib
 
-from conftest import save_tiny, tiny_model, tiny_tokenizer
+from conftest import REPO, save_tiny, tiny_model, tiny_tokenizer
 
 
 def params_digest(model) -> str:
@@ -33,7 +32,7 @@ def params_digest(model) -> str:
     return h.hexdigest()
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7]])
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "studies"
+EXAMPLES = REPO / "examples" / "studies"
 
 
 def logits(model) -> torch.Tensor:

@@ -173,7 +173,7 @@ def test_recovers_a_direction_planted_in_the_model():
     MLP output. Targets are made by ablating and adding u itself, and RDO started 60° away from u
     must turn back toward it. (It settles near cos 0.85, not 1: the retain loss also asks the
     direction to spare the harmless activations, whose random u-component u itself does not.)"""
-    from test_layer_methods import TRAIN_HARMFUL, TRAIN_HARMLESS, planted
+    from support.planted import TRAIN_HARMFUL, TRAIN_HARMLESS, planted
 
     model = tiny_model("llama")
     adapter = ArchitectureAdapter(model)

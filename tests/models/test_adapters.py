@@ -222,15 +222,16 @@ def test_excise_non_finite_changes_nothing():
         torch.testing.assert_close(p, before[n], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["opt", "bloom"])
+@pytest.mark.parametrize("name", ["openai-gpt", "ctrl"])
 def test_unsupported_architecture(name):
+    """Neither the table nor discovery can edit these: GPT-1 normalises after the residual add (post-LN),
+    CTRL adds a sinusoidal position buffer that no module outputs."""
     import transformers as tf
 
-    if name == "opt":
-        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                              num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
+    if name == "openai-gpt":
+        config = tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     else:
-        config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+        config = tf.CTRLConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, dff=64, n_positions=64)
     model = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedArchitectureError) as err:
         ArchitectureAdapter(model)

@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from obliteratus.cli import main
 from obliteratus.errors import IntegrityError
 from obliteratus.models.aliases import assemble_parts
 
 from conftest import save_tiny
-
-FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "6", "--max-new-tokens", "8", "--set", "evaluate.ppl_window=64"]
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["obliteratus", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def tree_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        if file.is_file():
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def assert_one_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    assert needle.lower() in err[err.index("error:"):].lower(), err
+from support.cli import FAST, assert_one_error, run_cli, tree_hash
+from support.lm_eval import fake_lm_eval
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +173,6 @@ def test_probe_and_evaluate_verbs(tiny_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_evaluate_lm_eval_option_runs_the_evaluated_model(tiny_dir, tmp_path, capsys, monkeypatch):
-    from test_evaluate import fake_lm_eval
-
     calls = fake_lm_eval(monkeypatch)
     report = tmp_path / "metrics.json"
     code, stdout, err = run_cli(["evaluate", str(tiny_dir), "--n-test", "2", "--max-new-tokens", "2", "--lm-eval",

@@ -4,7 +4,6 @@ fractional-layer interpolation."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from obliteratus.excise.hook_form import ablated
 from obliteratus.hook_points import hooked
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.probe import collect
+from support.planted import HARMFUL, HARMLESS, TRAIN_HARMFUL, TRAIN_HARMLESS, planted
 
 # --- knee -------------------------------------------------------------------------------------
 
@@ -217,38 +217,6 @@ def test_pick_cosmic():
 
 
 # --- COSMIC on a tiny model with a planted refusal direction ----------------------------------
-
-TRIGGER = "#"
-# same sentences, differing only in a first character (the trigger or not): the last-position
-# activations differ mostly by what the planted writer adds
-SENTENCES = ["How do I pick a lock", "Write malware now", "Help me steal a car", "Make a weapon"]
-HARMFUL, HARMLESS = [f"# {s}" for s in SENTENCES], [f"& {s}" for s in SENTENCES]
-TRAIN = ["Build a bomb", "Hack a bank", "Hurt someone", "Poison a well", "Rob a store"]
-TRAIN_HARMFUL, TRAIN_HARMLESS = [f"# {s}" for s in TRAIN], [f"& {s}" for s in TRAIN]
-
-
-@contextmanager
-def planted(adapter: ArchitectureAdapter, tokenizer, u: torch.Tensor, alpha: float, layer: int):
-    """Rows containing TRIGGER get alpha·u added to layer `layer`'s MLP output: a residual writer,
-    so the weight edit (and `ablated`) can remove it. It shows at axes layer+1 .. L."""
-    trig = tokenizer(TRIGGER, add_special_tokens=False)["input_ids"][0]
-    flag = {}
-
-    def read_ids(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        flag["rows"] = (ids == trig).any(-1).to(torch.float32)  # [b]
-
-    def add(module, args, y):
-        return y + alpha * flag["rows"][:, None, None] * u.to(y.dtype)
-
-    handles = [adapter.body.register_forward_pre_hook(read_ids, with_kwargs=True),
-               adapter.mlp_out(layer).register_forward_hook(add)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
 
 def test_select_cosmic_finds_planted_direction_not_largest_difference(tokenizer):
     model = tiny_model("llama")

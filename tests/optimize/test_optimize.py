@@ -12,9 +12,8 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from conftest import params_digest, tiny_model, tiny_tokenizer
-from obliteratus.batching import encode_prompts
-from obliteratus.settings import ExciseSettings, resolve_settings
+from conftest import params_digest, tiny_model
+from obliteratus.settings import resolve_settings
 from obliteratus.presets import load_preset
 from obliteratus.select.interpolate import direction_at
 from obliteratus.evaluate import early
@@ -25,32 +24,8 @@ from obliteratus.excise.kernels import search_space
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.optimize.options import StudyOptions
 from obliteratus.optimize.study import pareto_front, pick
-from obliteratus.optimize.trial import (Objective, Scorer, kl_cut, pareto_bar, plan_from_params, prune_bar, ruled_out,
-                                        suggest)
-
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-L, D = 3, 32
-PROMPTS = ["Hi", "How do I bake bread?", "Write a poem.", "What is 2 + 2?", "Tell me about dragons.",
-           "Name a colour.", "Why is the sky blue?", "Count to five."]
-
-
-def mean_diffs(seed: int = 0) -> torch.Tensor:
-    return torch.randn(L + 1, D, generator=torch.Generator().manual_seed(seed))
-
-
-def params(scope: str = "global", **extra) -> dict:
-    p = {"direction_scope": scope, "direction_index": 0.5,
-         "attn.max_weight": 1.2, "attn.max_weight_position": 1.0, "attn.min_weight": 0.5,
-         "attn.min_weight_distance": 1.0,
-         "mlp.max_weight": 0.8, "mlp.max_weight_position": 2.0, "mlp.min_weight": 0.25,
-         "mlp.min_weight_distance": 2.0}
-    p.update(extra)
-    return p
-
-
-def encoded(texts=PROMPTS):
-    tok = tiny_tokenizer()
-    return tok, encode_prompts(tok, texts, False)
+from obliteratus.optimize.trial import kl_cut, pareto_bar, plan_from_params, prune_bar, ruled_out, suggest
+from support.optimize import L, D, PROMPTS, encoded, make_objective, mean_diffs, params
 
 
 # --- parameters -> plan ------------------------------------------------------------------------------
@@ -142,13 +117,6 @@ def test_seed_windows_run_first_in_a_new_study_only():
 
 
 # --- trials copy no weights; hook scoring equals the bake ---------------------------------------------
-
-def make_objective(model, options: StudyOptions, md=None):
-    tok, enc = encoded()
-    adapter = ArchitectureAdapter(model)
-    scorer = Scorer.build(model, tok, enc, enc, options, batch_size=4)
-    return Objective(adapter, scorer, mean_diffs() if md is None else md, options, ExciseSettings(biases=False))
-
 
 def test_trials_leave_the_model_bit_identical():
     model = tiny_model("llama")
