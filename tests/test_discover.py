@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB, family_params, params_digest, tiny_model
+from conftest import REPO, VOCAB, family_params, params_digest, tiny_model
 from obliteratus.errors import UnsupportedArchitectureError
+from obliteratus.excise.apply import excise
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.models.adapters import _get
 from obliteratus.models.discover import (
@@ -26,7 +26,8 @@ from obliteratus.models.discover import (
     remove_along,
     resolve,
 )
-from test_moe import MOE, moe_model
+from obliteratus.settings import ExciseSettings
+from support.moe import MOE, moe_model
 
 EXACT = 1e-4  # the issue's bound on |h·d| / ‖h‖ after the projection
 
@@ -192,9 +193,12 @@ UNLISTED = {
 def test_discovery_covers_families_the_table_lacks(model_type, record_property):
     model = _unlisted(model_type)
     assert model.config.model_type == model_type
-    with pytest.raises(UnsupportedArchitectureError):
-        ArchitectureAdapter(model)
     found = discover(model)
+    adapter = ArchitectureAdapter(model)  # not in the table: the adapter falls back to discovery
+    assert adapter.spec is None and adapter.discovery == found
+    assert [w.name for w in adapter.writers()] == [w.name for w in found.writers]
+    assert [w.layout for w in adapter.writers()] == [w.layout for w in found.writers]
+    assert adapter.post_writer_norm == found.post_writer_norm and adapter.moe_layers == found.moe_layers
     kinds, post_norm = UNLISTED[model_type]
     assert list(found.layer_kinds) == kinds
     assert found.post_writer_norm == post_norm
@@ -217,6 +221,26 @@ def test_multimodal_wrapper_edits_the_text_decoder_only():
     assert found.embeddings == ("model.language_model.embed_tokens",) and found.tied_lm_head
     assert all(w.path.startswith("model.language_model.") for w in found.writers)
     assert not any("vision" in w.path or "projector" in w.path for w in found.writers)
+    # the adapter edits the text decoder only: the vision tower and the projector stay byte-identical
+    outside = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("model.language_model.")}
+    assert any("vision" in n for n in outside)
+    q = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    excise(ArchitectureAdapter(model), q / q.norm(), ExciseSettings())
+    for n, p in model.named_parameters():
+        if n in outside:
+            assert torch.equal(p, outside[n]), n
+
+
+def test_an_undiscoverable_model_type_is_one_clear_error():
+    """GPT-1 is post-LN: the residual stream itself goes through a LayerNorm, so no weight edit is
+    exact; the adapter says so, names the module and lists the table's families."""
+    import transformers as tf
+
+    config = tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        ArchitectureAdapter(tf.AutoModelForCausalLM.from_config(config).eval())
+    message = str(err.value)
+    assert "'openai-gpt'" in message and "transformer.h.0.ln_2" in message and "Llama" in message
 
 
 def test_hybrid_layers_are_found_per_layer():
@@ -262,8 +286,8 @@ def test_off_direction_and_along_ratio():
 def test_coverage_benchmark_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "coverage.json"
     monkeypatch.setattr(sys, "argv", ["coverage.py", "--types", "llama,olmo2,bart", "--json", str(out)])
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "coverage.py"), run_name="__main__")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    runpy.run_path(str(REPO / "benchmarks" / "coverage.py"), run_name="__main__")
     rows = {r["model_type"]: r for r in json.loads(out.read_text())}
     assert rows["llama"]["table"] == "yes" and rows["llama"]["discovered"] == "yes"
     assert rows["llama"]["bound"] <= EXACT

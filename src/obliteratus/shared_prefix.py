@@ -10,7 +10,7 @@ per prompt). Its keys and values are the same for every row, so a batch can be r
 with position ids continuing after the prefix and the attention mask covering prefix and rest
 (batching.Batch.full_mask / position_ids). Every real token sees the same keys and values at the
 same positions as in the unshared left-padded batch, so logits and greedy continuations agree up
-to float rounding (tests/test_prefix.py). The prefix is recomputed for each batch under whatever
+to float rounding (tests/test_shared_prefix.py). The prefix is recomputed for each batch under whatever
 hooks are attached, so an edit that changes the prefix's activations is scored correctly.
 """
 

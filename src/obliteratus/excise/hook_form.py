@@ -57,7 +57,7 @@ def ablated(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float = 1
                         "writer's output); score it with the weight edit on a copy instead")
     q = None if q is None else q.detach().float()
     edits, _ = resolve(adapter, q, lam, plan, attention=attention, mlp=mlp, embeddings=embeddings, experts=experts)
-    outputs, routed = [], []
+    outputs, routed, inputs = [], [], []
     for e in edits:
         if not biases and e.writer.routed_bias:  # fused experts keep a routed bias: needs the routing weights
             if e.read is not None:
@@ -66,8 +66,11 @@ def ablated(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float = 1
             continue
         bias = None if biases else e.writer.bias
         project = _remove(e.write, e.lam, None if bias is None else bias.detach(), e.read)
+        if e.writer.hook_input is not None:  # the module normalises its own output: project the norm's input
+            inputs.append((e.writer.hook_input, lambda m, a, f=project: (f(a[0]), *a[1:])))
+            continue
         outputs.append((e.writer.hook_module, lambda m, a, y, f=project: f(y)))
-    pre = []
+    pre = list(inputs)
     for e in edits:
         if adapter.tied_lm_head and e.writer.module is adapter.embeddings[0]:
             # swapped roles: x ↦ x − λ·(x Uᵀ) R

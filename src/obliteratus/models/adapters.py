@@ -165,6 +165,9 @@ class Writer:
     fused: bool = False  # `param` is a 3-D [E, .., ..] tensor holding every routed expert of the layer
     found_layout: Layout | None = None  # the residual axis as discovery found it (None: decided by module type)
     post_norm: str | None = None  # discovered: the norm between this writer and the residual add, if any
+    # a discovered writer whose module normalises its own output (an embedding with a norm inside): the
+    # hook form projects that norm's input, where the weight edit acts, not the module's output
+    hook_input: nn.Module | None = None
 
     @property
     def layout(self) -> Layout:
@@ -209,7 +212,8 @@ class Writer:
     def hook_module(self) -> nn.Module:
         """The module whose output the activation-hook form of the edit projects: the writer's
         module; for fused experts that is the experts module, whose output is the routing-weighted
-        sum of every expert's down projection."""
+        sum of every expert's down projection. (A writer with ``hook_input`` is hooked at that norm's
+        input instead.)"""
         return self.module
 
 
@@ -282,7 +286,9 @@ class ArchitectureAdapter:
         self.moe_layers = found.moe_layers
         self._found_writers = [
             Writer(w.name, w.module, w.kind, moe=w.moe, param=w.param, bias_param=w.bias_param, fused=w.fused,
-                   found_layout=w.layout, post_norm=w.post_norm) for w in found.writers]
+                   found_layout=w.layout, post_norm=w.post_norm,
+                   hook_input=resolve(model, w.post_norm) if w.post_norm and _within(w.post_norm, w.path) else None)
+            for w in found.writers]
         normed = [w.name for w in self._found_writers if w.post_norm]
         if normed:
             log.warning("%s: %d residual writers are normalised before the residual add (%s%s): the edit still "

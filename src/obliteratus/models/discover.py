@@ -936,7 +936,7 @@ class _Discoverer:
         for c, own, post in sorted(routed, key=lambda r: self._expert_index(r[0].path, i)):
             param, layout, bias, fused = own
             where = self.routed_list(c.path, i)
-            name = f"layers.{i}.experts" if where is None else f"layers.{i}.experts.{where[1]}"
+            name = unique(f"layers.{i}.experts") if where is None else f"layers.{i}.experts.{where[1]}"
             out.append(FoundWriter(name, c.path, c.module, "mlp", layout, param, bias, fused, "routed", i, post))
         rank = {None: 1, "routed": 2, "shared": 3}  # as ArchitectureAdapter.writers lists them
         out.sort(key=lambda w: (0 if w.kind == "attn" else rank[w.moe], self._expert_index(w.path, i)))
