@@ -22,6 +22,7 @@ from obliteratus.pipeline import obliterate  # noqa: E402
 from obliteratus.presets import preset_names  # noqa: E402
 
 from conftest import merge, params_digest, save_tiny, tiny_model  # noqa: E402
+from support.multimodal import digests, tiny_llava  # noqa: E402
 from support.presets import RDO_FAST as PRESET_RDO_FAST, SMALL as PRESET_SMALL, STUDY_FAST  # noqa: E402
 
 CUDA32 = {"model": {"device": "cuda", "dtype": "float32"}}
@@ -118,3 +119,35 @@ def test_trials_on_cuda_leave_the_model_bit_identical_and_their_hooks_equal_the_
     assert objective.scorer.__class__(baked, *[getattr(objective.scorer, f) for f in
                                                ("tokenizer", "harmful", "harmless", "base", "tokens", "batch_size",
                                                 "chunks")]).kl() == pytest.approx(hooked, rel=1e-3)
+
+
+OPEN_LAYERS = {"layers": {"method": "auto", "kl_threshold": 1e9, "induce_threshold": -1e9, "prune_fraction": 0.0}}
+
+
+def test_a_multimodal_wrapper_on_cuda_edits_only_its_text_decoder(tmp_path):
+    source = tiny_llava(tmp_path / "llava")
+    run = obliterate(str(source), "basic", output=str(tmp_path / "out"), overrides=merge(SMALL, CUDA32, OPEN_LAYERS))
+    assert next(run.loaded.model.parameters()).device.type == "cuda" and run.loaded.processor is not None
+    before, after = digests(source), digests(tmp_path / "out")
+    text = [k for k in before if k.startswith(("language_model.", "model.language_model.", "lm_head."))]
+    assert [k for k in before if k not in text and before[k] != after[k]] == []
+    assert any(before[k] != after[k] for k in text)
+
+
+@pytest.mark.parametrize("model_type", ["granitemoehybrid", "falcon_h1"])
+def test_a_hybrid_family_on_cuda_removes_the_direction_from_every_layer(model_type, tmp_path):
+    from obliteratus.models import ArchitectureAdapter
+    from obliteratus.models.discover import along_ratio
+    from obliteratus.models.load import Loaded
+
+    from conftest import tiny_tokenizer
+    from test_coverage import SMALL as COVERAGE_SMALL, _inputs, _layer_outputs, tiny
+
+    model = tiny("causal-lm", model_type).cuda()
+    loaded = Loaded(model, tiny_tokenizer(), ArchitectureAdapter(model), f"tiny-{model_type}", str(tmp_path))
+    run = obliterate(loaded, "basic", **merge(COVERAGE_SMALL, {"probe": {"share_prefix": False},
+                                                               "evaluate": {"share_prefix": False}}))
+    q = run.directions.basis[0].float().cuda()
+    root, inputs = _inputs(loaded.adapter)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    assert max(along_ratio(h, q) for h in _layer_outputs(loaded.adapter, root, inputs)) < 1e-4

@@ -143,7 +143,7 @@ class Run:
                 self.timings["rebirth"] = time.perf_counter() - start
                 return self.record()
 
-            self.output = str(save_run(self.loaded.model, self.loaded.tokenizer, output, record,
+            self.output = str(save_run(self.loaded.model, self.loaded.saves_with, output, record,
                                        self.choice.tensors(), overwrite, steering=getattr(self.choice, "steering", None),
                                        pca=self.pca))
         return Path(self.output)

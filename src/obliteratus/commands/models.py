@@ -27,4 +27,7 @@ def models(prepare: Optional[str] = typer.Option(None, "--prepare", help="Assemb
         table.add_row(alias.name, alias.description, "yes" if is_prepared(alias.name) else "no", escape(alias.install))
     out.print(table)
     out.print(f"cache: {cache_root()}")
-    out.print("supported architectures: " + ", ".join(supported_families()))
+    out.print("architectures: the families of the adapter table (" + ", ".join(supported_families()) + ") and "
+              "any other decoder-only causal LM or image-text-to-text model of the installed transformers whose "
+              "residual writers architecture discovery finds at load time (benchmarks/coverage.py lists them)",
+              soft_wrap=True)

@@ -10,11 +10,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-from ..errors import IntegrityError, ModelNotFoundError
+from ..errors import IntegrityError, ModelNotFoundError, UnsupportedArchitectureError
 from ..steering import attach_steering, has_steering, load_steering
-from .adapters import ArchitectureAdapter, spec_for
+from .adapters import ArchitectureAdapter
 from .aliases import ALIASES, prepare, strip_gguf_quantizer
 from .options import ModelSettings
 from .packed import pack_linears
@@ -34,6 +38,13 @@ class Loaded:
     source: str  # what the user asked for
     path: str  # what was loaded (local dir, gguf file or hub id)
     steering: object | None = None  # steering.SteeringHandle attached from the model dir, if any
+    processor: object | None = None  # a multimodal model's processor (tokenizer + image processor), saved with it
+
+    @property
+    def saves_with(self):
+        """What REBIRTH saves beside the weights: the processor when there is one (its tokenizer,
+        image processor and chat template), else the tokenizer."""
+        return self.processor if self.processor is not None else self.tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +99,55 @@ def read_config(where: str, gguf_file: str | None, trust_remote_code: bool):
                                  f"{explain_load_error(err, where, trust_remote_code)}") from None
 
 
+def model_class(config, trust_remote_code: bool = False) -> type:
+    """The Auto class `config` is loaded and saved with, decided before any weight is read:
+    ``AutoModelForImageTextToText`` when the checkpoint is the image-text-to-text class of its type
+    (Gemma 3, Llama 4, Qwen2.5-VL, ...: loading them as a causal LM would drop or refuse the vision
+    tower), else ``AutoModelForCausalLM``. Encoder-decoder and encoder-only models, and types that
+    neither mapping of the installed transformers knows, are refused with the reason."""
+    model_type = config.model_type
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}: an encoder-decoder model; obliteratus edits decoder-only "
+            "language models (and the text decoder of image-text-to-text models)")
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return AutoModelForCausalLM
+    if trust_remote_code and "AutoModelForImageTextToText" in auto_map:
+        return AutoModelForImageTextToText
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    image_text = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    if image_text is not None and (causal is None or (archs and archs[0] == image_text)):
+        return AutoModelForImageTextToText
+    if causal is None:
+        remote = " (its auto_map names custom code: pass --set model.trust_remote_code=true to use it)" \
+            if auto_map and not trust_remote_code else ""
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}: transformers {transformers.__version__} has no causal-LM "
+            f"or image-text-to-text class for it{remote}")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(text, "is_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}: an encoder-only model (config.is_decoder is false); "
+            "obliteratus edits decoder-only language models")
+    return AutoModelForCausalLM
+
+
+def load_processor(where: str, auto: type, trust_remote_code: bool):
+    """The processor of an image-text-to-text checkpoint that has one (None otherwise), so the saved
+    model keeps its image processor and chat template. One that cannot be built is an error: saving
+    without it would lose files the source has."""
+    if auto is not AutoModelForImageTextToText or not Path(where).is_dir() or not any(
+            (Path(where) / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelNotFoundError(f"cannot load the processor of {where!r} (its image processor would not be "
+                                 f"saved with the edited model): {str(err).splitlines()[0]}") from None
+
+
 def summon(source: str, settings: ModelSettings | None = None, *, steering: bool = True) -> Loaded:
     """Load `source` for inference (eval mode, no grad) with its architecture adapter.
 
@@ -102,7 +162,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     elif Path(where).is_dir():
         check_local_dir(Path(where), settings.allow_pickle)
     config = read_config(where, gguf_file, settings.trust_remote_code)
-    spec_for(config.model_type)  # fail before loading any weights
+    auto = model_class(config, settings.trust_remote_code)  # fail before loading any weights
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, config)
     # mismatched shapes are reported in the loading info and refused below, with the tensor named
@@ -119,7 +179,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
         raise ModelNotFoundError(f"cannot load the tokenizer of {source!r}: "
                                  f"{explain_load_error(err, where, settings.trust_remote_code)}{needs}") from None
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model, info = auto.from_pretrained(where, **kwargs)
     except SafetensorError as err:
         raise IntegrityError(corrupt_safetensors(where, err)) from None
     except OSError as err:
@@ -141,10 +201,13 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
     check_finite(model, source, dtype)  # before packing: the packed copies are made from these weights
     if device == "cpu" and settings.cpu_pack == "auto":
         pack_linears(model)
+    processor = None if gguf_file else load_processor(where, auto, settings.trust_remote_code)
     check_tokenizer(tokenizer, source)  # pad = eos when it has no pad token; the chat template renders
     tokenizer.padding_side = "left"
     loaded = Loaded(model, tokenizer, ArchitectureAdapter(model), source,
-                    gguf_file and str(Path(where) / gguf_file) or where)
+                    gguf_file and str(Path(where) / gguf_file) or where, processor=processor)
+    if processor is not None and getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer = tokenizer  # one tokenizer object: the padding side and pad token set above
     if not gguf_file and Path(where).is_dir():
         if has_steering(where):
             if steering:
