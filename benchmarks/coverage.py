@@ -30,6 +30,7 @@ import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -60,7 +61,7 @@ FIELDS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (EXPERTS, ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                "n_experts")),
     (TOPK, ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "n_activated_experts",
-            "num_experts_per_token")),
+            "num_experts_per_token", "top_k_experts")),
     (VOCAB, ("vocab_size",)),
     (8, ("state_size", "ssm_state_size", "mamba_d_state", "d_state", "qk_rope_head_dim", "qk_nope_head_dim",
          "time_step_rank", "mamba_dt_rank", "rotary_dim", "index_head_dim")),
@@ -71,13 +72,62 @@ FIELDS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (256, ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")),
     (64, ("sliding_window", "attention_chunk_size", "mamba_chunk_size", "chunk_size")),
 )
-# Where a generic tiny config cannot run, each with why.
-OVERRIDES: dict[str, dict] = {
+
+
+def _dbrx(config) -> None:
+    # DbrxAttention reads attn_config.rope_theta, which the default attention config lacks (a real
+    # checkpoint's config.json has it); the value is the model's own
+    config.attn_config.rope_theta = config.rope_parameters["rope_theta"]
+    config.attn_config.clip_qkv = 8.0  # its attention clamps q/k/v to ±clip_qkv and fails on the default None
+
+
+def _per_layer_rope(config) -> None:
+    # the rotary embedding looks its parameters up per layer type, and the default config holds none
+    # (real checkpoints list one entry per type)
+    config.rope_parameters = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in set(config.layer_types)}
+
+
+# Where a generic tiny config cannot run, each with why: a dict of fields set on the config of that
+# model type (top level or nested) after shrinking, or a function that fixes it.
+OVERRIDES: dict[str, dict | Callable[[Any], None]] = {
     # the default layer_types are all Mamba, and transformers cannot build the attention mask without
     # an attention layer; real Granite 4 hybrids mix both
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": 2},
     # the default config has no layer_types at all; LFM2 checkpoints alternate short convolutions and attention
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2},
+    "dbrx": _dbrx,  # (reasons in the functions above)
+    "cohere_compass_text": _per_layer_rope,
+    # every hybrid layer's shared transformer block is tied to the first one's, and transformers refuses a
+    # tie with nothing to tie into: two hybrid layers (Zamba checkpoints have 13), a Mamba layer between
+    # (and its attention reads the concatenation [hidden, embeddings]: a width the config derives once, from
+    # the default hidden size)
+    "zamba": {"layers_block_type": ["hybrid", "linear_attention", "hybrid"], "num_hidden_layers": 3,
+              "attention_hidden_size": 2 * HIDDEN},
+    "zamba2": {"attention_hidden_size": 2 * HIDDEN, "num_query_groups": KV_HEADS},  # the same derived widths
+    # the model width and depth are embedding_dim and num_blocks here (hidden_size / num_hidden_layers are copies)
+    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": 2},
+    # the map from image-token names to ids comes with the tokenizer and is None by default; the model
+    # looks the image token (and Emu3 its end-of-line token) up in it at construction
+    "chameleon": {"vocabulary_map": {"<image>": VOCAB - 2}},
+    "emu3": {"vocabulary_map": {"<image>": VOCAB - 2, "<|extra_200|>": VOCAB - 3}},
+    # which layers are dense and which sparse is listed per layer and None by default (no rule derives it)
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    # the 3-D (multimodal RoPE) positions look up the vision-start token, which these thinker configs lack
+    # (the full Omni checkpoints' thinker_config has it: 151652, moved into the tiny vocabulary below)
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    # ERNIE's multimodal RoPE sections are (height, width, time), height = width (Qwen's are (time, height, width))
+    "ernie4_5_vl_moe_text": lambda config: config.rope_parameters.update(mrope_section=[3, 3, 2]),
+    # the indexed-attention (QSA) layers' indexer sizes are None by default, and a real checkpoint sets them
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 8,
+                       "indexer_compress_ratio": 4},
+    # the decoder builds a sliding-window mask whatever its layer types are, and the window is None by default
+    "step3p7": lambda config: setattr(config.text_config, "sliding_window", 64),
+    # the deep-stack projectors (vision layer -> LLM layer) and the Q-Former's query / window sides are set by
+    # the checkpoint and None by default, and the spatial sampling targets LLM layers 12-21: one projector pair,
+    # the tiny model's last layer
+    "granite4_vision": {"deepstack_layer_map": [(0, 0)], "spatial_target_layers": [1, 1, 1, 1],
+                        "downsample_rate": "2/4"},
 }
 # None means "absent" here, not "use a default": left as it is.
 KEEP_NONE = ("sliding_window", "attention_chunk_size", "moe_latent_size", "q_lora_rank", "rotary_dim")
@@ -151,6 +201,9 @@ def shrink(config, layers: int = 2) -> None:
     if isinstance(overrides, dict) and old_layers:
         hetero.per_layer_overrides = {j: {k: tiny(k, x) for k, x in overrides[i].items()}
                                       for j, i in enumerate(keep) if i in overrides}
+    if old_layers and _is_int(store.get("num_kv_shared_layers")):  # a count of the last layers (KV sharing)
+        first = old_layers - store["num_kv_shared_layers"]
+        store["num_kv_shared_layers"] = sum(1 for i in keep if i >= first)
     for k, v in list(store.items()):  # lists of layer indices: the kept layers, renumbered
         if old_layers and k not in per_layer and "layer" in k and isinstance(v, list) and v and all(map(_is_int, v)):
             store[k] = [j for j, i in enumerate(keep) if i in v]
@@ -166,14 +219,20 @@ def shrink(config, layers: int = 2) -> None:
     if _is_int(store.get("kv_lora_rank")):  # MLA: one key/value head per query head, rotary part = head_dim
         store["num_key_value_heads"] = HEADS if "num_key_value_heads" in store else None
         if "head_dim" in store and _is_int(store.get("qk_rope_head_dim")):
-            store["head_dim"] = store["qk_rope_head_dim"]
+            # (the rotary embedding's width is head_dim × partial_rotary_factor: Mistral 4 rotates half of it)
+            rope = store.get("rope_parameters") if isinstance(store.get("rope_parameters"), dict) else {}
+            factor = rope.get("partial_rotary_factor", store.get("partial_rotary_factor", 1.0)) or 1.0
+            store["head_dim"] = int(store["qk_rope_head_dim"] / factor)
     rope = store.get("rope_parameters")
     if isinstance(rope, dict):  # multimodal RoPE splits the rotary half-dimension into (time, height, width)
         factor = rope.get("partial_rotary_factor", store.get("partial_rotary_factor", 1.0)) or 1.0
         half = int(HEAD_DIM * factor) // 2
         rope["mrope_section"] = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    for k, v in OVERRIDES.get(store.get("model_type", getattr(config, "model_type", "")), {}).items():
-        store[k] = v
+    fix = OVERRIDES.get(store.get("model_type", getattr(config, "model_type", "")), {})
+    if callable(fix):
+        fix(config)
+    else:
+        store.update(fix)
     for name, value in list(store.items()):  # special token ids must lie inside the tiny vocabulary
         if name.startswith("_") or not ("token_id" in name or "token_index" in name):
             continue
@@ -182,8 +241,8 @@ def shrink(config, layers: int = 2) -> None:
         elif isinstance(value, list) and any(_is_int(x) and x >= VOCAB for x in value):
             store[name] = [VOCAB - 1 - (x % 16) if _is_int(x) and x >= VOCAB else x for x in value]
     for sub in _sub_configs(config):
-        kind = type(sub).__name__.lower()
-        shrink(sub, layers=1 if "vision" in kind or "audio" in kind else layers)
+        kind = type(sub).__name__.lower()  # a vision or audio tower gets one layer (Granite4VisionTextConfig is text)
+        shrink(sub, layers=1 if ("vision" in kind or "audio" in kind) and "text" not in kind else layers)
 
 
 def tiny_config(model_type: str):

@@ -256,6 +256,138 @@ def test_hybrid_layers_are_found_per_layer():
         granite.arch_spec()
 
 
+# ---------------------------------------------------------------------------- writers outside the plain form
+
+
+def _coverage_model(model_type: str) -> nn.Module:
+    """benchmarks/coverage.py's tiny random model of `model_type` (its config shrinker and init)."""
+    import importlib.util
+
+    import transformers as tf
+
+    name = "obliteratus_benchmark_coverage"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "coverage.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    coverage = sys.modules[name]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(coverage.tiny_config(model_type))
+    return coverage.reinit(model.float(), 0).eval().requires_grad_(False)
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.double()
+
+
+# model type -> the bias-only writers: (name, path, parameter)
+BIASES = {
+    # a bias after the attention experts (MoA, run through its reduce(), not a forward) and after the MoE experts
+    "jetmoe": [(f"layers.{i}.{k}_bias", f"model.layers.{i}.{p}", "bias") for i in range(2)
+               for k, p in (("attn", "self_attention.experts"), ("mlp", "mlp"))],
+    # the attention returns dense_bias beside its output; the layer adds it (last layer only)
+    "gpt_neox_japanese": [("layers.1.attn_bias", "gpt_neox_japanese.layers.1.attention", "dense_bias")],
+}
+
+
+@pytest.mark.parametrize("model_type", list(BIASES))
+def test_a_bias_added_outside_a_module_is_a_writer(model_type):
+    """A vector parameter added to the residual stream by code (no module returns it added) is found by
+    perturbing it, edited like a bias, and held edited by the hook form: the edit is exact."""
+    from obliteratus.excise.hook_form import ablated
+
+    model = _coverage_model(model_type)
+    found = discover(model)
+    biases = [(w.name, w.path, w.param) for w in found.writers if w.bias_only]
+    assert biases == BIASES[model_type]
+    assert all(w.weight.ndim == 1 and w.layout == "in_out" for w in found.writers if w.bias_only)
+    assert all(k.endswith("+bias") for i, k in enumerate(found.layer_kinds) if any(b[0].startswith(f"layers.{i}.")
+                                                                                   for b in biases))
+    with pytest.raises(UnsupportedArchitectureError, match="outside a module"):
+        found.arch_spec()
+    assert projection_bound(model, found) <= EXACT
+    adapter = ArchitectureAdapter(model)
+    assert [w.name for w in adapter.bias_writers()] == [b[0] for b in biases]
+    assert not any(w.bias_only for w in adapter.writers())
+    assert [w.name for w in adapter.bias_writers(attention=False)] == [b[0] for b in biases if "mlp" in b[0]]
+    d = adapter.d_model
+    q = torch.randn(1, d, generator=torch.Generator().manual_seed(2))
+    q = q / q.norm()
+    before = {w.name: w.weight.detach().clone() for w in adapter.bias_writers()}
+    with ablated(adapter, q):
+        hooked = _logits(model)
+    assert all(torch.equal(w.weight, before[w.name]) for w in adapter.bias_writers())  # put back on exit
+    report = excise(adapter, q, ExciseSettings())
+    assert {f"{b[0]}.{b[2]}" for b in biases} <= set(report.edited)
+    for w in adapter.bias_writers():
+        assert float((w.weight.detach() @ q[0]).abs()) < 1e-6 and not torch.equal(w.weight, before[w.name])
+    weights = _logits(model)
+    assert float((weights - hooked).abs().max() / weights.abs().max()) < 1e-4
+
+
+def test_bias_only_writers_are_kept_with_biases_off():
+    model = _coverage_model("gpt_neox_japanese")
+    adapter = ArchitectureAdapter(model)
+    (writer,) = adapter.bias_writers()
+    before = writer.weight.detach().clone()
+    q = torch.randn(1, adapter.d_model, generator=torch.Generator().manual_seed(2))
+    report = excise(adapter, q / q.norm(), ExciseSettings(biases=False))
+    assert torch.equal(writer.weight, before) and "layers.1.attn_bias.dense_bias" not in report.edited
+
+
+def test_hooks_mode_and_lora_refuse_bias_only_writers(tmp_path):
+    """No module output carries a bias-only writer, so neither a hook nor a LoRA adapter can hold its
+    edit: both refuse with the writer named, and accept biases = false (which leaves it alone)."""
+    from obliteratus.errors import ConfigError, EditError
+    from obliteratus.export.lora import export_lora
+    from obliteratus.steering import ablation_points
+
+    model = _coverage_model("gpt_neox_japanese")
+    adapter = ArchitectureAdapter(model)
+    flags = dict(attention=True, mlp=True, experts=True, embeddings=False, lm_head=False)
+    with pytest.raises(ConfigError, match="layers.1.attn_bias"):
+        ablation_points(adapter, **flags, biases=True)
+    q = torch.randn(1, adapter.d_model, generator=torch.Generator().manual_seed(2))
+    q = q / q.norm()
+    with pytest.raises(EditError, match="layers.1.attn_bias"):
+        export_lora(model, adapter, q, output_dir=tmp_path / "lora", embeddings=False)
+    assert not (tmp_path / "lora").exists()
+    assert not any(w.bias_only for w in adapter.writers())
+
+
+def test_writers_found_at_a_norms_input():
+    """A.X K1 sums its routed and shared experts in code and normalises the sum: no module returns the
+    norm's input, so the writers are found where they reach it (the norm is a post-writer norm)."""
+    model = _coverage_model("axk1")
+    found = discover(model)
+    moe = found.moe[1]
+    assert moe is not None and moe.block == "model.layers.1.mlp" and moe.router == "model.layers.1.mlp.gate"
+    mlp = [(w.name, w.path, w.post_norm) for w in found.layer_writers(1) if w.kind == "mlp"]
+    assert mlp == [("layers.1.experts", "model.layers.1.mlp.experts", "model.layers.1.mlp.post_mlp_layernorm"),
+                   ("layers.1.shared_expert", "model.layers.1.mlp.shared_experts.down_proj",
+                    "model.layers.1.mlp.post_mlp_layernorm")]
+    assert found.post_writer_norm and EXACT < projection_bound(model, found) < 0.2  # the norm's gains
+
+
+def test_parameters_handed_to_a_module_as_arguments():
+    """DBRX hands each expert the slice of its parameters as forward arguments: re-run on its recorded
+    arguments the module ignores its own parameters, so the writer is found in the model's forward."""
+    model = _coverage_model("dbrx")
+    found = discover(model)
+    (w,) = [w for w in found.layer_writers(0) if w.kind == "mlp"]
+    assert (w.path, w.param, w.layout) == ("transformer.blocks.0.ffn.experts.mlp", "w2", "in_out")
+    assert any("not treated as mixture-of-experts" in n for n in found.notes)
+    assert projection_bound(model, found) <= EXACT
+
+
+def test_a_fixed_position_table_is_named():
+    """XGLM adds a sinusoidal table kept in a non-persistent buffer: no saved edit can change it."""
+    with pytest.raises(UnsupportedArchitectureError, match=r"model\.embed_positions\.weights.*non-persistent"):
+        discover(_coverage_model("xglm"))
+
+
 # ---------------------------------------------------------------------------- errors and helpers
 
 

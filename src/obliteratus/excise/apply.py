@@ -15,7 +15,7 @@ import torch
 from ..errors import EditError
 from ..models.adapters import ArchitectureAdapter
 from .base import register_excise_variant
-from .plan import EditPlan, lm_head_edit, resolve
+from .plan import EditPlan, WriterEdit, lm_head_edit, resolve, writer_layer
 from .projection import norm_preserving_oblique, oblique_project, oblique_project_vector
 
 if TYPE_CHECKING:  # config imports the option models of this package
@@ -42,6 +42,24 @@ class EditReport:
         return asdict(self)
 
 
+def resolve_biases(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float, plan: EditPlan, *,
+                   attention: bool, mlp: bool) -> list[WriterEdit]:
+    """The edits of the adapter's bias-only writers (vectors added to the residual stream outside any
+    module's output, ``ArchitectureAdapter.bias_writers``) under `plan`, resolved as ``plan.resolve``
+    resolves a writer: b' = b − λ·s·Uᵀ(R b) with the layer's bases and the strength of the writer's kind.
+    Only with ``biases`` on: a bias-only writer *is* a bias."""
+    lam = plan.lam if plan.lam is not None else lam
+    edits = []
+    for writer in adapter.bias_writers(attention=attention, mlp=mlp):
+        layer = writer_layer(writer)
+        s = plan.strength_for(writer.kind, layer)
+        if s == 0.0:
+            continue
+        write = plan.write_basis(layer, q)
+        edits.append(WriterEdit(writer, layer, write, plan.read_basis(layer, write), lam * s, s))
+    return edits
+
+
 @torch.no_grad()
 def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: ExciseSettings,
            plan: EditPlan | None = None) -> EditReport:
@@ -56,6 +74,8 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     norm_preserve = settings.norm_preserve if plan.norm_preserve is None else plan.norm_preserve
     edits, skipped = resolve(adapter, q, settings.lam, plan, attention=settings.attention, mlp=settings.mlp,
                              embeddings=settings.embeddings, experts=settings.experts)
+    biases = resolve_biases(adapter, q, settings.lam, plan, attention=settings.attention,
+                            mlp=settings.mlp) if settings.biases else []
     head = lm_head_edit(adapter, q, settings.lam, plan)
     k = q.shape[0] if q is not None else (edits[0].write.shape[0] if edits else 0)
     report = EditReport(settings.lam if plan.lam is None else plan.lam, norm_preserve, k,
@@ -65,6 +85,9 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
 
     def new_params(e):  # (param, new value in the stored dtype) for one writer
         weight = e.writer.weight
+        if e.writer.bias_only:  # a bias-only writer: the vector itself, projected as a bias
+            yield weight, oblique_project_vector(weight.detach(), e.write, e.read, e.lam).to(weight.dtype)
+            return
         yield weight, edit(weight.detach(), e.write, e.read, e.lam, e.writer.layout).to(weight.dtype)
         if settings.biases and e.writer.bias is not None:
             bias = e.writer.bias
@@ -77,7 +100,7 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
 
     # Pass 1 checks every edit (in the stored dtype, where fp16 can overflow) without keeping it, so
     # a failure leaves the model untouched and memory stays at one matrix; pass 2 writes.
-    for e in edits:
+    for e in [*edits, *biases]:
         for _, new in new_params(e):
             if not torch.isfinite(new).all():
                 raise EditError(f"editing {e.writer.name} would produce non-finite weights; nothing was changed")
@@ -93,6 +116,11 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
         r = (e.write if e.read is None else e.read).to(weight.device)
         along = (r @ weight) if writer.layout == "out_in" else (weight @ r.T)
         report.max_residual = max(report.max_residual, float(along.abs().max() / weight.abs().max().clamp_min(1e-12)))
+    for e in biases:
+        for param, new in new_params(e):
+            param.copy_(new)
+            report.edited.append(f"{e.writer.name}.{e.writer.param}")
+        report.writer_weights[e.writer.name] = e.strength
     if head is not None:
         param, new = head_param()
         param.copy_(new)

@@ -13,11 +13,15 @@ E' = E − λ·(E Rᵀ) U, so logits = (x − λ·(x Uᵀ) R) Eᵀ: the lm_head 
 R swapped (the same map when R = U). The plan's lm_head input-side edit W_U' = W_U − λ·(W_U Uᵀ) R
 gives logits = (x − λ·(x Rᵀ) U) W_Uᵀ. (The norm-preserving edit is not linear in the output and
 has no hook form: a plan asking for it is refused.)
+
+A bias-only writer (``ArchitectureAdapter.bias_writers``: a vector that code adds to the residual
+stream outside any module's output) has no output to hook: within the block its vector holds the
+edited value b' = b − λ·Uᵀ(R b), the same as the weight edit, and gets its old value back on exit.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -25,7 +29,9 @@ import torch
 from ..errors import EditError
 from ..hook_points import module_hooks
 from ..models.adapters import ArchitectureAdapter
+from .apply import resolve_biases
 from .moe import routed_bias_hook
+from .projection import oblique_project_vector
 from .plan import EditPlan, lm_head_edit, resolve
 
 
@@ -81,5 +87,24 @@ def ablated(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float = 1
         write, read, head_lam = head
         project = _remove(write, head_lam, None, read)
         pre.append((adapter.lm_head, lambda m, a, f=project: (f(a[0]), *a[1:])))
-    with module_hooks(outputs), module_hooks(routed, with_kwargs=True), module_hooks(pre, pre=True):
+    with module_hooks(outputs), module_hooks(routed, with_kwargs=True), module_hooks(pre, pre=True), \
+            (_edited_biases(adapter, q, lam, plan, attention, mlp) if biases else nullcontext()):
         yield
+
+
+@contextmanager
+def _edited_biases(adapter: ArchitectureAdapter, q, lam: float, plan: EditPlan, attention: bool,
+                   mlp: bool) -> Iterator[None]:
+    """The bias-only writers hold their edited vectors within the block (see the module docstring)."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for e in resolve_biases(adapter, q, lam, plan, attention=attention, mlp=mlp):
+                p = e.writer.weight
+                saved.append((p, p.detach().clone()))
+                p.copy_(oblique_project_vector(p.detach(), e.write, e.read, e.lam).to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, old in reversed(saved):
+                p.copy_(old)

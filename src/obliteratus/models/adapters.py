@@ -41,10 +41,13 @@ norm, lm_head, every residual writer with its residual axis, and the MoE parts),
 hybrid layers (several token mixers, layers that differ) and fused experts classes the table does not
 know (the layout discovery found is used). A multimodal wrapper is edited in its text decoder only:
 every discovered writer must lie in the decoder layers or the token embeddings, never in a vision
-tower. Writers followed by a norm before the residual add (``post_writer_norm``) are still edited;
-the edit is then not an exact projection, which is logged as a warning and reported in
-``EditReport.post_writer_norm``. What discovery cannot find is one ``UnsupportedArchitectureError``
-that names it.
+tower. A vector parameter that code adds to the residual stream outside any module's output (JetMoE's
+attention and MoE biases, GPT-NeoX-Japanese's ``dense_bias``) is a *bias-only writer*:
+``bias_writers()`` lists them apart from ``writers()`` (they have no matrix), and the edit projects
+them like any writer's bias. Writers followed by a norm before the residual add
+(``post_writer_norm``) are still edited; the edit is then not an exact projection, which is logged
+as a warning and reported in ``EditReport.post_writer_norm``. What discovery cannot find is one
+``UnsupportedArchitectureError`` that names it.
 """
 
 from __future__ import annotations
@@ -168,6 +171,9 @@ class Writer:
     # a discovered writer whose module normalises its own output (an embedding with a norm inside): the
     # hook form projects that norm's input, where the weight edit acts, not the module's output
     hook_input: nn.Module | None = None
+    # a bias-only writer (``ArchitectureAdapter.bias_writers``): ``param`` is a vector [d] that code adds
+    # to the residual stream outside any module's output; ``weight`` is that vector and ``bias`` None
+    bias_only: bool = False
 
     @property
     def layout(self) -> Layout:
@@ -244,6 +250,7 @@ class ArchitectureAdapter:
             self._init_discovered(model, model_type)
             return
         self.spec = spec_for(model_type)
+        self._bias_writers: list[Writer] = []
         try:
             self.body = _get(model, self.spec.body)
             self.layers = _get(model, self.spec.layers)
@@ -284,11 +291,14 @@ class ArchitectureAdapter:
         self.final_norm = resolve(model, found.final_norm) if found.final_norm is not None else nn.Identity()
         self.lm_head = resolve(model, found.lm_head)
         self.moe_layers = found.moe_layers
-        self._found_writers = [
+        every = [
             Writer(w.name, w.module, w.kind, moe=w.moe, param=w.param, bias_param=w.bias_param, fused=w.fused,
                    found_layout=w.layout, post_norm=w.post_norm,
-                   hook_input=resolve(model, w.post_norm) if w.post_norm and _within(w.post_norm, w.path) else None)
+                   hook_input=resolve(model, w.post_norm) if w.post_norm and _within(w.post_norm, w.path) else None,
+                   bias_only=w.bias_only)
             for w in found.writers]
+        self._found_writers = [w for w in every if not w.bias_only]
+        self._bias_writers = [w for w in every if w.bias_only]
         normed = [w.name for w in self._found_writers if w.post_norm]
         if normed:
             log.warning("%s: %d residual writers are normalised before the residual add (%s%s): the edit still "
@@ -456,6 +466,16 @@ class ArchitectureAdapter:
             if mlp and shared is not None:
                 out.append(shared)
         return out
+
+    def bias_writers(self, *, attention: bool = True, mlp: bool = True,
+                     layers: list[int] | None = None) -> list[Writer]:
+        """Bias-only writers (discovered models only; the table's families have none): vector parameters
+        added to the residual stream outside any module's output, selected by kind as ``writers`` does.
+        Not in ``writers()``: they have no matrix (no heads, neurons or LoRA), only the projection edits
+        them (with ``biases``), and its hook form sets the edited vector for the duration of the hook."""
+        wanted = {"attn": attention, "mlp": mlp}
+        return [w for w in getattr(self, "_bias_writers", ()) if wanted.get(w.kind, False)
+                and (layers is None or int(w.name.split(".")[1]) in layers)]
 
     def _discovered_writers(self, attention: bool, mlp: bool, embeddings: bool, layers: list[int] | None,
                             experts: bool) -> list[Writer]:

@@ -133,6 +133,9 @@ class FoundWriter:
     moe: MoERole | None = None
     layer: int | None = None
     post_norm: str | None = None
+    # a vector parameter added to the residual stream by code outside any module's output (``param`` is
+    # that bias [d], ``layout`` "in_out"): no module output to hook, the parameter itself is edited
+    bias_only: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -205,6 +208,10 @@ class Discovery:
         attn, mlp, moe_parts = set(), set(), set()
         for i in range(self.n_layers):
             ws = self.layer_writers(i)
+            if any(w.bias_only for w in ws):
+                raise UnsupportedArchitectureError(
+                    f"layer {i} adds a bias to the residual stream outside a module "
+                    f"({', '.join(w.path + '.' + w.param for w in ws if w.bias_only)}): not one table row")
             a = [rel(w.path, i) for w in ws if w.kind == "attn"]
             if len(a) != 1:
                 raise UnsupportedArchitectureError(
@@ -380,6 +387,11 @@ class _Call:
     out_key: tuple | None  # identity of the output tensor before cloning: (data_ptr, shape, stride)
     full_out: Any = None  # the whole output (tensors cloned), to freeze the module at what it returned
     n_calls: int = 1
+    # a scope measured at `module`'s input rather than its output (writers found at a norm's input,
+    # where code outside modules sums them): `path` is then the block they lie in, `until` the order
+    # before which they return
+    side: Literal["input", "output"] = "output"
+    until: int | None = None
 
 
 class _TextForwardFailed(UnsupportedArchitectureError):
@@ -647,13 +659,19 @@ class _Discoverer:
             param, layout, bias, fused = own
             out.append(FoundWriter(f"embed.{c.path.rsplit('.', 1)[-1]}", c.path, c.module, "embed", layout, param,
                                    bias, fused, None, None, post))
+        if not out:  # (an embedding narrower than the stream with a projection after it is found above)
+            raise UnsupportedArchitectureError(
+                f"embeddings: nothing before layer 0 writes its {layer0.hidden_in.shape[-1]}-wide hidden state "
+                f"(the token embeddings {token.path} give {token.out.shape[-1]}-wide rows: several residual streams "
+                "side by side?)")
         self.check_embeddings(out, layer0)
         return out
 
     def post_norm_of(self, source: _Call, until: _Call) -> str | None:
         """A direct contributor to `until`'s input (outside the layers) whose input is `source`'s output."""
         for c in self.order:
-            if c.order <= source.order or c.order >= until.order or not self.outside(c.path) or c.out is None:
+            if c.order <= source.order or c.order >= until.order or not self.outside(c.path) or c.out is None \
+                    or c.out.shape[-1] != until.hidden_in.shape[-1]:
                 continue
             if not _same(c.hidden_in, source.out):
                 continue
@@ -705,14 +723,19 @@ class _Discoverer:
         a later reader of the stream counts), does adding δ to c's output move scope's output by a
         per-token multiple of δ?"""
         keep = {o.path for o in self.order if o.out_key is not None and o.out_key == c.out_key}
-        # (a module called more than once, such as a q/k norm, cannot be held at one output)
-        freeze = [(o.module, _freeze_hook(o.full_out)) for o in self.order
-                  if o.path.startswith(scope.path + ".") and o.path not in keep and not _is_within(c.path, o.path)
-                  and not _is_within(o.path, c.path) and not _same(o.out, scope.out) and o.n_calls == 1]
+        freeze = self.frozen(scope, c.path, keep)
         delta = self.perturbation(c.out)
-        base, _ = self.runner.run(scope.module, "output", hooks=freeze)
-        moved, _ = self.runner.run(scope.module, "output", hooks=[*freeze, (c.module, _add_hook(delta))])
+        base, _ = self.runner.run(scope.module, scope.side, hooks=freeze)
+        moved, _ = self.runner.run(scope.module, scope.side, hooks=[*freeze, (c.module, _add_hook(delta))])
         return moved.shape == base.shape and self.along(moved - base, delta, float(delta.norm()))
+
+    def frozen(self, scope: _Call, path: str, keep: set[str] = frozenset()) -> list:
+        """Hooks holding every module inside `scope` at what it returned, except the module at `path`,
+        its ancestors and descendants, and those in `keep`. (A module called more than once, such as a
+        q/k norm, cannot be held at one output.)"""
+        return [(o.module, _freeze_hook(o.full_out)) for o in self.order
+                if o.path.startswith(scope.path + ".") and o.path not in keep and not _is_within(path, o.path)
+                and not _is_within(o.path, path) and not _same(o.out, scope.out) and o.n_calls == 1]
 
     def transparent(self, c: _Call) -> bool:
         """Does adding δ to the module's hidden input move its output by a per-token multiple of δ
@@ -735,9 +758,22 @@ class _Discoverer:
         own = dict(m.named_parameters(recurse=False))
         if not any(2 <= p.ndim <= 3 for p in own.values()):
             return None  # (and a wrapper such as an attention block, which may keep a cache, is not re-run)
+        found = self._writer_param(c, at, own, d, traced=False)
+        if found is None and at is None and self._moved is False:
+            # no own parameter changed the module's output when it was re-run on its recorded arguments:
+            # the forward passes them in as arguments (DBRX hands each expert a slice of its parameters).
+            # Measure the module's first output in the model's own forward pass instead.
+            found = self._writer_param(c, at, own, d, traced=True)
+        return found
+
+    def _writer_param(self, c: _Call, at: _Call | None, own: dict, d: int, traced: bool):
+        m = c.module
         found = None
+        self._moved = False  # did any perturbation change the output at all
 
         def measure(m, args, kwargs):
+            if traced:
+                return self.runner.run(m, "output")[0]
             if at is None:
                 return _first_tensor(m(*args, **kwargs))
             got: list[torch.Tensor] = []
@@ -771,6 +807,9 @@ class _Discoverer:
                         moved = measure(m, c.args, c.kwargs)
                     finally:
                         p.copy_(saved)
+                    if moved is not None and base is not None and (moved.shape != base.shape or
+                                                                    not torch.equal(moved, base)):
+                        self._moved = True
                     if moved is not None and base is not None and moved.shape == base.shape and \
                             self.along(moved - base, delta, float(base.double().norm()) or 1.0):
                         if found is not None:
@@ -805,7 +844,8 @@ class _Discoverer:
         writers are then found the same way (a norm after a whole MoE block)."""
         d = scope.out.shape[-1]
         inner = [c for c in self.order if c.path.startswith(scope.path + ".") and c.out is not None
-                 and c.out.shape[-1] == d]
+                 and c.out.shape[-1] == d and (scope.until is None or c.order < scope.until)
+                 and c.module is not scope.module]
         # one perturbation per distinct output tensor (a wrapper returning its child's output is the same)
         groups: dict[Any, list[_Call]] = {}
         for c in inner:
@@ -837,6 +877,10 @@ class _Discoverer:
                 continue
             block = next((s for s in sorted(sources, key=lambda s: s.path.count(".")) if s.hidden_in is not None), None)
             found = self.writers_in(block, where) if block is not None else []
+            if not found and not sources and c.hidden_in is not None:
+                # no module's output is its input: code outside modules computed it (A.X K1 sums its routed
+                # and shared experts before a norm). Find the writers at its input instead.
+                found = self.writers_at_input(c, where)
             if not found:
                 raise UnsupportedArchitectureError(
                     f"{where}: {c.path} ({type(c.module).__name__}) adds to the residual stream, but neither it "
@@ -845,13 +889,58 @@ class _Discoverer:
         writers.sort(key=lambda w: w[0].order)
         return writers
 
-    def layer_writers(self, i: int) -> tuple[list[FoundWriter], FoundMoE | None]:
+    def writers_at_input(self, c: _Call, where: str) -> list[tuple[_Call, tuple, str | None]]:
+        """The writers whose outputs reach `c`'s input directly: the modules of c's parent block that
+        return before c is called, measured at c's input."""
+        parent = c.path.rsplit(".", 1)[0] if "." in c.path else ""
+        pc = self.calls.get(parent)
+        scope = _Call(parent, c.module, c.order, c.args, c.kwargs, None if pc is None else pc.hidden_in,
+                      c.hidden_in, None, side="input", until=c.order)
+        return self.writers_in(scope, where)
+
+    def bias_writers(self, i: int, writers) -> list[tuple[str, nn.Module, str]]:
+        """(owner path, owner module, parameter name) of every vector parameter of layer i that is added
+        to the residual stream on its own, outside any module's output (JetMoE adds a bias after its
+        attention and MoE experts, GPT-NeoX-Japanese its attention's ``dense_bias`` in the layer):
+        with every other module of the layer held at what it returned, adding δ to the parameter moves
+        the layer's output by a per-token multiple of δ. Parameters of the found writers are skipped."""
         layer = self.layers[i]
+        lc = self.calls[f"{self.layers_path}.{i}"]
+        d = lc.out.shape[-1]
+        known = {id(p) for c, own, _ in writers for name in (own[0], own[2]) if name
+                 for p in [getattr(c.module, name, None)] if isinstance(p, torch.Tensor)}
+        found = []
+        for rel, m in layer.named_modules():
+            path = f"{lc.path}.{rel}" if rel else lc.path
+            for name, p in m.named_parameters(recurse=False):
+                if p.ndim != 1 or p.shape[0] != d or not p.is_floating_point() or id(p) in known:
+                    continue
+                freeze = self.frozen(lc, path)
+                base, _ = self.runner.run(layer, "output", hooks=freeze)
+                delta = self.randn(d, p) * (float(p.detach().double().norm()) or 1.0)
+                saved = p.detach().clone()
+                try:
+                    with torch.no_grad():
+                        p.add_(delta)
+                    moved, _ = self.runner.run(layer, "output", hooks=freeze)
+                finally:
+                    with torch.no_grad():
+                        p.copy_(saved)
+                if moved.shape == base.shape and self.along(moved - base, delta, float(delta.norm())):
+                    found.append((path, m, name))
+        return found
+
+    def check_one_stream(self, i: int) -> None:
         lc = self.calls[f"{self.layers_path}.{i}"]
         if lc.hidden_in.ndim != 3 or lc.out.shape != lc.hidden_in.shape:
             raise UnsupportedArchitectureError(
-                f"layer {i} ({type(layer).__name__}): its hidden state is {tuple(lc.hidden_in.shape)} -> "
+                f"layer {i} ({type(self.layers[i]).__name__}): its hidden state is {tuple(lc.hidden_in.shape)} -> "
                 f"{tuple(lc.out.shape)}, not one residual vector per token (several residual streams?)")
+
+    def layer_writers(self, i: int) -> tuple[list[FoundWriter], FoundMoE | None]:
+        layer = self.layers[i]
+        lc = self.calls[f"{self.layers_path}.{i}"]
+        self.check_one_stream(i)
         writers = self.writers_in(lc, f"layer {i}")
         if not writers:
             inner = next((c for c in self.order if c.path.startswith(lc.path + ".") and _same(c.out, lc.out)), None)
@@ -861,9 +950,31 @@ class _Discoverer:
                     f"({type(inner.module).__name__}): the residual stream itself goes through a module (a "
                     "post-LN norm or a per-channel residual gate), not a plain sum of writers")
             raise UnsupportedArchitectureError(f"layer {i} ({type(layer).__name__}): no residual writer found")
-        self.check_complete_layer(i, writers)
+        biases = []
+        try:
+            self.check_complete_layer(i, writers)
+        except UnsupportedArchitectureError:
+            biases = self.bias_writers(i, writers)
+            if not biases:
+                raise
+            self.check_complete_layer(i, writers, biases)
         kinds = self.kinds(i, writers)
-        return self.name_writers(i, writers, kinds)
+        found, moe = self.name_writers(i, writers, kinds)
+        return found + self.name_biases(i, biases, found), moe
+
+    def name_biases(self, i: int, biases, found: list[FoundWriter]) -> list[FoundWriter]:
+        """Bias-only writers as FoundWriters: kind "attn" when the module holding the bias holds a
+        token-mixing writer (the attention's bias), else "mlp"."""
+        out, used = [], {}
+        kinds = [("attn" if "attn" in [w.kind for w in found if _is_within(w.path, path)] else "mlp")
+                 for path, _, _ in biases]
+        for kind, (path, m, name) in sorted(zip(kinds, biases), key=lambda kb: kb[0] != "attn"):
+            base = f"layers.{i}.{kind}_bias"
+            n = used.get(base, 0)
+            used[base] = n + 1
+            out.append(FoundWriter(base if n == 0 else f"{base}.{n}", path, m, kind, "in_out", name, None, False,
+                                   None, i, None, bias_only=True))
+        return out
 
     def kinds(self, i: int, writers: list[tuple[_Call, tuple, str | None]]) -> list[Kind]:
         """Per writer: "attn" when it mixes token positions (with every other writer of the layer
@@ -872,22 +983,45 @@ class _Discoverer:
         lc = self.calls[f"{self.layers_path}.{i}"]
         x = lc.hidden_in
         out: list[Kind] = []
+        def routed(o, own) -> bool:  # its rows are the tokens routed to it, not one row per token
+            return bool(own[3]) or self.routed_list(o.path, i) is not None or \
+                o.out.numel() != x.shape[0] * x.shape[1] * o.out.shape[-1]
+
+        def holder(o, own) -> _Call:  # what to hold fixed for writer o: a routed writer's whole block
+            return (self.enclosing_block(o, lc) or o) if routed(o, own) else o
+
         for c, own, _ in writers:
-            if own[3] or self.routed_list(c.path, i) is not None:
-                out.append("mlp")  # routed experts see one token at a time
-                continue
+            probe = c
+            if routed(c, own):
+                # routed experts see the tokens routed to them: judge the block around them (MoE experts
+                # see one token at a time; JetMoE's attention experts do not)
+                probe = self.enclosing_block(c, lc)
+                if probe is None:
+                    out.append("mlp")
+                    continue
             bump = torch.zeros_like(x)
             bump[:, 0] = self.perturbation(x[:, 0])
 
             def pre(m, a, kw, bump=bump):
                 return _replace_hidden_input(a, kw, lambda h: h + bump)
 
-            freeze = [(o.module, _set_hook(o.out)) for o, _, _ in writers if o is not c]
-            _, got = self.runner.run(layer, "output", hooks=freeze, pre_hooks=[(layer, pre)], capture=[c.module])
-            new = got.get(id(c.module))
-            if new is None or new.shape != c.out.shape:
-                raise UnsupportedArchitectureError(f"layer {i}: {c.path} changes shape when the input changes")
-            change = (new - c.out).double()
+            held = {h.path: h for o, o_own, _ in writers if o is not c for h in [holder(o, o_own)]
+                    if not _is_within(probe.path, h.path) and not _is_within(c.path, h.path)}
+            freeze = [(h.module, _set_hook(h.out)) for h in held.values()]
+            _, got = self.runner.run(layer, "output", hooks=freeze, pre_hooks=[(layer, pre)],
+                                     capture=[probe.module])
+            new = got.get(id(probe.module))
+            if (new is None or new.shape != probe.out.shape) and probe is c:
+                # its rows change with the input (a subset of tokens, as routed experts get): judge the block
+                probe = self.enclosing_block(c, lc)
+                if probe is None:
+                    raise UnsupportedArchitectureError(f"layer {i}: {c.path} changes shape when the input changes")
+                _, got = self.runner.run(layer, "output", hooks=freeze, pre_hooks=[(layer, pre)],
+                                         capture=[probe.module])
+                new = got.get(id(probe.module))
+            if new is None or new.shape != probe.out.shape:
+                raise UnsupportedArchitectureError(f"layer {i}: {probe.path} changes shape when the input changes")
+            change = (new - probe.out).double()
             if change.numel() == x.shape[0] * x.shape[1] * change.shape[-1]:
                 change = change.reshape(x.shape[0], x.shape[1], -1)
             else:
@@ -896,6 +1030,15 @@ class _Discoverer:
             later = float(change[:, 1:].norm())
             out.append("attn" if later > max(first, float(x.double().norm())) * 1e-6 else "mlp")
         return out
+
+    def enclosing_block(self, c: _Call, lc: _Call) -> _Call | None:
+        """The innermost module around `c` inside the layer whose output has one row per token."""
+        parts = c.path[len(lc.path) + 1:].split(".")
+        for j in range(len(parts) - 1, 0, -1):
+            o = self.calls.get(".".join([lc.path, *parts[:j]]))
+            if o is not None and o.out is not None and o.out.shape == lc.out.shape:
+                return o
+        return None
 
     def routed_list(self, path: str, i: int) -> tuple[str, int] | None:
         """(experts ModuleList path, expert index) when `path` lies inside an nn.ModuleList of layer i."""
@@ -908,7 +1051,9 @@ class _Discoverer:
         return None
 
     def name_writers(self, i: int, writers, kinds) -> tuple[list[FoundWriter], FoundMoE | None]:
-        routed = [(c, own, post) for (c, own, post) in writers if own[3] or self.routed_list(c.path, i)]
+        # (JetMoE's attention experts are fused too, but mix positions: they are its attention writer)
+        routed = [(c, own, post) for (c, own, post), kind in zip(writers, kinds)
+                  if (own[3] or self.routed_list(c.path, i)) and kind == "mlp"]
         out: list[FoundWriter] = []
         used: dict[str, int] = {}
 
@@ -926,6 +1071,11 @@ class _Discoverer:
             if c.path in routed_paths:
                 continue
             param, layout, bias, fused = own
+            if kind == "mlp" and c.out.numel() != c.out.shape[-1] * self.calls[f"{self.layers_path}.{i}"].out[
+                    ..., 0].numel():
+                self.notes.append(
+                    f"layer {i}: {c.path} is run on groups of tokens (experts sharing the parameter {param}, "
+                    "each given its slice): edited as one MLP writer, the layer is not treated as mixture-of-experts")
             if kind == "attn":
                 name, role = unique(f"layers.{i}.attn_out"), None
             elif moe is not None:
@@ -1017,7 +1167,7 @@ class _Discoverer:
 
     # -- completeness ----------------------------------------------------------------------------
 
-    def check_complete_layer(self, i: int, writers) -> None:
+    def check_complete_layer(self, i: int, writers, biases=()) -> None:
         layer = self.layers[i]
         lc = self.calls[f"{self.layers_path}.{i}"]
         u = self.randn(lc.out.shape[-1], lc.out)
@@ -1027,12 +1177,22 @@ class _Discoverer:
         def pre(m, a, kw):
             return _replace_hidden_input(a, kw, lambda h: remove_along(h, u))
 
-        out, _ = self.runner.run(layer, "output", hooks=hooks, pre_hooks=[(layer, pre)])
+        saved = [(p, p.detach().clone()) for _, m, name in biases for p in [getattr(m, name)]]
+        try:
+            with torch.no_grad():
+                for p, old in saved:  # a bias-only writer: the direction removed from the parameter itself
+                    p.copy_(remove_along(old, u))
+            out, _ = self.runner.run(layer, "output", hooks=hooks, pre_hooks=[(layer, pre)])
+        finally:
+            with torch.no_grad():
+                for p, old in saved:
+                    p.copy_(old)
         left = along_ratio(out, u)
         if left > self.tol * 10:
+            named = sorted(removed) + [f"{path}.{name}" for path, _, name in biases]
             raise UnsupportedArchitectureError(
                 f"layer {i} ({type(layer).__name__}): with a direction removed from its input and from every found "
-                f"writer ({', '.join(sorted(removed))}), {left:.1e} of its output still lies along it: "
+                f"writer ({', '.join(named)}), {left:.1e} of its output still lies along it: "
                 "something else writes to the residual stream")
 
     def check_embeddings(self, embeddings: list[FoundWriter], layer0: _Call) -> None:
@@ -1041,9 +1201,38 @@ class _Discoverer:
         x, _ = self.runner.run(self.layers[0], "input", hooks=hooks)
         left = along_ratio(x, u)
         if left > self.tol * 10:
+            table = self.table_buffer(layer0)
             raise UnsupportedArchitectureError(
                 f"embeddings: with a direction removed from {', '.join(w.path for w in embeddings)}, {left:.1e} of "
-                "layer 0's input still lies along it: something else (a fixed position table?) writes to it")
+                "layer 0's input still lies along it: " + (table or "something else (a fixed position table?) "
+                                                                   "writes to it"))
+
+    def table_buffer(self, layer0: _Call) -> str | None:
+        """What writes to layer 0's input from a buffer (a fixed position table), said in words: a
+        buffer outside the layers such that adding δ to each of its rows moves layer 0's input along δ."""
+        d = layer0.hidden_in.shape[-1]
+        for path, m in self.model.named_modules():
+            if not self.outside(path):
+                continue
+            for name, b in m.named_buffers(recurse=False):
+                if b is None or not b.is_floating_point() or b.ndim < 2 or b.shape[-1] != d:
+                    continue
+                delta = self.randn(d, b) * (float(b.detach().double().norm(dim=-1).mean()) or 1.0)
+                saved = b.detach().clone()
+                try:
+                    with torch.no_grad():
+                        b.add_(delta)
+                    moved, _ = self.runner.run(self.layers[0], "input")
+                finally:
+                    with torch.no_grad():
+                        b.copy_(saved)
+                if self.along(moved - layer0.hidden_in, delta, float(delta.norm())):
+                    saved_with_model = name not in getattr(m, "_non_persistent_buffers_set", set())
+                    return (f"the buffer {path}.{name} (a fixed position table) adds to it, and a buffer is no "
+                            "parameter: " + ("editing it would have to be saved with the model" if saved_with_model
+                                             else "it is not saved with the model (a non-persistent buffer, "
+                                                  "recomputed on load), so no saved edit can remove the direction"))
+        return None
 
     # -- all of it -------------------------------------------------------------------------------
 
@@ -1051,6 +1240,7 @@ class _Discoverer:
         self.layers_path, self.layers = self.find_layers()
         layer0 = self.calls[f"{self.layers_path}.0"]
         last = self.calls[f"{self.layers_path}.{len(self.layers) - 1}"]
+        self.check_one_stream(0)
         embeddings = self.find_embeddings(layer0)
         final_norm, head = self.find_head(last)
         writers: list[FoundWriter] = list(embeddings)
@@ -1060,7 +1250,8 @@ class _Discoverer:
             ws, m = self.layer_writers(i)
             writers += ws
             moe.append(m)
-            kinds.append("+".join(sorted(w.kind for w in ws if w.moe != "routed") + (["experts"] if m else [])))
+            kinds.append("+".join(sorted(w.kind for w in ws if w.moe != "routed" and not w.bias_only) +
+                                  (["experts"] if m else []) + (["bias"] if any(w.bias_only for w in ws) else [])))
         head_module = resolve(self.model, head)
         tied = getattr(head_module, "weight", None) is not None and \
             head_module.weight is getattr(self.token_embedding, "weight", object())
