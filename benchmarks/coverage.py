@@ -62,7 +62,7 @@ FIELDS: tuple[tuple[int, tuple[str, ...]], ...] = (
                "n_experts")),
     (TOPK, ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "n_activated_experts",
             "num_experts_per_token", "top_k_experts")),
-    (VOCAB, ("vocab_size",)),
+    (VOCAB, ("vocab_size", "unpadded_vocab_size")),  # (Inkling 2's lm_head width is unpadded_vocab_size)
     (8, ("state_size", "ssm_state_size", "mamba_d_state", "d_state", "qk_rope_head_dim", "qk_nope_head_dim",
          "time_step_rank", "mamba_dt_rank", "rotary_dim", "index_head_dim")),
     (1, ("n_group", "topk_group", "n_groups", "mamba_n_groups", "n_shared_experts", "first_k_dense_replace",
@@ -105,7 +105,13 @@ OVERRIDES: dict[str, dict | Callable[[Any], None]] = {
               "attention_hidden_size": 2 * HIDDEN},
     "zamba2": {"attention_hidden_size": 2 * HIDDEN, "num_query_groups": KV_HEADS},  # the same derived widths
     # the model width and depth are embedding_dim and num_blocks here (hidden_size / num_hidden_layers are copies)
-    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": 2},
+    # (qk_dim_factor 0.5 gives 32-wide keys, which the config rounds to 64 for its cache and the layers do not)
+    "xlstm": {"embedding_dim": HIDDEN, "num_blocks": 2, "qk_dim_factor": 1.0},
+    # the 2 kept layers would be all recurrent, and generation cannot build an attention mask from a cache
+    # of linear layers only; real checkpoints mix attention in
+    "bamba": {"attn_layer_indices": [1]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     # the map from image-token names to ids comes with the tokenizer and is None by default; the model
     # looks the image token (and Emu3 its end-of-line token) up in it at construction
     "chameleon": {"vocabulary_map": {"<image>": VOCAB - 2}},
@@ -218,6 +224,10 @@ def shrink(config, layers: int = 2) -> None:
             store["mamba_d_ssm"] = expand * HIDDEN
     if _is_int(store.get("kv_lora_rank")):  # MLA: one key/value head per query head, rotary part = head_dim
         store["num_key_value_heads"] = HEADS if "num_key_value_heads" in store else None
+        if hetero is not None and isinstance(getattr(hetero, "per_layer_overrides", None), dict):
+            for layer in hetero.per_layer_overrides.values():  # dots3's sliding-window layers override the heads
+                if "num_key_value_heads" in layer:
+                    layer["num_key_value_heads"] = layer.get("num_attention_heads", HEADS)
         if "head_dim" in store and _is_int(store.get("qk_rope_head_dim")):
             # (the rotary embedding's width is head_dim × partial_rotary_factor: Mistral 4 rotates half of it)
             rope = store.get("rope_parameters") if isinstance(store.get("rope_parameters"), dict) else {}

@@ -232,3 +232,72 @@ def test_prefix_cache_reads_the_current_cache_name_first():
     for out in (Current(), Old()):
         got = prefix_cache(lambda **kw: out, batch)
         assert isinstance(got, Cache) and got.rows == 2
+
+
+@pytest.mark.parametrize("case,why,forwards", [
+    ("causal-lm/granitemoehybrid", "recurrent state", 1),  # its cache after the prefix pass tells
+    ("image-text-to-text/qwen2_vl", "3-D multimodal RoPE", 0),  # the model tells (get_rope_index): no pass
+])
+def test_models_that_cannot_share_a_prefix_say_no_once(case, why, forwards, caplog):
+    """A Mamba hybrid (its cache holds a recurrent state, and transformers cannot repeat it) and a
+    model with 3-D multimodal positions (generation reads back the offsets of the model's previous
+    call) get False, not an exception; the answer and its reason are kept per model, and logged once."""
+    from obliteratus.shared_prefix import can_share_prefix, sharing_obstacle
+    from test_coverage import tiny
+
+    tok, enc = templated()
+    model = tiny(*case.split("/"))
+    passes = []
+    model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    with caplog.at_level("INFO", logger="obliteratus.shared_prefix"):
+        assert not can_share_prefix(model, enc, new_tokens=0)
+        assert len(passes) == forwards and why in sharing_obstacle(model)
+        assert not can_share_prefix(model, enc.subset([0, 1, 2]), new_tokens=0)  # cached: no pass, no new line
+    assert len(passes) == forwards
+    assert [why in r.getMessage() for r in caplog.records if r.name == "obliteratus.shared_prefix"] == [True]
+
+
+def test_prefix_cache_refuses_a_recurrent_state():
+    """prefix_cache is only for caches every row can share: a layer with a recurrent state (Mamba's
+    conv / SSM states) or a cache without batch_repeat_interleave is a TypeError that says why."""
+    from obliteratus.batching import Batch
+    from obliteratus.shared_prefix import prefix_cache
+
+    class Layer:
+        conv_states = {0: None}
+
+    class Recurrent:
+        layers = [Layer()]
+
+        def batch_repeat_interleave(self, n):
+            raise AssertionError("repeated")
+
+    class Out:
+        def __init__(self, cache):
+            self.cache = cache
+
+    batch = Batch([0, 1], torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), prefix=[5, 6])
+    with pytest.raises(TypeError, match="recurrent state"):
+        prefix_cache(lambda **kw: Out(Recurrent()), batch)
+    with pytest.raises(TypeError, match="batch_repeat_interleave"):
+        prefix_cache(lambda **kw: Out(object()), batch)
+
+
+def test_a_wrapper_that_wants_pixels_runs_text_through_its_language_model():
+    """BLIP-2's forward and generate want pixel_values: logits, generation and the shared prefix go
+    through the causal LM inside it (shared_prefix.text_model), and give what that LM gives."""
+    from obliteratus.evaluate.generate import generate
+    from obliteratus.shared_prefix import can_share_prefix, text_model
+    from test_coverage import tiny
+
+    tok, enc = templated()
+    model = tiny("image-text-to-text", "blip-2")
+    lm = text_model(model)
+    assert lm is model.language_model and text_model(lm) is lm
+    plain = tiny_model("llama")
+    assert text_model(plain) is plain  # a causal LM runs itself
+    torch.testing.assert_close(last_logits(model, enc, 4), last_logits(lm, enc, 4))
+    assert can_share_prefix(model, enc, new_tokens=6)
+    torch.testing.assert_close(last_logits(model, enc, 4, share_prefix=True), last_logits(lm, enc, 4), atol=1e-4,
+                               rtol=1e-4)
+    assert generate(model, tok, enc, 3, 4) == generate(lm, tok, enc, 3, 4, share_prefix=True)

@@ -9,7 +9,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..batching import Encoded
-from ..shared_prefix import generate_inputs
+from ..shared_prefix import generate_inputs, text_model
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -59,7 +59,9 @@ def generate(model, tokenizer, encoded: Encoded, max_new_tokens: int = 64, batch
     """Greedy continuations (new token ids, up to and including the first EOS), in input order.
     A batch stops as soon as every sequence in it has ended. With `share_prefix`, the prompts'
     common prefix runs once per batch (shared_prefix.py: check the model with
-    ``can_share_prefix`` first); with `record`, the first tokens' log-probs are kept."""
+    ``can_share_prefix`` first); with `record`, the first tokens' log-probs are kept. A multimodal
+    wrapper whose generate wants pixels generates through its language model (shared_prefix.text_model)."""
+    model = text_model(model)
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,

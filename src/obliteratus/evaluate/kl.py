@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batching import Encoded
-from ..shared_prefix import forward_inputs
+from ..shared_prefix import forward_inputs, text_model
 
 
 @dataclass
@@ -28,6 +28,7 @@ class KLReference:
 @torch.inference_mode()
 def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[int]], n: int,
                              batch_size: int, share_prefix: bool = False) -> list[torch.Tensor]:
+    model = text_model(model)  # a wrapper whose forward wants pixels: its language model
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
     prefix = encoded.common_prefix() if share_prefix else None

@@ -115,6 +115,13 @@ def pick(candidates: list[Candidate], settings: LayerSettings, harmless_baseline
     if not passing:
         scored = sorted((c for c in candidates if c.status not in ("pruned", "zero-direction")),
                         key=lambda c: (math.isnan(c.bypass), c.bypass))[:3]
+        if not scored:
+            zero = sorted({c.layer for c in candidates if c.status == "zero-direction"})
+            why = (f"the difference of means is zero at every candidate layer {zero} (the prompts' last tokens look "
+                   "the same there, e.g. a chat template's closing tokens seen by layers that reach only a few tokens "
+                   "back), and no other layer is a candidate" if zero else "every layer is pruned")
+            raise ObliteratusError(f"no candidate layer to score: {why} (layers.min_fraction, layers.prune_fraction; "
+                                   "the final residual never is a candidate). Choose the layer: --layer N")
         best = "; ".join(f"layer {c.layer}: bypass {c.bypass:.2f}, kl {c.kl:.3f}, induce "
                          f"{'-' if c.induce is None else f'{c.induce:.2f}'} ({c.status})" for c in scored)
         raise ObliteratusError(
