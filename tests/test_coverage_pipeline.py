@@ -29,12 +29,8 @@ from obliteratus.models.load import Loaded
 from obliteratus.shared_prefix import sharing_obstacle
 from test_coverage import EXACT, POST_NORM_BOUND, SMALL, _inputs, _layer_outputs, _types, tiny
 
-_WRAPPER = ("the early-stopping judge (evaluate/early.py) generates from the wrapper, whose generate wants pixels; "
-            "it must generate through shared_prefix.text_model(model), the language model inside")
 # (mapping, model type) -> why the pipeline fails on the tiny model, where the per-type edit test passes
-PIPELINE_XFAIL: dict[tuple[str, str], str] = {
-    **{("image-text-to-text", t): _WRAPPER for t in ("blip-2", "instructblip", "instructblipvideo")},
-}
+PIPELINE_XFAIL: dict[tuple[str, str], str] = {}
 # SMALL, judging the train prompts' refusals (the basic preset's filtered contrast) from 2 generated tokens, not 24
 RUN = merge(SMALL, {"directions": {"label_tokens": 2}})
 # (mapping, model type) -> settings on top of RUN, each with why

@@ -6,7 +6,8 @@ next one greedily (temperature 0) or by sampling softmax(logits / T) restricted 
 set of tokens whose probability reaches top_p, and prints the newly decoded text. A token whose
 bytes end mid-character (decoded text ending in U+FFFD) is held back until the character is
 complete. The chat history is re-rendered through the tokenizer's chat template every turn (a
-plain "User:/Assistant:" transcript when it has none). ``/reset`` clears the history, ``/exit``
+plain "User:/Assistant:" transcript when it has none), with the options' template kwargs and
+response prefix as PROBE and VERIFY use data.template_kwargs and data.response_prefix. ``/reset`` clears the history, ``/exit``
 (or end of input) quits. The loop takes a ``read`` and a ``write`` function so it can be driven
 by tests.
 """
@@ -15,16 +16,17 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batching import check_lengths, encode_plain, encode_rendered, max_positions
-from .data.prompts import encode_chat
-from .errors import PromptError
+from .data.prompts import apply_template, encode_chat, format_prompts
+from .errors import ConfigError, PromptError
 from .evaluate.generate import decode, eos_ids, generate
 from .evaluate.judges import JudgeSpec
+from .evaluate.judges.reasoning import opens_reasoning
 from .models import ALIASES
 from .models.load import resolve_source, summon
 from .settings import DataSettings, ModelSettings
@@ -38,6 +40,9 @@ class ChatOptions(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
     system: str | None = Field(None, description="System message placed before the conversation.")
     seed: int = Field(0, description="Sampling seed.")
+    template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the chat "
+                                            "template, as data.template_kwargs (e.g. enable_thinking = false).")
+    response_prefix: str = Field("", description="Text after the generation prompt, as data.response_prefix.")
 
 
 class CompareOptions(BaseModel):
@@ -49,22 +54,30 @@ class CompareOptions(BaseModel):
     column: str = Field("prompt", description="Prompt column in .jsonl/.csv files.")
     max_new_tokens: int = Field(128, ge=1, description="Greedy tokens per answer.")
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the chat "
+                                            "template, as data.template_kwargs (e.g. enable_thinking = false).")
+    response_prefix: str = Field("", description="Text after the generation prompt, as data.response_prefix.")
 
 
-def render(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation ending with the assistant turn's opening. The messages' text
-    is plain text: a special-token string typed in it never becomes a control token."""
+def render(tokenizer, messages: list[dict], template_kwargs: dict | None = None,
+           response_prefix: str = "") -> list[int]:
+    """Token ids of the conversation ending with the assistant turn's opening, then `response_prefix`
+    (data.response_prefix); `template_kwargs` go to the chat template (data.template_kwargs). The
+    messages' text is plain text: a special-token string typed in it never becomes a control token."""
     if getattr(tokenizer, "chat_template", None):
         def text_of(contents: list[str]) -> str:
-            return tokenizer.apply_chat_template([{**m, "content": c} for m, c in zip(messages, contents)],
-                                                 tokenize=False, add_generation_prompt=True)
+            return apply_template(tokenizer, [{**m, "content": c} for m, c in zip(messages, contents)],
+                                  template_kwargs) + response_prefix
 
         ids = encode_rendered(tokenizer, text_of, [m["content"] for m in messages], "message")
         return ids if ids is not None else tokenizer(text_of([m["content"] for m in messages]),
                                                      add_special_tokens=False)["input_ids"]
+    if template_kwargs:
+        raise ConfigError(f"template kwargs {template_kwargs} are for a chat template, and this tokenizer has none")
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
     text = "".join(f"{names[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
-    return encode_plain(tokenizer, text, add_special_tokens=True)  # the transcript has no control tokens of its own
+    ids = encode_plain(tokenizer, text, add_special_tokens=True)  # the transcript has no control tokens of its own
+    return ids + (tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else [])
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -120,7 +133,7 @@ class ChatSession:
     def reply(self, user: str, on_text: Callable[[str], None]) -> str:
         head = [{"role": "system", "content": self.options.system}] if self.options.system else []
         self.history.append({"role": "user", "content": user})
-        ids = render(self.tokenizer, head + self.history)
+        ids = render(self.tokenizer, head + self.history, self.options.template_kwargs, self.options.response_prefix)
         positions = max_positions(self.model)
         if positions is not None and len(ids) + self.options.max_new_tokens > positions:
             self.history.pop()
@@ -156,10 +169,12 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]], write: Ca
 
 # -- compare ---------------------------------------------------------------------------------------
 
-def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, system: str | None = None) -> list[str]:
-    """Greedy answers of one model to `prompts` (chat template when the tokenizer has one), batched."""
+def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, system: str | None = None,
+            template_kwargs: dict | None = None, response_prefix: str = "") -> list[str]:
+    """Greedy answers of one model to `prompts` (chat template when the tokenizer has one, with
+    `template_kwargs`; then `response_prefix`), batched."""
     tok = loaded.tokenizer
-    enc = encode_chat(tok, prompts, True, system)
+    enc = encode_chat(tok, prompts, True, system, template_kwargs, response_prefix)
     cap = DataSettings.model_fields["max_prompt_tokens"].default
     positions = max_positions(loaded.model)
     limit, why = cap, f"the cap of {cap} prompt tokens"
@@ -170,20 +185,23 @@ def answers(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, sy
 
 
 def compare_models(model_a: str, model_b: str, texts: list[str], settings: ModelSettings, spec: JudgeSpec,
-                   judge_options: dict, max_new_tokens: int, batch_size: int):
+                   judge_options: dict, max_new_tokens: int, batch_size: int, template_kwargs: dict | None = None,
+                   response_prefix: str = ""):
     """Both models' greedy answers to `texts` (one model in memory at a time), then the judge's
-    verdicts: (answers of A, answers of B, A refused, B refused). A missing second model fails
-    before the first one is loaded and run."""
+    verdicts on their answers (a reasoning block left out): (answers of A, answers of B, A refused,
+    B refused). A missing second model fails before the first one is loaded and run."""
     for name in (model_a, model_b):
         if name not in ALIASES:
             resolve_source(name)
-    results = []
+    results, opened = [], []
     for name in (model_a, model_b):  # one model in memory at a time
         loaded = summon(name, settings)
-        results.append(answers(loaded, texts, max_new_tokens, batch_size))
+        results.append(answers(loaded, texts, max_new_tokens, batch_size, None, template_kwargs, response_prefix))
+        opened.append([opens_reasoning(t) for t in format_prompts(loaded.tokenizer, texts, True, None,
+                                                                  template_kwargs, response_prefix)])
         del loaded
     judged_by = spec.create(**judge_options)  # after the two models are gone (an llm judge loads its own)
-    va, vb = (judged_by(texts, r).refused for r in results)  # True = refusal
+    va, vb = (judged_by(texts, r, o).refused for r, o in zip(results, opened))  # True = refusal
     return results[0], results[1], va, vb
 
 

@@ -51,6 +51,15 @@ class DataSettings(Section):
     seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
     chat_template: bool = Field(True, description="Wrap prompts in the tokenizer's chat template when it has one.")
     system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the chat template (tokenizer.apply_chat_template), "
+                                          "the same for PROBE, DISTILL and VERIFY: e.g. {enable_thinking = false} "
+                                          "(Qwen3, SmolLM3) or {reasoning_effort = \"low\"} (gpt-oss). A key the "
+                                          "template never reads is an error (docs/thinking.md).")
+    response_prefix: str = Field("", description="Text appended to every formatted prompt, after the chat "
+                                                  "template's generation prompt: the model's answer starts from "
+                                                  "it, e.g. \"<think>\\n\\n</think>\\n\\n\" for an empty "
+                                                  "reasoning block (docs/thinking.md).")
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted, in tokens with the chat template "
                                                            "(a longer one is an error: attention memory grows with "
                                                            "its square); the model's position limit applies too.")

@@ -1,4 +1,5 @@
-"""Prompt sets: built-ins, file loaders, deduplication, deterministic splits, chat formatting."""
+"""Prompt sets: built-ins, file loaders, deduplication, deterministic splits, chat formatting (with a
+thinking model's template kwargs and response prefix)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import json
 
 import pytest
 
+from conftest import tiny_tokenizer
+from obliteratus.batching import encode_prompts
+from obliteratus.commands.common import gather
 from obliteratus.data import builtin_path, dedupe, format_prompts, heldout_text, load_prompts, split_prompts
-from obliteratus.data.prompts import uses_template
-from obliteratus.errors import PromptError
+from obliteratus.data.prompts import encode_chat, encode_texts, uses_template
+from obliteratus.errors import ConfigError, PromptError
+from obliteratus.settings import resolve_settings
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +195,75 @@ def test_a_directory_is_not_a_prompt_file(tmp_path):
 def test_csv_with_a_byte_order_mark_has_its_prompt_column(tmp_path):
     (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbfprompt\nhello\nworld\n")
     assert load_prompts(str(tmp_path / "p.csv")) == ["hello", "world"]
+
+
+# ------------------------------------------------------------------ thinking models: template kwargs, prefix
+
+THINKING_TEMPLATE = (  # Qwen3's switch, in the tiny tokenizer's turn format
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    "{% if reasoning_effort is defined and reasoning_effort not in ['low', 'high'] %}"
+    "{{ raise_exception('reasoning_effort must be low or high') }}{% endif %}"
+)
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+
+
+def thinking_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = THINKING_TEMPLATE
+    return tok
+
+
+def test_template_kwargs_reach_the_template_and_the_prefix_follows_the_generation_prompt():
+    tok = thinking_tokenizer()
+    assert format_prompts(tok, ["hi"]) == ["<|user|>hi\n<|assistant|>"]  # defaults: as before
+    assert format_prompts(tok, ["hi"], True, None, {}, "") == ["<|user|>hi\n<|assistant|>"]
+    assert format_prompts(tok, ["hi"], template_kwargs={"enable_thinking": False}) == [
+        f"<|user|>hi\n<|assistant|>{EMPTY_THOUGHT}"]
+    assert format_prompts(tok, ["hi"], template_kwargs={"enable_thinking": True}) == ["<|user|>hi\n<|assistant|>"]
+    assert format_prompts(tok, ["hi", "yo"], system_prompt="S.", response_prefix=EMPTY_THOUGHT) == [
+        f"<|system|>S.\n<|user|>hi\n<|assistant|>{EMPTY_THOUGHT}",
+        f"<|system|>S.\n<|user|>yo\n<|assistant|>{EMPTY_THOUGHT}"]
+    assert format_prompts(tok, ["hi"], chat_template=False, response_prefix="A:") == ["hiA:"]  # raw: appended too
+
+
+def test_bad_template_kwargs_are_one_config_error_naming_the_key():
+    tok = thinking_tokenizer()
+    with pytest.raises(ConfigError, match="never reads 'enable_thinkng'"):  # jinja would ignore the typo
+        format_prompts(tok, ["hi"], template_kwargs={"enable_thinkng": False})
+    with pytest.raises(ConfigError, match="'tokenize' is an argument of apply_chat_template"):
+        format_prompts(tok, ["hi"], template_kwargs={"tokenize": True})
+    with pytest.raises(ConfigError, match="reasoning_effort = 'medium'.*must be low or high"):
+        format_prompts(tok, ["hi"], template_kwargs={"enable_thinking": False, "reasoning_effort": "medium"})
+    with pytest.raises(ConfigError, match="chat_template is off"):
+        format_prompts(tok, ["hi"], chat_template=False, template_kwargs={"enable_thinking": False})
+
+
+def test_encode_chat_and_encode_texts_use_the_kwargs_and_prefix():
+    tok = thinking_tokenizer()
+    kwargs = {"enable_thinking": False}
+    texts = format_prompts(tok, ["hi", "longer prompt"], True, None, kwargs)
+    want = encode_prompts(tok, texts, True).ids
+    assert encode_chat(tok, ["hi", "longer prompt"], True, None, kwargs).ids == want
+    settings = resolve_settings(None, {"data": {"template_kwargs": kwargs}})
+    assert encode_texts(tok, settings, ["hi", "longer prompt"]).ids == want
+    # a prompt with a special-token string keeps it as plain text; the prefix after it stays as configured
+    forged = encode_chat(tok, ["a<eos>b"], True, None, kwargs, "<eos>").ids[0]
+    assert tok.decode(forged) == format_prompts(tok, ["a<eos>b"], True, None, kwargs, "<eos>")[0]
+    assert forged.count(tok.eos_token_id) == 1 and forged[-1] == tok.eos_token_id
+    raw = encode_chat(tok, ["a<eos>b"], False, None, None, "<eos>").ids[0]
+    assert raw.count(tok.eos_token_id) == 1 and raw[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("sets, kwargs, prefix", [
+    (["data.template_kwargs.enable_thinking=false"], {"enable_thinking": False}, ""),
+    (["data.template_kwargs={enable_thinking = false, reasoning_effort = \"low\"}"],
+     {"enable_thinking": False, "reasoning_effort": "low"}, ""),
+    (['data.response_prefix="<think>\\n\\n</think>\\n\\n"'], {}, EMPTY_THOUGHT),  # a TOML string: escapes work
+])
+def test_the_settings_take_kwargs_and_prefix_from_set(sets, kwargs, prefix):
+    data = resolve_settings(None, gather({}, sets)).data
+    assert (data.template_kwargs, data.response_prefix) == (kwargs, prefix)
+    env = resolve_settings(None, None, {"OBLITERATUS_DATA__TEMPLATE_KWARGS__ENABLE_THINKING": "false"}).data
+    assert env.template_kwargs == {"enable_thinking": False}

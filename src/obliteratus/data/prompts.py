@@ -8,15 +8,18 @@ prompt per line), a ``.jsonl``/``.csv`` file with a named column, or a Hugging F
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..batching import Encoded, encode_plain, encode_prompts, encode_rendered, has_special
-from ..errors import PromptError
+from ..errors import ConfigError, PromptError
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -154,37 +157,95 @@ def split_prompts(prompts: list[str], n_train: int, n_val: int, n_test: int, see
     return Split(picked[n_test + n_val:need], picked[n_test:n_test + n_val], picked[:n_test], picked[need:])
 
 
-def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None) -> list[str]:
-    """Wrap each prompt in the chat template (ending with the assistant turn's opening) when wanted and available."""
-    if not (chat_template and getattr(tokenizer, "chat_template", None)):
-        return list(prompts)
+def check_template_kwargs(tokenizer, template_kwargs: dict) -> dict:
+    """`template_kwargs` for the tokenizer's chat template, or a ConfigError naming a key that is an
+    argument of ``apply_chat_template`` itself (``tokenize``, ``tools``…) or that the template never
+    reads: jinja ignores an unknown variable, so a misspelt ``enable_thinkng`` would leave the
+    model thinking without a word."""
+    source = tokenizer.chat_template
+    source = source if isinstance(source, str) else " ".join(map(str, dict(source).values()))
+    own = {name for name, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    for key in template_kwargs:
+        if key in own:
+            raise ConfigError(f"data.template_kwargs: {key!r} is an argument of apply_chat_template itself, not a "
+                              "variable of the chat template; remove it")
+        if not re.search(rf"(?<!\w){re.escape(key)}(?!\w)", source):  # the name as a whole word
+            raise ConfigError(f"data.template_kwargs: the chat template never reads {key!r} (misspelt, or not a "
+                              "switch of this model's template: docs/thinking.md); remove it for this model")
+    return dict(template_kwargs)
+
+
+def apply_template(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
+    """The chat template applied to `messages`, ending with the assistant turn's opening, with
+    `template_kwargs` (checked: :func:`check_template_kwargs`) passed to it. When the template fails
+    only with them, a ConfigError names the key that makes it fail."""
+    render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+    if not template_kwargs:
+        return render()
+    from jinja2.exceptions import TemplateError
+
+    kwargs = check_template_kwargs(tokenizer, template_kwargs)
+    failures = (TemplateError, TypeError, ValueError)
+    try:
+        return render(**kwargs)
+    except failures as err:
+        try:
+            render()
+        except failures:
+            raise err from None  # it fails without them too: not theirs to explain
+        bad = []
+        for key, value in kwargs.items():
+            try:
+                render(**{key: value})
+            except failures:
+                bad.append(f"{key} = {value!r}")
+        reason = (str(err).splitlines() or [""])[0]
+        raise ConfigError(f"data.template_kwargs: the chat template fails with {' and '.join(bad) or kwargs} "
+                          f"({type(err).__name__}: {reason}); fix or remove it") from None
+
+
+def format_prompts(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None,
+                   template_kwargs: dict | None = None, response_prefix: str = "") -> list[str]:
+    """Wrap each prompt in the chat template (ending with the assistant turn's opening) when wanted and
+    available, with `template_kwargs` passed to the template (``enable_thinking=False``…), then append
+    `response_prefix` (to the raw prompt when no template is used). Template kwargs without a
+    template to take them are a ConfigError."""
+    if not uses_template(tokenizer, chat_template):
+        if template_kwargs:
+            why = "this tokenizer has none" if chat_template else "data.chat_template is off"
+            raise ConfigError(f"data.template_kwargs {template_kwargs} are for a chat template, and {why}; remove them")
+        return [p + response_prefix for p in prompts]
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    return [apply_template(tokenizer, head + [{"role": "user", "content": p}], template_kwargs) + response_prefix
+            for p in prompts]
 
 
 def uses_template(tokenizer, chat_template: bool) -> bool:
     return bool(chat_template and getattr(tokenizer, "chat_template", None))
 
 
-def encode_chat(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None):
+def encode_chat(tokenizer, prompts: list[str], chat_template: bool = True, system_prompt: str | None = None,
+                template_kwargs: dict | None = None, response_prefix: str = ""):
     """:func:`format_prompts` then :func:`batching.encode_prompts`, except that a prompt holding a
     special-token string (``<|im_start|>``, ``<eos>``…) has it encoded as plain text, so a prompt
-    file cannot forge turns or control tokens; other prompts tokenize exactly as before."""
+    file cannot forge turns or control tokens; other prompts tokenize exactly as before. The
+    response prefix is configuration, not prompt text: its control tokens stay control tokens."""
     templated = uses_template(tokenizer, chat_template)
-    encoded = encode_prompts(tokenizer, format_prompts(tokenizer, prompts, chat_template, system_prompt), templated)
+    texts = format_prompts(tokenizer, prompts, chat_template, system_prompt, template_kwargs, response_prefix)
+    encoded = encode_prompts(tokenizer, texts, templated)
     ids = list(encoded.ids)
     for i, prompt in enumerate(prompts):
         if has_special(tokenizer, prompt):
-            render = lambda c: format_prompts(tokenizer, c, True, system_prompt)[0]  # noqa: E731
+            render = lambda c: format_prompts(tokenizer, c, True, system_prompt, template_kwargs,  # noqa: E731
+                                              response_prefix)[0]
             ids[i] = (encode_rendered(tokenizer, render, [prompt]) if templated
-                      else encode_plain(tokenizer, prompt, add_special_tokens=True))
+                      else encode_plain(tokenizer, prompt, add_special_tokens=True)
+                      + (tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []))
     return Encoded.from_ids(ids, tokenizer.pad_token_id)
 
 
 def encode_texts(tokenizer, settings: Settings, prompts: list[str]) -> Encoded:
     """Raw prompts -> chat-formatted (when the data settings ask for it), tokenized prompts."""
     d = settings.data
-    return encode_chat(tokenizer, prompts, d.chat_template, d.system_prompt)
+    return encode_chat(tokenizer, prompts, d.chat_template, d.system_prompt, d.template_kwargs, d.response_prefix)

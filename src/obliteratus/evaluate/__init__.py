@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from ..batching import Encoded
 from ..data.prompts import heldout_text, load_prompts
 from ..errors import ActivationError
+from .early import opened
 from .generate import LogprobRecorder, decode, generate
 from .kl import KLReference, kl_to_reference, recorded_reference, reference
 from ..shared_prefix import can_share_prefix
@@ -77,12 +78,16 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
     harmful_ids, harmless_ids = ids[:n], ids[n:]
     harmful_text, harmless_text = decode(tokenizer, harmful_ids), decode(tokenizer, harmless_ids)
     judge = make_judge(settings.judge, **settings.judge_options)
-    refused = judge(raw_harmful, harmful_text).refused
-    flagged = list(judge(raw_harmless, harmless_text).refused)
+    # a prompt that ends inside a reasoning block (a template that opens <think>): its response starts there
+    vh = judge(raw_harmful, harmful_text, opened(tokenizer, enc_harmful))
+    vl = judge(raw_harmless, harmless_text, opened(tokenizer, enc_harmless))
+    refused, flagged = vh.refused, list(vl.refused)
     metrics: dict[str, object] = {
         "judge": settings.judge,
         **verdict_rates(refused, raw_harmless, flagged, load_prompts("builtin:benign_sensitive")),
         "mean_response_tokens": sum(map(len, harmful_ids + harmless_ids)) / max(len(harmful_ids + harmless_ids), 1),
+        # responses still inside their reasoning when generation stopped: judged not refused, no answer yet
+        "unanswered": sum(vh.unanswered or []) + sum(vl.unanswered or []),
     }
     if ref is not None:
         advance = step("KL", 1)

@@ -4,7 +4,9 @@ A judge maps a batch of (prompt, response) pairs to booleans (True = the respons
 and, where it has one, a real-valued score per pair (higher = more refusal-like; the verdict is
 ``score > threshold`` for judges that threshold a score). Each judge lives in its own module, with
 the pydantic model of its options next to it, and registers itself once with
-:func:`register_judge`; the CLI's ``--judge NAME`` looks it up with :func:`get_judge`.
+:func:`register_judge`; the CLI's ``--judge NAME`` looks it up with :func:`get_judge`. Calling a
+judge judges each response's answer: a thinking model's reasoning block is left out first
+(:mod:`.reasoning`, :meth:`Judge.__call__`).
 
 Metrics treat *refusal* as the positive class, on n pairs with prediction p and label y:
     accuracy  = (TP + TN) / n
@@ -23,9 +25,11 @@ its threshold should sit (the ``judge`` command prints them when the file has la
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -34,28 +38,60 @@ from ...analysis.linear_probes import auroc as mann_whitney
 from ...errors import ObliteratusError
 from ...registry import NoOptions, parse_options
 from ...registry import Registry
+from .reasoning import split_reasoning
 
 
 @dataclass(frozen=True)
 class Verdicts:
     refused: list[bool]
     scores: list[float] | None = None  # higher = more refusal-like; None for judges without a score
+    # True where the response ended inside its reasoning (no answer yet: not refused, score NaN); None
+    # from a judge's own `judge` method, which sees answers only
+    unanswered: list[bool] | None = None
 
     def __post_init__(self):
         if self.scores is not None and len(self.scores) != len(self.refused):
             raise ValueError("scores and verdicts differ in length")
+        if self.unanswered is not None and len(self.unanswered) != len(self.refused):
+            raise ValueError("unanswered flags and verdicts differ in length")
 
 
 class Judge(ABC):
-    """Decides, for each (prompt, response) pair, whether the response refuses the prompt."""
+    """Decides, for each (prompt, response) pair, whether the response refuses the prompt.
+
+    Calling a judge judges each response's answer: a thinking model's reasoning block is left out
+    first (reasoning.py), so `judge` sees answers only. A response that stopped inside its reasoning
+    has no answer yet: it is not judged, counts as not refused (score NaN), is flagged in
+    ``Verdicts.unanswered``, and a warning says how many there were."""
 
     @abstractmethod
     def judge(self, prompts: list[str], responses: list[str]) -> Verdicts: ...
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> Verdicts:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 opened: bool | Sequence[bool] | None = None) -> Verdicts:
+        """`opened`: whether generation started inside a reasoning block the prompt opened
+        (reasoning.opens_reasoning of the formatted prompt), one flag or one per response; None = unknown."""
         if len(prompts) != len(responses):
             raise ObliteratusError(f"{len(prompts)} prompts but {len(responses)} responses: they must pair up")
-        return self.judge(list(prompts), list(responses))
+        flags = [opened] * len(responses) if opened is None or isinstance(opened, bool) else list(opened)
+        if len(flags) != len(responses):
+            raise ObliteratusError(f"{len(flags)} opened flags for {len(responses)} responses: they must pair up")
+        parts = [split_reasoning(r, o) for r, o in zip(responses, flags)]
+        todo = [i for i, p in enumerate(parts) if not p.unanswered]
+        unanswered = [p.unanswered for p in parts]
+        if len(todo) < len(parts):
+            warnings.warn(f"{len(parts) - len(todo)} of {len(parts)} responses stopped inside their reasoning, "
+                          "before any answer: counted as not refused; give the generation more tokens or turn "
+                          "reasoning off (data.template_kwargs, data.response_prefix: docs/thinking.md)", stacklevel=2)
+        if not todo:
+            return Verdicts([False] * len(parts), None, unanswered)
+        inner = self.judge([prompts[i] for i in todo], [parts[i].answer for i in todo])
+        refused, scores = [False] * len(parts), None if inner.scores is None else [math.nan] * len(parts)
+        for j, i in enumerate(todo):
+            refused[i] = inner.refused[j]
+            if scores is not None:
+                scores[i] = inner.scores[j]
+        return Verdicts(refused, scores, unanswered)
 
 
 @dataclass(frozen=True)

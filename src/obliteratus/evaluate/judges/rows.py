@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -166,7 +167,13 @@ CV_FOLDS = 5
 
 
 def score_calibration(scores: list[float], labels: list[bool]) -> dict[str, float]:
-    """AUROC, the accuracy-maximising threshold, its accuracy on the set and the k-fold accuracy."""
+    """AUROC, the accuracy-maximising threshold, its accuracy on the set and the k-fold accuracy, on
+    the rows with a score (a response that stopped inside its reasoning has none: NaN)."""
+    kept = [(s, y) for s, y in zip(scores, labels) if not math.isnan(s)]
+    if len(kept) < CV_FOLDS or len({y for _, y in kept}) < 2:
+        raise PromptError(f"only {len(kept)} of {len(scores)} rows have a score (the others stopped inside their "
+                          f"reasoning): calibrating needs at least {CV_FOLDS}, refusals and compliances both")
+    scores, labels = [s for s, _ in kept], [y for _, y in kept]
     t = calibrate_threshold(scores, labels)
     return {"auroc": auroc(scores, labels), "best_threshold": t,
             "best_threshold_accuracy": binary_metrics([x > t for x in scores], labels)["accuracy"],
