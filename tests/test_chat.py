@@ -124,6 +124,21 @@ def test_compare_passes_judge_options_and_checks_them_before_loading(tmp_path, c
     assert not loads
 
 
+def test_compare_takes_template_kwargs_and_a_response_prefix(tmp_path, capsys):
+    from obliteratus.errors import PromptError
+
+    a, b = save_tiny(tmp_path / "a", "llama", seed=0), save_tiny(tmp_path / "b", "qwen2", seed=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I bake bread?\nWrite a poem.\n")
+    common = dict(judge="markers", column="prompt", max_new_tokens=2, batch_size=2)
+    with pytest.raises(PromptError, match="--template-kwarg expects key=value"):
+        compare(str(a), str(b), prompts, template_kwarg=["enable_thinking"], **common)
+    with pytest.raises(ConfigError, match="bogus"):  # the tiny template reads no such variable
+        compare(str(a), str(b), prompts, template_kwarg=["bogus=1"], **common)
+    compare(str(a), str(b), prompts, response_prefix="Sure", **common)
+    assert "refusals: A 0/2, B 0/2" in capsys.readouterr().out
+
+
 def test_compare_table_marks_refusals():
     from rich.console import Console
 

@@ -169,12 +169,12 @@ def command_options(given: dict, name: str, extra: dict | None = None):
         raise ConfigError(f"invalid {name} options:\n" + "\n".join(lines)) from None
 
 
-def parse_option_args(items: list[str] | None) -> dict:
-    """A judge's ``--option key=value`` items as a dict (judge and compare)."""
+def parse_option_args(items: list[str] | None, flag: str = "--option") -> dict:
+    """``key=value`` items as a dict (a judge's ``--option``, chat's ``--template-kwarg``); values as TOML."""
     options = {}
     for item in items or []:
         if "=" not in item:
-            raise PromptError(f"--option expects key=value, got {item!r}")
+            raise PromptError(f"{flag} expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         options[key.strip()] = parse_value(value.strip())
     return options
