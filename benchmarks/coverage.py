@@ -96,6 +96,9 @@ OVERRIDES: dict[str, dict | Callable[[Any], None]] = {
     # the default config has no layer_types at all; LFM2 checkpoints alternate short convolutions and attention
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2},
     "dbrx": _dbrx,  # (reasons in the functions above)
+    # the default config stores attention_hidden_size = its 4096 hidden size (None -> hidden_size at init, so
+    # shrinking hidden_size leaves it): the cached (generation) path then sizes its state 4096 wide
+    "rwkv": {"attention_hidden_size": HIDDEN},
     "cohere_compass_text": _per_layer_rope,
     # every hybrid layer's shared transformer block is tied to the first one's, and transformers refuses a
     # tie with nothing to tie into: two hybrid layers (Zamba checkpoints have 13), a Mamba layer between

@@ -6,7 +6,7 @@ discovery for the rest), then:
 
 * the exact property of the edit: a random unit d is projected out of every residual writer and the
   embeddings (``excise`` with the plain projection), and the component of every decoder layer's
-  output along d is <= 1e-4 of its norm. Families with a post-writer norm (Gemma 2/3/4, OLMo 2/3,
+  output along d is <= 1e-4 of its norm. Families with a post-writer norm (post-LN, Gemma 2/3/4, OLMo 2/3,
   GLM-4, EXAONE 4, ...: the norm's gain brings some of d back) are held to the bound that
   ``benchmarks/coverage.py`` measured (at most 8.7e-2, ``docs/journal/2026-12-06-coverage.md``)
   with margin: < 0.2;
@@ -57,7 +57,8 @@ HOOK_GAP = 1e-4
 _STREAM = "the residual stream goes through a module (post-LN norm or per-channel residual gate): no exact edit"
 _STREAMS = "several residual streams (hyper-connections): needs a writer model for mixed streams"
 _ALTUP = "several residual streams (Gemma 3n's AltUp: the hidden state is [4, batch, seq, d])"
-_EMBED = "the embeddings are changed before layer 0 (embedding LayerNorm, then post-LN layers): no exact edit"
+_GATE = ("the residual stream itself is scaled per channel by a learned gain (a residual gate) before each add: "
+         "no exact edit, and no module whose output is the stream to measure a bound at")
 _TABLE = ("a fixed sinusoidal position table adds to the embeddings: a non-persistent buffer (not saved with the "
           "model, recomputed on load), so no saved edit can remove the direction")
 _DRAFTER = ("an assistant (drafter) model: its forward takes the target model's embeddings and KV states, not text "
@@ -83,7 +84,12 @@ _UNMEASURED = "not measured: timm could not be imported where benchmarks/coverag
 # its addendum). None of these is a tiny-config problem any more: each is the architecture or a
 # forward that needs more than text.
 UNSUPPORTED: dict[tuple[str, str], str] = {
-    **{("causal-lm", t): _STREAM for t in ("openai-gpt", "xlnet", "ergo", "dory", "minimax", "rwkv", "doge")},
+    # XLNet projects with a bare [d, heads, head_dim] parameter of its attention, residual side first
+    ("causal-lm", "xlnet"): _STREAM + " (and its attention's writer is a 3-D parameter, residual axis first)",
+    # the stream is scaled per channel: in code (Doge's input_residual * residual), or by a module that takes
+    # the branch and the stream as two inputs (Ergo's ErgoResidualGate)
+    **{("causal-lm", t): _GATE for t in ("ergo", "doge")},
+    ("causal-lm", "dory"): _STREAM,
     # ZAYA scales the residual stream per channel (ZayaResidualScaling) before and inside every layer
     ("causal-lm", "zaya"): _STREAM + " (a per-channel scale and bias on the stream itself)",
     # HRM runs two stacks of layers in H/L cycles, each stack's output normalised (its final_norm)
@@ -92,7 +98,6 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("causal-lm", "gemma3n_text"): _ALTUP,
     ("causal-lm", "gemma3n"): _ALTUP if HAS_TIMM else _TIMM,
     **{("causal-lm", t): _DRAFTER for t in ("gemma4_assistant", "gemma4_unified_assistant")},
-    **{("causal-lm", t): _EMBED for t in ("bert-generation", "git", "trocr")},
     **{("causal-lm", t): _TABLE for t in ("ctrl", "xglm")},
     # zero-computation experts return their input (the normed stream): no weight writes what they add
     ("causal-lm", "longcat_flash"): "identity experts copy the normed residual stream into it: nothing to edit",
@@ -106,8 +111,6 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     # a diffusion decoder: layer 0's input is its self-conditioning module's output, not the embeddings
     ("image-text-to-text", "diffusion_gemma"): "the embeddings reach layer 0 through a self-conditioning module "
                                                "(a diffusion decoder)",
-    ("image-text-to-text", "blip"): _STREAM + " (BERT post-LN text decoder)",
-    ("image-text-to-text", "git"): _EMBED,
     **{("image-text-to-text", t): _TABLE for t in ("kosmos-2", "kosmos-2.5")},
     **{("image-text-to-text", t): _STREAMS for t in ("glm5_next", "hy_v4_vl", "qwen4_exp")},
     ("image-text-to-text", "gemma3n"): _ALTUP if HAS_TIMM else _TIMM,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,17 @@ def _configs():
             tf.GraniteMoeHybridConfig, layer_types=["linear_attention", "full_attention"], num_local_experts=4,
             num_experts_per_tok=2, shared_intermediate_size=24, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8,
             mamba_n_groups=1, mamba_chunk_size=16)),
+        # post-LN: every layer's output is a LayerNorm's (GPT-1)
+        "openai-gpt": (tf.AutoModelForCausalLM, lambda: tf.OpenAIGPTConfig(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        # BERT-style: a LayerNorm of the summed embeddings, then post-LN layers
+        "bert-generation": (tf.AutoModelForCausalLM, lambda: tf.BertGenerationConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, is_decoder=True)),
+        # layer 0 normalises the embeddings (pre_ln); the channel mix gates its value projection per channel
+        "rwkv": (tf.AutoModelForCausalLM, lambda: tf.RwkvConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=48,
+            context_length=64)),
         # gated DeltaNet linear attention + full attention, MoE with a gated shared expert
         "qwen3_next": (tf.AutoModelForCausalLM, lambda: _small(
             tf.Qwen3NextConfig, head_dim=8, layer_types=["linear_attention", "full_attention"],
@@ -186,6 +198,11 @@ UNLISTED = {
     "falcon_h1": (["attn+attn+mlp"] * 2, False),
     "granitemoehybrid": (["attn+mlp+experts"] * 2, False),
     "qwen3_next": (["attn+mlp+experts"] * 2, False),
+    # the stream norms' shifts are bias-only writers ("bias"); the norms' gains make the bound
+    "openai-gpt": (["attn+mlp+bias"] * 2, True),
+    "bert-generation": (["attn+mlp+bias"] * 2, True),
+    # the channel mix shifts tokens by one position: a token mixer too
+    "rwkv": (["attn+attn+bias", "attn+attn"], True),
 }
 
 
@@ -196,8 +213,10 @@ def test_discovery_covers_families_the_table_lacks(model_type, record_property):
     found = discover(model)
     adapter = ArchitectureAdapter(model)  # not in the table: the adapter falls back to discovery
     assert adapter.spec is None and adapter.discovery == found
-    assert [w.name for w in adapter.writers()] == [w.name for w in found.writers]
-    assert [w.layout for w in adapter.writers()] == [w.layout for w in found.writers]
+    matrices = [w for w in found.writers if not w.bias_only]  # (bias-only writers: adapter.bias_writers())
+    assert [w.name for w in adapter.writers()] == [w.name for w in matrices]
+    assert [w.layout for w in adapter.writers()] == [w.layout for w in matrices]
+    assert [w.name for w in adapter.bias_writers()] == [w.name for w in found.writers if w.bias_only]
     assert adapter.post_writer_norm == found.post_writer_norm and adapter.moe_layers == found.moe_layers
     kinds, post_norm = UNLISTED[model_type]
     assert list(found.layer_kinds) == kinds
@@ -210,6 +229,9 @@ def test_discovery_covers_families_the_table_lacks(model_type, record_property):
     else:
         assert bound <= EXACT
     for w in found.writers:  # every writer is a matrix (or a fused [E, ., .] tensor) with its residual axis
+        if w.bias_only:
+            assert w.weight.shape == (32,)
+            continue
         assert w.weight.ndim == (3 if w.fused else 2)
         assert w.weight.shape[w.residual_axis] == 32
 
@@ -232,15 +254,58 @@ def test_multimodal_wrapper_edits_the_text_decoder_only():
 
 
 def test_an_undiscoverable_model_type_is_one_clear_error():
-    """GPT-1 is post-LN: the residual stream itself goes through a LayerNorm, so no weight edit is
-    exact; the adapter says so, names the module and lists the table's families."""
+    """XLNet's attention writes through a bare [d, heads, head_dim] parameter into a post-LN norm: no
+    writer has a projectable residual side; the adapter says so, names the module and lists the
+    table's families."""
     import transformers as tf
 
-    config = tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    config = tf.XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64)
     with pytest.raises(UnsupportedArchitectureError) as err:
         ArchitectureAdapter(tf.AutoModelForCausalLM.from_config(config).eval())
     message = str(err.value)
-    assert "'openai-gpt'" in message and "transformer.h.0.ln_2" in message and "Llama" in message
+    assert "'xlnet'" in message and "transformer.layer.0.rel_attn.layer_norm" in message and "Llama" in message
+
+
+def _stream_norm_bound(model, found, with_shifts: bool) -> float:
+    writers = found.writers if with_shifts else tuple(w for w in found.writers if not w.bias_only)
+    return projection_bound(model, replace(found, writers=writers))
+
+
+def test_post_ln_layers_are_found_at_the_norms_input():
+    """GPT-1: n = ln_1(x + attn(x)), out = ln_2(n + mlp(n)). The writers are attn.c_proj (behind ln_1)
+    and mlp.c_proj (behind ln_2), the norms' shifts are bias-only writers, and the edit is reported as
+    not exact. Projecting the shifts too is what keeps the bound small."""
+    model = _unlisted("openai-gpt")
+    found = discover(model)
+    layer0 = [(w.path, w.param, w.post_norm, w.bias_only) for w in found.layer_writers(0)]
+    assert layer0 == [("transformer.h.0.attn.c_proj", "weight", "transformer.h.0.ln_1", False),
+                      ("transformer.h.0.mlp.c_proj", "weight", "transformer.h.0.ln_2", False),
+                      ("transformer.h.0.ln_1", "bias", None, True), ("transformer.h.0.ln_2", "bias", None, True)]
+    assert any("not exact" in n for n in found.notes)
+    with_shifts, without = _stream_norm_bound(model, found, True), _stream_norm_bound(model, found, False)
+    assert 1e-4 < with_shifts < 0.2 and with_shifts < without
+
+
+def test_an_embedding_norm_before_post_ln_layers():
+    """BERT-style decoders sum word and position embeddings, then normalise: both tables are found at
+    the norm's input, and the norm's shift is a bias-only writer."""
+    found = discover(_unlisted("bert-generation"))
+    embed = [(w.path, w.param, w.post_norm, w.bias_only) for w in found.writers if w.kind == "embed"]
+    norm = "bert.embeddings.LayerNorm"
+    assert embed == [("bert.embeddings.word_embeddings", "weight", norm, False),
+                     ("bert.embeddings.position_embeddings", "weight", norm, False), (norm, "bias", norm, True)]
+
+
+def test_a_writer_gated_per_channel():
+    """RWKV's channel mix returns sigmoid(receptance(x)) * value(k): value is the writer, with the
+    channel mix as its post-writer "norm"; layer 0's pre_ln normalises the embeddings."""
+    found = discover(_unlisted("rwkv"))
+    layer0 = {w.path: (w.post_norm, w.bias_only) for w in found.layer_writers(0)}
+    assert layer0 == {"rwkv.blocks.0.attention.output": (None, False),
+                      "rwkv.blocks.0.feed_forward.value": ("rwkv.blocks.0.feed_forward", False),
+                      "rwkv.blocks.0.pre_ln": (None, True)}
+    (embed,) = [w for w in found.writers if w.kind == "embed"]
+    assert embed.post_norm == "rwkv.blocks.0.pre_ln"
 
 
 def test_hybrid_layers_are_found_per_layer():
@@ -392,13 +457,26 @@ def test_a_fixed_position_table_is_named():
 
 
 def test_an_unprojectable_writer_is_named():
-    """A per-channel scale after layer 1's attention (not a per-token scalar): the projection of
-    o_proj would not be exact, and the error says which module is the problem."""
+    """A fixed rotation after layer 1's attention (neither a per-token scalar nor a per-channel gain):
+    no parameter's residual side can be projected, and the error says which module is the problem."""
+    model = tiny_model("llama")
+    rotation = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))[0]
+    model.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: (out[0] @ rotation, *out[1:]))
+    with pytest.raises(UnsupportedArchitectureError, match=r"layer 1: model\.layers\.1\.self_attn"):
+        discover(model)
+
+
+def test_a_per_channel_gain_after_a_writer_is_a_measured_bound():
+    """A per-channel scale after layer 1's attention: o_proj is still the writer, with the attention as
+    its post-writer "norm" (a gated writer): found, said to be inexact, and the bound is measured."""
     model = tiny_model("llama")
     gain = torch.linspace(0.5, 1.5, 32)
     model.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: (out[0] * gain, *out[1:]))
-    with pytest.raises(UnsupportedArchitectureError, match=r"layer 1: model\.layers\.1\.self_attn"):
-        discover(model)
+    found = discover(model)
+    (attn,) = [w for w in found.layer_writers(1) if w.kind == "attn"]
+    assert (attn.path, attn.post_norm) == ("model.layers.1.self_attn.o_proj", "model.layers.1.self_attn")
+    assert any("gated per channel" in n for n in found.notes)
+    assert 1e-4 < projection_bound(model, found) < 0.5
 
 
 def test_off_direction_and_along_ratio():

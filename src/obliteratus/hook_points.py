@@ -2,7 +2,7 @@
 
 A hook function receives the activation tensor ``[batch, seq, d]`` and returns a replacement
 (or ``None`` to leave it unchanged). Decoder layers may return a tensor or a tuple whose first
-element is the hidden state; both are handled here so techniques never see the difference.
+element is the hidden state (a list in GPT-1); all are handled here so techniques never see the difference.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 def _output_hook(fn: HookFn):
     def hook(module, args, output):
-        if isinstance(output, tuple):
+        if isinstance(output, (tuple, list)):  # (GPT-1's blocks return a list)
             new = fn(output[0])
-            return output if new is None else (new, *output[1:])
+            return output if new is None else type(output)([new, *output[1:]])
         return fn(output)
 
     return hook

@@ -164,7 +164,7 @@ def ablation_points(adapter: ArchitectureAdapter, *, attention: bool, mlp: bool,
     ``lm_head_in`` when the lm_head's input side is edited (a tied head with the embeddings, or the
     lm_head option of an untied one). Raises ConfigError where no such hook exists."""
     names: list[str] = []
-    loose = [w.name for w in adapter.bias_writers(attention=attention, mlp=mlp)] if biases else []
+    loose = [w.name for w in adapter.bias_writers(attention=attention, mlp=mlp, embeddings=embeddings)] if biases else []
     if loose:  # no module output carries them: no hook can ablate them
         raise ConfigError(f"mode = 'hooks' cannot ablate bias-only writers ({', '.join(loose)}: vectors the model adds "
                           "to the residual stream outside any module's output); use mode = 'weights', or biases = false")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, BertConfig, CLIPConfig,
                           Gemma3Config, Llama4Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaProcessor, OPTConfig, OPTForCausalLM, OpenAIGPTConfig, OpenAIGPTLMHeadModel, T5Config)
+                          LlavaProcessor, OPTConfig, OPTForCausalLM, T5Config, XLNetConfig, XLNetLMHeadModel)
 
 from conftest import BOS, EOS, PAD, VOCAB, merge, reinit, tiny_tokenizer
 from obliteratus import obliterate
@@ -73,12 +73,13 @@ def test_a_family_outside_the_table_runs_from_the_cli(tmp_path, capsys, monkeypa
 
 
 def test_a_decoder_discovery_cannot_edit_exactly_is_one_error(tmp_path, capsys, monkeypatch):
-    # GPT-1 is post-LN: each layer's output is a LayerNorm's, so no writer edit removes a direction
-    cfg = OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    OpenAIGPTLMHeadModel(cfg).save_pretrained(tmp_path / "gpt1")
-    tiny_tokenizer().save_pretrained(tmp_path / "gpt1")
-    code, _, err = run_cli(["obliterate", str(tmp_path / "gpt1"), *FAST], capsys, monkeypatch)
-    assert_one_error(code, err, "unsupported architecture 'openai-gpt'")
+    # XLNet's attention writes through a bare [d, heads, head_dim] parameter before a post-LN norm: no
+    # writer discovery can project
+    cfg = XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64)
+    XLNetLMHeadModel(cfg).save_pretrained(tmp_path / "xlnet")
+    tiny_tokenizer().save_pretrained(tmp_path / "xlnet")
+    code, _, err = run_cli(["obliterate", str(tmp_path / "xlnet"), *FAST], capsys, monkeypatch)
+    assert_one_error(code, err, "unsupported architecture 'xlnet'")
     assert "Llama" in err and "GPT-NeoX" in err  # the table's families are named
 
 

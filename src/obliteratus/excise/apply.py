@@ -43,14 +43,14 @@ class EditReport:
 
 
 def resolve_biases(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float, plan: EditPlan, *,
-                   attention: bool, mlp: bool) -> list[WriterEdit]:
+                   attention: bool, mlp: bool, embeddings: bool = True) -> list[WriterEdit]:
     """The edits of the adapter's bias-only writers (vectors added to the residual stream outside any
     module's output, ``ArchitectureAdapter.bias_writers``) under `plan`, resolved as ``plan.resolve``
     resolves a writer: b' = b − λ·s·Uᵀ(R b) with the layer's bases and the strength of the writer's kind.
     Only with ``biases`` on: a bias-only writer *is* a bias."""
     lam = plan.lam if plan.lam is not None else lam
     edits = []
-    for writer in adapter.bias_writers(attention=attention, mlp=mlp):
+    for writer in adapter.bias_writers(attention=attention, mlp=mlp, embeddings=embeddings):
         layer = writer_layer(writer)
         s = plan.strength_for(writer.kind, layer)
         if s == 0.0:
@@ -74,8 +74,8 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     norm_preserve = settings.norm_preserve if plan.norm_preserve is None else plan.norm_preserve
     edits, skipped = resolve(adapter, q, settings.lam, plan, attention=settings.attention, mlp=settings.mlp,
                              embeddings=settings.embeddings, experts=settings.experts)
-    biases = resolve_biases(adapter, q, settings.lam, plan, attention=settings.attention,
-                            mlp=settings.mlp) if settings.biases else []
+    biases = resolve_biases(adapter, q, settings.lam, plan, attention=settings.attention, mlp=settings.mlp,
+                            embeddings=settings.embeddings) if settings.biases else []
     head = lm_head_edit(adapter, q, settings.lam, plan)
     k = q.shape[0] if q is not None else (edits[0].write.shape[0] if edits else 0)
     report = EditReport(settings.lam if plan.lam is None else plan.lam, norm_preserve, k,

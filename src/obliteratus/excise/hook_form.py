@@ -88,18 +88,18 @@ def ablated(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float = 1
         project = _remove(write, head_lam, None, read)
         pre.append((adapter.lm_head, lambda m, a, f=project: (f(a[0]), *a[1:])))
     with module_hooks(outputs), module_hooks(routed, with_kwargs=True), module_hooks(pre, pre=True), \
-            (_edited_biases(adapter, q, lam, plan, attention, mlp) if biases else nullcontext()):
+            (_edited_biases(adapter, q, lam, plan, attention, mlp, embeddings) if biases else nullcontext()):
         yield
 
 
 @contextmanager
 def _edited_biases(adapter: ArchitectureAdapter, q, lam: float, plan: EditPlan, attention: bool,
-                   mlp: bool) -> Iterator[None]:
+                   mlp: bool, embeddings: bool) -> Iterator[None]:
     """The bias-only writers hold their edited vectors within the block (see the module docstring)."""
     saved = []
     try:
         with torch.no_grad():
-            for e in resolve_biases(adapter, q, lam, plan, attention=attention, mlp=mlp):
+            for e in resolve_biases(adapter, q, lam, plan, attention=attention, mlp=mlp, embeddings=embeddings):
                 p = e.writer.weight
                 saved.append((p, p.detach().clone()))
                 p.copy_(oblique_project_vector(p.detach(), e.write, e.read, e.lam).to(p.dtype))

@@ -183,7 +183,7 @@ def export_lora(model: nn.Module, adapter: ArchitectureAdapter, q: torch.Tensor 
                         "export a plain projection (norm_preserve=False) or save the full weights")
     if adapter.model is not model:
         raise EditError("adapter does not wrap the given model")
-    loose = [w.name for w in adapter.bias_writers(attention=attention, mlp=mlp)] if biases else []
+    loose = [w.name for w in adapter.bias_writers(attention=attention, mlp=mlp, embeddings=embeddings)] if biases else []
     if loose:
         raise EditError(f"a LoRA adapter cannot carry the edit of bias-only writers ({', '.join(loose)}: vectors the "
                         "model adds to the residual stream outside any module); save the full weights, or export "

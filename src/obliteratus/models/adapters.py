@@ -467,15 +467,16 @@ class ArchitectureAdapter:
                 out.append(shared)
         return out
 
-    def bias_writers(self, *, attention: bool = True, mlp: bool = True,
+    def bias_writers(self, *, attention: bool = True, mlp: bool = True, embeddings: bool = True,
                      layers: list[int] | None = None) -> list[Writer]:
         """Bias-only writers (discovered models only; the table's families have none): vector parameters
         added to the residual stream outside any module's output, selected by kind as ``writers`` does.
         Not in ``writers()``: they have no matrix (no heads, neurons or LoRA), only the projection edits
-        them (with ``biases``), and its hook form sets the edited vector for the duration of the hook."""
-        wanted = {"attn": attention, "mlp": mlp}
+        them (with ``biases``), and its hook form sets the edited vector for the duration of the hook.
+        An embedding norm's shift (post-LN decoders) is kind "embed", selected with the embeddings."""
+        wanted = {"attn": attention, "mlp": mlp, "embed": embeddings}
         return [w for w in getattr(self, "_bias_writers", ()) if wanted.get(w.kind, False)
-                and (layers is None or int(w.name.split(".")[1]) in layers)]
+                and (layers is None or (w.kind != "embed" and int(w.name.split(".")[1]) in layers))]
 
     def _discovered_writers(self, attention: bool, mlp: bool, embeddings: bool, layers: list[int] | None,
                             experts: bool) -> list[Writer]:

@@ -358,6 +358,11 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def _leaf_norm(m: nn.Module) -> bool:
+    """A module without children whose parameters are vectors (a norm's gain and shift)."""
+    return next(m.children(), None) is None and all(p.ndim <= 1 for p in m.parameters(recurse=False))
+
+
 def _is_within(path: str, ancestor: str) -> bool:
     return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
 
@@ -557,6 +562,7 @@ class _Discoverer:
         self.runner = _Runner(model, tiny_inputs(model, vocab, seed=seed))
         self.calls, self.later, self.logits = _trace(model, self.runner)
         self.notes: list[str] = []
+        self.entry_norms: dict[str, str] = {}  # scope path -> a norm of the stream as it enters the scope
         self.order = sorted(self.calls.values(), key=lambda c: c.order)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.tol = _TOL.get(dtype, 1e-3)
@@ -625,13 +631,22 @@ class _Discoverer:
                       and c.module is not self.token_embedding
                       and any(p.ndim >= 2 for p in c.module.parameters(recurse=False))]
         out = []
+        # where the embeddings are summed: layer 0's input, or the input of a norm whose output it is (an
+        # embedding LayerNorm before post-LN layers: BERT-style decoders, TrOCR)
+        target, entry = layer0, None
         for c in [token, *candidates]:
             if c.out.shape[-1] != layer0.hidden_in.shape[-1]:
                 continue
             delta = self.perturbation(c.out)
-            moved, _ = self.runner.run(self.layers[0], "input", hooks=[(c.module, _add_hook(delta))])
-            direct = self.along(moved - layer0.hidden_in, delta, float(delta.norm()))
-            post = None
+            moved, _ = self.runner.run(target.module, "input", hooks=[(c.module, _add_hook(delta))])
+            direct = self.along(moved - target.hidden_in, delta, float(delta.norm()))
+            if not direct and c is not token:
+                continue
+            post = None if entry is None else entry.path
+            if not direct and c is token:
+                entry = self.entry_norm(c, layer0)
+                if entry is not None:
+                    target, post, direct = entry, entry.path, True
             if not direct and c is token:
                 post = self.post_norm_of(c, layer0)
                 if post is None:
@@ -659,6 +674,12 @@ class _Discoverer:
             param, layout, bias, fused = own
             out.append(FoundWriter(f"embed.{c.path.rsplit('.', 1)[-1]}", c.path, c.module, "embed", layout, param,
                                    bias, fused, None, None, post))
+        if entry is not None and isinstance(getattr(entry.module, "bias", None), torch.Tensor):
+            # the embedding norm's shift is added to the stream: projected like a bias-only writer
+            out.append(FoundWriter(f"embed.{entry.path.rsplit('.', 1)[-1]}_bias", entry.path, entry.module, "embed",
+                                   "in_out", "bias", None, False, None, None, entry.path, bias_only=True))
+            self.notes.append(f"the embeddings are normalised ({entry.path}) before post-LN layers: the edit is not "
+                              "exact")
         if not out:  # (an embedding narrower than the stream with a projection after it is found above)
             raise UnsupportedArchitectureError(
                 f"embeddings: nothing before layer 0 writes its {layer0.hidden_in.shape[-1]}-wide hidden state "
@@ -666,6 +687,17 @@ class _Discoverer:
                 "side by side?)")
         self.check_embeddings(out, layer0)
         return out
+
+    def entry_norm(self, token: _Call, layer0: _Call) -> _Call | None:
+        """The norm outside the layers whose output is layer 0's input (the innermost such module) when
+        the token embeddings' output reaches its input as it is, else None."""
+        norm = next((c for c in self.order if c.order < layer0.order and self.outside(c.path)
+                     and _same(c.out, layer0.hidden_in)), None)
+        if norm is None or norm is token or not self.is_norm(norm):
+            return None
+        delta = self.perturbation(token.out)
+        moved, _ = self.runner.run(norm.module, "input", hooks=[(token.module, _add_hook(delta))])
+        return norm if self.along(moved - norm.hidden_in, delta, float(delta.norm())) else None
 
     def post_norm_of(self, source: _Call, until: _Call) -> str | None:
         """A direct contributor to `until`'s input (outside the layers) whose input is `source`'s output."""
@@ -736,6 +768,12 @@ class _Discoverer:
         return [(o.module, _freeze_hook(o.full_out)) for o in self.order
                 if o.path.startswith(scope.path + ".") and o.path not in keep and not _is_within(path, o.path)
                 and not _is_within(o.path, path) and not _same(o.out, scope.out) and o.n_calls == 1]
+
+    def is_norm(self, c: _Call) -> bool:
+        """A leaf module of vector parameters only (a gain, a shift) that maps the hidden state to one of
+        the same shape and does not pass a change of it on as it is: a LayerNorm / RMSNorm."""
+        return c.hidden_in is not None and c.out is not None and c.hidden_in.shape == c.out.shape and \
+            _leaf_norm(c.module) and not self.transparent(c)
 
     def transparent(self, c: _Call) -> bool:
         """Does adding δ to the module's hidden input move its output by a per-token multiple of δ
@@ -877,10 +915,26 @@ class _Discoverer:
                 continue
             block = next((s for s in sorted(sources, key=lambda s: s.path.count(".")) if s.hidden_in is not None), None)
             found = self.writers_in(block, where) if block is not None else []
+            if not found and not sources and c.hidden_in is not None and _same(c.hidden_in, scope.hidden_in) \
+                    and post is not None and self.is_norm(c):
+                # a norm of the stream itself as it enters (RWKV's first block normalises the embeddings):
+                # no writer, but the stream from here on is its output
+                self.entry_norms[scope.path] = c.path
+                continue
             if not found and not sources and c.hidden_in is not None:
                 # no module's output is its input: code outside modules computed it (A.X K1 sums its routed
                 # and shared experts before a norm). Find the writers at its input instead.
                 found = self.writers_at_input(c, where)
+            if not found and not sources and post is not None and self.is_norm(c):
+                # a norm whose input is a sum computed by its parent from the parent's own parameter (XLNet's
+                # attention projects with a bare parameter, then normalises output + stream): the parent
+                # is the writer, measured at the norm's input
+                parent = self.calls.get(c.path.rsplit(".", 1)[0]) if "." in c.path else None
+                own = self.writer_param(parent, at=c) if parent is not None else None
+                if own is not None:
+                    found = [(parent, own, None)]
+            if not found and post is not None:
+                found = self.gated_writers(c)
             if not found:
                 raise UnsupportedArchitectureError(
                     f"{where}: {c.path} ({type(c.module).__name__}) adds to the residual stream, but neither it "
@@ -888,6 +942,37 @@ class _Discoverer:
             writers += [(w, own, p or post) for w, own, p in found]
         writers.sort(key=lambda w: w[0].order)
         return writers
+
+    def gated_writers(self, c: _Call) -> list[tuple[_Call, tuple, str | None]]:
+        """Writers inside `c` whose output reaches c's output through a per-channel gain (RWKV's channel
+        mix multiplies its value projection by a sigmoid gate computed from another path): adding δ to
+        the writer's output moves c's output by g⊙δ, the same g for two random δ. `c` is then their
+        post-writer "norm": projecting them is not exact, and the measured bound says how far."""
+        d = c.out.shape[-1]
+        found = []
+        for o in self.order:
+            if not o.path.startswith(c.path + ".") or o.out is None or o.out.shape[-1] != d or o.n_calls != 1:
+                continue
+            own = self.writer_param(o)
+            if own is None:
+                continue
+            freeze = self.frozen(c, o.path)
+            base, _ = self.runner.run(c.module, "output", hooks=freeze)
+            changes = []
+            deltas = [self.perturbation(o.out) for _ in range(2)]
+            for delta in deltas:
+                moved, _ = self.runner.run(c.module, "output", hooks=[*freeze, (o.module, _add_hook(delta))])
+                changes.append((moved - base).double() if moved.shape == base.shape else None)
+            if any(ch is None for ch in changes):
+                continue
+            a, b = changes[0] * deltas[1].double(), changes[1] * deltas[0].double()
+            size = float(changes[0].norm())
+            if size > _MOVED * float(deltas[0].norm()) and float((a - b).norm()) <= self.tol * float(a.norm()):
+                found.append((o, own, c.path))
+        if found:
+            self.notes.append(f"{', '.join(o.path for o, _, _ in found)}: gated per channel by {c.path} before the "
+                              "residual add: the edit is not exact")
+        return found
 
     def writers_at_input(self, c: _Call, where: str) -> list[tuple[_Call, tuple, str | None]]:
         """The writers whose outputs reach `c`'s input directly: the modules of c's parent block that
@@ -942,22 +1027,48 @@ class _Discoverer:
         lc = self.calls[f"{self.layers_path}.{i}"]
         self.check_one_stream(i)
         writers = self.writers_in(lc, f"layer {i}")
+        stream_norm = None
         if not writers:
+            # the innermost module whose output is the layer's (modules are ordered by when they return)
             inner = next((c for c in self.order if c.path.startswith(lc.path + ".") and _same(c.out, lc.out)), None)
-            if inner is not None:
+            if inner is not None and self.is_norm(inner):
+                # post-LN (GPT-1, BERT-style decoders): the layer's output is a norm of the stream plus
+                # its writers. Those are found at the norm's input, and every earlier norm of the stream
+                # inside the layer the same way (writers_in traces back through it)
+                stream_norm = inner.path
+                scope = _Call(lc.path, inner.module, inner.order, inner.args, inner.kwargs, lc.hidden_in,
+                              inner.hidden_in, None, side="input", until=inner.order)
+                writers = [(w, own, p or inner.path) for w, own, p in self.writers_in(scope, f"layer {i}")]
+            if inner is not None and not writers:
                 raise UnsupportedArchitectureError(
                     f"layer {i} ({type(layer).__name__}): its output is the output of {inner.path} "
                     f"({type(inner.module).__name__}): the residual stream itself goes through a module (a "
                     "post-LN norm or a per-channel residual gate), not a plain sum of writers")
-            raise UnsupportedArchitectureError(f"layer {i} ({type(layer).__name__}): no residual writer found")
+            if not writers:
+                raise UnsupportedArchitectureError(f"layer {i} ({type(layer).__name__}): no residual writer found")
+        # the stream is normalised as it enters the layer (RWKV's first block, MiniMax's layers)
+        entry = [p for p in self.entry_norms if _is_within(p, lc.path)]
+        entry = [self.entry_norms[p] for p in entry]
         biases = []
-        try:
-            self.check_complete_layer(i, writers)
-        except UnsupportedArchitectureError:
-            biases = self.bias_writers(i, writers)
-            if not biases:
-                raise
-            self.check_complete_layer(i, writers, biases)
+        if stream_norm is not None or entry:
+            # the stream norms' shifts are added to the stream: projected like a bias-only writer (their
+            # gains are what makes the edit inexact: the measured bound, as with sandwich norms)
+            norms = sorted({p for _, _, p in writers if p and _leaf_norm(resolve(self.model, p))} | {stream_norm}
+                           - {None} | set(entry))
+            for path in norms:
+                m = resolve(self.model, path)
+                if isinstance(getattr(m, "bias", None), torch.Tensor):
+                    biases.append((path, m, "bias"))
+            self.notes.append(f"layer {i}: the stream goes through {', '.join(norms)}: the edit is not exact")
+            self.check_complete_layer(i, writers, biases, also=entry)
+        else:
+            try:
+                self.check_complete_layer(i, writers)
+            except UnsupportedArchitectureError:
+                biases = self.bias_writers(i, writers)
+                if not biases:
+                    raise
+                self.check_complete_layer(i, writers, biases)
         kinds = self.kinds(i, writers)
         found, moe = self.name_writers(i, writers, kinds)
         return found + self.name_biases(i, biases, found), moe
@@ -969,7 +1080,8 @@ class _Discoverer:
         kinds = [("attn" if "attn" in [w.kind for w in found if _is_within(w.path, path)] else "mlp")
                  for path, _, _ in biases]
         for kind, (path, m, name) in sorted(zip(kinds, biases), key=lambda kb: kb[0] != "attn"):
-            base = f"layers.{i}.{kind}_bias"
+            # a norm's shift (post-LN, an entry norm) is named for what it is
+            base = f"layers.{i}.{'norm' if _leaf_norm(m) else kind}_bias"
             n = used.get(base, 0)
             used[base] = n + 1
             out.append(FoundWriter(base if n == 0 else f"{base}.{n}", path, m, kind, "in_out", name, None, False,
@@ -1167,11 +1279,11 @@ class _Discoverer:
 
     # -- completeness ----------------------------------------------------------------------------
 
-    def check_complete_layer(self, i: int, writers, biases=()) -> None:
+    def check_complete_layer(self, i: int, writers, biases=(), also=()) -> None:
         layer = self.layers[i]
         lc = self.calls[f"{self.layers_path}.{i}"]
         u = self.randn(lc.out.shape[-1], lc.out)
-        removed = {w[2] or w[0].path for w in writers}
+        removed = {w[2] or w[0].path for w in writers} | set(also)
         hooks = [(resolve(self.model, p), _remove_hook(u)) for p in sorted(removed)]
 
         def pre(m, a, kw):
@@ -1248,6 +1360,10 @@ class _Discoverer:
         kinds = []
         for i in range(len(self.layers)):
             ws, m = self.layer_writers(i)
+            entry = next((n for p, n in self.entry_norms.items() if _is_within(p, f"{self.layers_path}.0")), None) \
+                if i == 0 else None
+            if entry is not None:  # the embeddings reach the stream through layer 0's first norm (RWKV)
+                writers = [replace(w, post_norm=w.post_norm or entry) for w in writers]
             writers += ws
             moe.append(m)
             kinds.append("+".join(sorted(w.kind for w in ws if w.moe != "routed" and not w.bias_only) +
