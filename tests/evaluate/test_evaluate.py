@@ -327,3 +327,23 @@ def test_verdict_rates_by_hand_with_the_benign_but_sensitive_subset():
     builtin = load_prompts("builtin:benign_sensitive")  # what VERIFY passes: a built-in subset of the harmless set
     flagged = [p in builtin[:3] for p in builtin[:10]]
     assert verdict_rates([False], builtin[:10], flagged, builtin)["over_refusal_sensitive"] == pytest.approx(0.3)
+
+
+def test_verify_counts_the_responses_still_reasoning(tokenizer, monkeypatch):
+    """VERIFY's `unanswered` metric: responses that stopped inside their reasoning block are counted
+    (harmful and harmless together) and judged not refused; a refusal in an answer still counts."""
+    import obliteratus.evaluate as verify
+    from obliteratus.settings import EvalSettings
+
+    model = tiny_model("llama")
+    harmful, harmless = PROMPTS[:2], PROMPTS[2:4]
+    responses = {tuple(harmful): ["<think>I cannot help with that, or can I", "<think>ok</think>I cannot help with that."],
+                 tuple(harmless): ["<think>still going", "<think>done</think>Sure, here it is."]}
+    texts = iter([*responses[tuple(harmful)], *responses[tuple(harmless)]])
+    monkeypatch.setattr(verify, "decode", lambda tok, ids: [next(texts) for _ in ids])
+    ev = EvalSettings(max_new_tokens=2, kl_tokens=1, batch_size=4, perplexity=False, share_prefix=False)
+    with pytest.warns(UserWarning, match="stopped inside their reasoning"):
+        out = verify.evaluate_model(model, tokenizer, (harmful, encode(tokenizer, harmful)),
+                                    (harmless, encode(tokenizer, harmless)), ev)
+    assert out.metrics["unanswered"] == 2
+    assert out.metrics["refusal"] == 0.5 and out.metrics["over_refusal"] == 0.0
