@@ -120,6 +120,7 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
     total = directions.mean_diff.double()  # [d]: the refusal direction found so far, unnormalised
     log = [{"pass": 1, "k": directions.k, "mean_diff_norm": float(total.norm())}]
     report = first
+    ops = first.ops  # every pass's tensor ops, in order (None once a pass has none)
     for n in range(2, ex.passes + 1):
         cache = probe(loaded, prompts, settings, reporter)
         selection = LayerSelection(directions.layer, directions.position, "refine")
@@ -134,8 +135,12 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
             break
         report = apply_edit(loaded.adapter, again, ex, harmful=prompts.encoded["harmful.train"],
                             harmless=prompts.encoded["harmless.train"], batch_size=settings.evaluate.batch_size)
+        ops = None if ops is None or report.ops is None else [*ops, *report.ops]
         removed = torch.cat([removed, again.basis.double()])
         total = total + again.mean_diff.double()
+    if ops is None and report.ops is not None:
+        report.ops_missing = first.ops_missing
+    report.ops = ops
     return report, log
 
 

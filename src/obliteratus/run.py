@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import ObliteratusError
+from .export.plan import EditPlanFile, plan_of
 from .models.load import describe
 from .record import RunRecord
 from .save import check_output, save_run, versions
@@ -145,8 +146,16 @@ class Run:
 
             self.output = str(save_run(self.loaded.model, self.loaded.saves_with, output, record,
                                        self.choice.tensors(), overwrite, steering=getattr(self.choice, "steering", None),
-                                       pca=self.pca))
+                                       pca=self.pca, plan=self.edit_plan()))
         return Path(self.output)
+
+    def edit_plan(self) -> EditPlanFile | None:
+        """The edit as a plan to replay on another copy of the model (export/plan.py); None when the
+        edit is not a sequence of tensor ops (``edit.ops_missing`` says why)."""
+        if self.edit is None or not self.edit.ops:
+            return None
+        model_type = getattr(getattr(self.loaded.model, "config", None), "model_type", None)
+        return plan_of(self.loaded.model, self.edit.ops, model_type, self.loaded.source)
 
 
 __all__ = ["Reporter", "Run", "timed"]

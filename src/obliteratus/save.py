@@ -262,12 +262,14 @@ def model_card(meta: dict) -> str:
 
 
 def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], RunRecord | dict],
-             tensors: dict[str, torch.Tensor], overwrite: bool = False, steering=None, pca: dict | None = None) -> Path:
+             tensors: dict[str, torch.Tensor], overwrite: bool = False, steering=None, pca: dict | None = None,
+             plan=None) -> Path:
     """Save the (edited) model, tokenizer, ``obliteratus.json``, ``directions.safetensors`` and README.md.
     `metadata` (the run record, record.RunRecord; a dict is validated into one) is called after the
     weights are written, so it can include the time that took. A ``steering.SteeringSpec`` is written
     beside them (``summon`` attaches it again), and `pca` (:func:`analysis.pca.run_pca`: the report's
-    PCA panels) as ``pca.json``."""
+    PCA panels) as ``pca.json``, and the edit plan (export/plan.py ``EditPlanFile``) as
+    ``edit_plan.safetensors``."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -283,6 +285,8 @@ def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], Ru
             write_steering_files(steering, tmp)
         if pca is not None:
             (tmp / "pca.json").write_text(json.dumps(pca), "utf-8")
+        if plan is not None:
+            plan.save(tmp / "edit_plan.safetensors")
         build_report(tmp)  # report.html + plots/ (panels need matplotlib; noted when missing)
 
     return write_atomically(Path(out), overwrite, fill)

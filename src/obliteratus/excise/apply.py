@@ -7,8 +7,8 @@ optional lm_head input side) — see plan.py for the math.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -16,10 +16,27 @@ from ..errors import EditError
 from ..models.adapters import ArchitectureAdapter
 from .base import register_excise_variant
 from .plan import EditPlan, WriterEdit, lm_head_edit, resolve, writer_layer
-from .projection import norm_preserving_oblique, oblique_project, oblique_project_vector
+from .projection import Layout, edit_tensor
 
 if TYPE_CHECKING:  # config imports the option models of this package
     from ..settings import ExciseSettings
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """One tensor's edit as excise applied it: ``edit_tensor(param, write, read, lam, layout,
+    norm_preserve)`` (projection.py). An edit is the list of these in the order applied; replayed on
+    another copy of the same weights (export/plan.py, export/bake.py) it gives the same tensors."""
+
+    param: torch.Tensor = field(repr=False, compare=False)  # the live parameter (named when saved)
+    write: torch.Tensor = field(repr=False)  # [k, d] float32
+    read: torch.Tensor | None = field(repr=False)
+    lam: float = 1.0
+    layout: Layout | Literal["vector"] = "out_in"
+    norm_preserve: bool = False
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return edit_tensor(weight, self.write, self.read, self.lam, self.layout, self.norm_preserve)
 
 
 @dataclass
@@ -37,9 +54,15 @@ class EditReport:
     lm_head_input_edited: bool = False
     plan: dict | None = None  # EditPlan.describe(), None for the plain projection
     details: dict = field(default_factory=dict)  # variant-specific record (heads, neurons, target, ...)
+    # the edit as tensor ops, in order (None: a variant whose edit is not a sequence of TensorOps); not in
+    # the JSON record: export/plan.py saves them as the run's edit plan
+    ops: list[TensorOp] | None = field(default=None, repr=False, compare=False)
+    ops_missing: str | None = None  # why ops is None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(replace(self, ops=None))
+        out.pop("ops")
+        return out
 
 
 def resolve_biases(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: float, plan: EditPlan, *,
@@ -64,7 +87,7 @@ def resolve_biases(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: fl
 def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: ExciseSettings,
            plan: EditPlan | None = None) -> EditReport:
     """W' = W − λ·s·Uᵀ(R W) on the residual side of each writer (b' = b − λ·s·Uᵀ(R b)); with no
-    plan, U = R = q and s = 1, i.e. W' = W − λ·QᵀQ·W.
+    plan, U = R = q and s = 1, i.e. W' = W − λ·QᵀQ·W. ``report.ops`` records it as TensorOps.
 
     Each new weight is computed in float32 on a copy, checked to be finite, then written back in
     the stored dtype. Nothing is written if any edit would be non-finite."""
@@ -81,22 +104,27 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     report = EditReport(settings.lam if plan.lam is None else plan.lam, norm_preserve, k,
                         post_writer_norm=adapter.post_writer_norm, skipped=skipped,
                         plan=None if given is None else plan.describe())
-    edit = norm_preserving_oblique if norm_preserve else oblique_project
 
-    def new_params(e):  # (param, new value in the stored dtype) for one writer
+    def ops_of(e):  # the TensorOps of one writer
         weight = e.writer.weight
         if e.writer.bias_only:  # a bias-only writer: the vector itself, projected as a bias
-            yield weight, oblique_project_vector(weight.detach(), e.write, e.read, e.lam).to(weight.dtype)
+            yield TensorOp(weight, e.write, e.read, e.lam, "vector")
             return
-        yield weight, edit(weight.detach(), e.write, e.read, e.lam, e.writer.layout).to(weight.dtype)
+        yield TensorOp(weight, e.write, e.read, e.lam, e.writer.layout, norm_preserve)
         if settings.biases and e.writer.bias is not None:
-            bias = e.writer.bias
-            yield bias, oblique_project_vector(bias.detach(), e.write, e.read, e.lam).to(bias.dtype)
+            yield TensorOp(e.writer.bias, e.write, e.read, e.lam, "vector")
 
-    def head_param():  # lm_head input side: W_U' = W_U − λ·(W_U Uᵀ) R (the in_out form with U, R swapped)
+    def new_params(e):  # (param, new value in the stored dtype) for one writer
+        for op in ops_of(e):
+            yield op.param, op.apply(op.param.detach())
+
+    def head_op():  # lm_head input side: W_U' = W_U − λ·(W_U Uᵀ) R (the in_out form with U, R swapped)
         write, read, lam = head
-        w = adapter.lm_head.weight
-        return w, oblique_project(w.detach(), write if read is None else read, write, lam, "in_out").to(w.dtype)
+        return TensorOp(adapter.lm_head.weight, write if read is None else read, write, lam, "in_out")
+
+    def head_param():
+        op = head_op()
+        return op.param, op.apply(op.param.detach())
 
     # Pass 1 checks every edit (in the stored dtype, where fp16 can overflow) without keeping it, so
     # a failure leaves the model untouched and memory stays at one matrix; pass 2 writes.
@@ -106,6 +134,9 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
                 raise EditError(f"editing {e.writer.name} would produce non-finite weights; nothing was changed")
     if head is not None and not torch.isfinite(head_param()[1]).all():
         raise EditError("editing the lm_head input side would produce non-finite weights; nothing was changed")
+    report.ops = [op for e in [*edits, *biases] for op in ops_of(e)]
+    if head is not None:
+        report.ops.append(head_op())
     for e in edits:
         writer = e.writer
         for param, new in new_params(e):

@@ -80,6 +80,13 @@ def apply_edit(adapter: ArchitectureAdapter, directions: Directions, settings: E
         report = excise_and_mask(adapter, q, settings.neurons, settings, plan)
     else:
         report = get_excise_variant(settings.method).apply(adapter, q, settings, plan)
+    # the edit as tensor ops (an edit plan to bake elsewhere) exists for the projection family only
+    missing = (f"excise.method = {settings.method!r} edits by its own rule" if report.ops is None else
+               "excise.neurons masks neurons after the projection" if settings.neurons is not None else
+               "the MoE options (expert directions, transplant, router refit) edit experts and routers by their own "
+               "rules" if use_moe else None)
+    if missing is not None:
+        report.ops, report.ops_missing = None, missing
 
     if use_moe:
         if moe.expert_directions:

@@ -104,3 +104,57 @@ def norm_preserving_oblique(weight: torch.Tensor, write: torch.Tensor, read: tor
     alive = after > before * torch.finfo(torch.float32).eps ** 0.5 + eps
     scale = torch.where(alive, before / after.clamp_min(eps), torch.zeros_like(after))
     return edited * (scale.unsqueeze(-2) if layout == "out_in" else scale.unsqueeze(-1))
+
+
+# --- One writer tensor, in bounded memory --------------------------------------------------------
+#
+# The in-memory edit (excise/apply.py) and the streaming bake (export/bake.py) both call this, so a
+# baked checkpoint is bit-identical to the edited model by construction. A large tensor is edited in
+# slices of its free axis (the rows of an in_out matrix, the input columns of an out_in one, one
+# expert of a fused tensor at a time): every residual-side vector is edited on its own, so slicing
+# changes which vectors share a matmul call, never the formula, and the float32 temporaries stay at
+# one slice. Rows are sliced from ROW_CHUNK elements on (each output row is one row's dot products:
+# on the project's CPU the sliced result is bit-identical to the whole); columns only from
+# COLUMN_CHUNK on (BLAS blocks an out_in matmul by columns, so slicing can move the last bit; no
+# matrix of a model up to 70B reaches it).
+
+ROW_CHUNK = 1 << 24  # 64 MiB of float32
+COLUMN_CHUNK = 1 << 28  # 1 GiB of float32
+ALIGN = 64  # bytes: BLAS rounds differently on a misaligned buffer (a tensor inside a loaded file's mmap)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it is contiguous and starts on an ALIGN boundary, else an aligned copy: the
+    same values then give the same edit wherever they live (torch allocates on 64-byte boundaries)."""
+    return t if t.is_contiguous() and t.data_ptr() % ALIGN == 0 else t.contiguous().clone()
+
+
+def edit_tensor(weight: torch.Tensor, write: torch.Tensor, read: torch.Tensor | None, lam: float,
+                layout: Layout | Literal["vector"], norm_preserve: bool = False) -> torch.Tensor:
+    """The edited copy of `weight` in its own dtype: :func:`oblique_project` (or
+    :func:`norm_preserving_oblique`) on a matrix or fused [E, ·, ·] tensor, :func:`oblique_project_vector`
+    on a vector (layout "vector"), computed on an aligned buffer."""
+    if layout == "vector":
+        return oblique_project_vector(_aligned(weight), write, read, lam).to(weight.dtype)
+    edit = norm_preserving_oblique if norm_preserve else oblique_project
+    limit = ROW_CHUNK if layout == "in_out" else COLUMN_CHUNK
+    if weight.numel() <= limit:
+        return edit(_aligned(weight), write, read, lam, layout).to(weight.dtype)
+    out = torch.empty_like(weight)
+    if weight.ndim > 2:  # one expert (or leading index) at a time
+        for i in range(weight.shape[0]):
+            out[i] = edit_tensor(weight[i], write, read, lam, layout, norm_preserve)
+        return out
+    axis = 1 if layout == "out_in" else 0  # the free axis
+    step = max(1, limit // (weight.numel() // weight.shape[axis]))
+    for start in range(0, weight.shape[axis], step):
+        part = weight.narrow(axis, start, min(step, weight.shape[axis] - start))
+        out.narrow(axis, start, part.shape[axis]).copy_(edit(_aligned(part), write, read, lam, layout).to(weight.dtype))
+    return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`, checked in ROW_CHUNK-element slices (isfinite of a whole bfloat16 tensor
+    allocates four times its size)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(ROW_CHUNK))
