@@ -12,6 +12,7 @@ import typer
 from transformers.utils import logging as hf_logging
 
 from .commands.analyze import analyze
+from .commands.bake import bake
 from .commands.chat import chat, compare
 from .commands.common import fail
 from .commands.config import config
@@ -34,7 +35,8 @@ except ImportError:  # pragma: no cover
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Find, study and remove refusal directions in transformer language models.")
 
-VERBS = (obliterate, evaluate, probe, models, presets, config, analyze, optimize, judge, study, report, chat, compare)
+VERBS = (obliterate, evaluate, probe, models, presets, config, analyze, optimize, judge, study, report, chat, compare,
+         bake)
 for _verb in VERBS:  # in this order in --help
     app.command()(_verb)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from conftest import save_tiny
 
@@ -127,6 +128,19 @@ def run_dir(meta: str | bytes) -> Callable[[Path, dict], None]:
         data = meta.encode() if isinstance(meta, str) else meta
         (cwd / "run" / "obliteratus.json").write_bytes(data)
     return setup
+
+
+def a_plan(cwd: Path, fx: dict) -> None:
+    """An edit plan of the llama fixture: one direction out of its token embeddings."""
+    from obliteratus.export.bake import read_header, shards_of
+    from obliteratus.export.plan import EditPlanFile, PlannedOp
+
+    name = "model.embed_tokens.weight"
+    shape = next(tuple(h[name]["shape"]) for s in shards_of(Path(fx["llama"]))
+                 for h in [read_header(s)[1]] if name in h)
+    EditPlanFile([PlannedOp((name,), shape, "basis.0", None, 1.0, "in_out")],
+                 {"basis.0": torch.nn.functional.normalize(torch.ones(1, shape[1]), dim=-1)},
+                 {"model_type": "llama"}).save(cwd / "plan.safetensors")
 
 
 GOOD_CSV = "prompt,response,label\nhow?,I cannot help with that.,1\nhi,Hello there!,0\n"
@@ -379,6 +393,18 @@ CASES: list[Case] = [
     Case("st-output-under-file", "study s.yaml -o f/out", "f", {"s.yaml": STUDY.format(model="m"), "f": "x\n"}),
     Case("st-model-missing", "study s.yaml -o out", "not found", {"s.yaml": STUDY.format(model="nope-dir")}),
     # report
+    Case("bk-no-plan", "bake nope --model {llama} --output out", "no edit plan"),
+    Case("bk-not-safetensors", "bake p.safetensors --model {llama} --output out", "not a readable safetensors",
+         {"p.safetensors": b"garbage" * 10}),
+    Case("bk-not-a-plan", "bake p.safetensors --model {llama} --output out", "not an obliteratus edit plan",
+         setup=lambda cwd, fx: shutil.copy(next(Path(fx["llama"]).glob("*.safetensors")), cwd / "p.safetensors")),
+    Case("bk-missing-model", "bake plan.safetensors --model nowhere --output out", "not a checkpoint directory",
+         setup=a_plan),
+    Case("bk-other-model", "bake plan.safetensors --model {gpt2} --output out", "'gpt2' checkpoint", setup=a_plan),
+    Case("bk-existing-output", "bake plan.safetensors --model {llama} --output out", "exists",
+         setup=lambda cwd, fx: (a_plan(cwd, fx), existing_output(cwd, fx))),
+    Case("bk-output-is-source", "bake plan.safetensors --model {llama} --output {llama} --overwrite", "source",
+         setup=a_plan),
     Case("re-missing", "report nope", "no obliteratus.json"),
     Case("re-no-metadata", "report d", "no obliteratus.json", setup=mkdirs("d")),
     Case("re-file", "report f", "no obliteratus.json", {"f": "x\n"}),

@@ -1,0 +1,24 @@
+"""``obliteratus bake PLAN --model SRC --output DIR``: a run's edit plan applied to a safetensors
+checkpoint shard by shard (export/bake.py), for checkpoints larger than RAM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..export.bake import bake as bake_checkpoint
+from ..export.plan import load_plan
+
+
+def bake(plan: Path = typer.Argument(..., help="edit_plan.safetensors, or the run directory that holds it."),
+         model: Path = typer.Option(..., "--model", help="Source checkpoint directory (safetensors, sharded or not); "
+                                                         "only read."),
+         output: Path = typer.Option(..., "--output", "-o", help="Directory for the edited checkpoint."),
+         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it is a previous output.")) -> None:
+    """Apply a run's edit plan to a full-precision checkpoint one shard at a time (memory: the largest
+    edited tensor, not the model). Every other file is copied; the output is written atomically."""
+    report = bake_checkpoint(load_plan(plan), model, output, overwrite)
+    Console().print(f"baked {len(report.edited)} tensors over {report.shards} shard(s) in {report.seconds:.1f} s: "
+                    f"{report.output}", soft_wrap=True)
