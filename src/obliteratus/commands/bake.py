@@ -8,17 +8,28 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..errors import ConfigError
+
 from ..export.bake import bake as bake_checkpoint
+from ..export.gguf import bake_gguf
 from ..export.plan import load_plan
 
 
 def bake(plan: Path = typer.Argument(..., help="edit_plan.safetensors, or the run directory that holds it."),
-         model: Path = typer.Option(..., "--model", help="Source checkpoint directory (safetensors, sharded or not); "
-                                                         "only read."),
-         output: Path = typer.Option(..., "--output", "-o", help="Directory for the edited checkpoint."),
+         model: Path = typer.Option(..., "--model", help="Source checkpoint directory (safetensors, sharded or not) "
+                                                         "or .gguf file; only read."),
+         output: Path = typer.Option(..., "--output", "-o", help="Directory for the edited checkpoint (a .gguf file "
+                                                                 "for a GGUF source)."),
          overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it is a previous output.")) -> None:
     """Apply a run's edit plan to a full-precision checkpoint one shard at a time (memory: the largest
-    edited tensor, not the model). Every other file is copied; the output is written atomically."""
+    edited tensor, not the model), or to a GGUF file (only the edited tensors are rewritten). Every
+    other file or tensor is copied; the output is written atomically."""
+    if model.suffix == ".gguf":
+        if overwrite:
+            raise ConfigError("--overwrite: a GGUF output is never replaced; remove it yourself")
+        done = bake_gguf(load_plan(plan), model, output)
+        Console().print(f"baked {done.summary()}: {done.output}", soft_wrap=True)
+        return
     report = bake_checkpoint(load_plan(plan), model, output, overwrite)
     Console().print(f"baked {len(report.edited)} tensors over {report.shards} shard(s) in {report.seconds:.1f} s: "
                     f"{report.output}", soft_wrap=True)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from ..errors import ConfigError
+from ..export.gguf import bake_gguf
+from ..models.aliases import ALIASES, gguf_source
 from ..pipeline import obliterate as run_obliterate
+from ..save import check_output_file
 from .common import RichReporter, metrics_table, out
 from .optimize import print_result
 from .options import DATA_OPTIONS, JUDGE_OPTION, MODEL_OPTIONS, Opt, settings_options
@@ -24,14 +29,23 @@ def obliterate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the edited model."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="Also write the edit as a PEFT LoRA adapter here."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write the edit into a copy of the source GGUF "
+                                                             "(MODEL a .gguf file or a GGUF alias) here."),
     overrides: dict | None = None,
 ) -> None:
     """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH. A preset that searches its
     edit with the optimizer study (optimized, heretic) runs it as `obliteratus optimize` does, with its
     settings."""
+    if gguf is not None:  # checked before any work
+        if not (model.endswith(".gguf") or model in ALIASES):
+            gguf_source(model, Path("."))  # the error that says why
+        check_output_file(gguf, sources=(model if model.endswith(".gguf") else None,), what="a GGUF this command wrote")
     with RichReporter() as reporter:
         result = run_obliterate(model, method, str(output) if output else None, overwrite=overwrite,
                                 overrides=overrides, reporter=reporter, lora=str(lora) if lora else None)
+    if gguf is not None:
+        write_gguf(result, model, gguf)
+
     if result.study is not None:
         out.print(f"preset {method!r} searched its edit with the optimizer study (as `obliteratus optimize`)")
         print_result(result.study, model, method)
@@ -45,3 +59,14 @@ def obliterate(
     out.print(times)
     if result.output:
         out.print(f"saved to {result.output}", soft_wrap=True)
+
+
+def write_gguf(result, model: str, target: Path) -> None:
+    """--gguf: the run's edit plan baked into its source GGUF (export/gguf.py)."""
+    plan = result.edit_plan()
+    if plan is None:
+        why = (result.edit.ops_missing if result.edit is not None else None) or "the run made no weight edit"
+        raise ConfigError(f"--gguf: the edit has no plan to write ({why})")
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.expanduser().resolve().parent) as work:
+        done = bake_gguf(plan, gguf_source(model, Path(work)), target)
+    out.print(f"GGUF: {done.summary()}: {done.output}", soft_wrap=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import IntegrityError, ModelNotFoundError
+from ..errors import ConfigError, IntegrityError, ModelNotFoundError
 from .trust import check_finite, check_gguf, check_loading_info
 
 
@@ -80,6 +80,27 @@ def assemble_parts(parts: list[Path], dest: Path, sha256: str | None) -> str:
 
 def is_prepared(name: str) -> bool:
     return (cache_root() / name / "config.json").is_file()
+
+
+def gguf_source(model: str, work: Path) -> Path:
+    """The GGUF file a run on `model` was made from: `model` itself when it is a .gguf file, else the
+    alias's GGUF (assembled into `work` from its parts, checked by sha256). Anything else is an error."""
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} not found")
+        return path
+    if model in ALIASES:
+        alias = ALIASES[model]
+        paths = alias.part_paths()
+        if len(paths) == 1 and alias.sha256 is None:
+            return paths[0]
+        dest = work / f"{model}.gguf"
+        assemble_parts(paths, dest, alias.sha256)
+        return dest
+    raise ConfigError(f"--gguf rewrites the tensors of a GGUF source; {model!r} is not a .gguf file or an alias built "
+                      "from one (demo, smollm2-135m). For a Hugging Face checkpoint, convert the saved model with "
+                      "llama.cpp's convert_hf_to_gguf.py (docs/install.md)")
 
 
 def strip_gguf_quantizer(model: nn.Module) -> None:
