@@ -17,8 +17,9 @@ back by transformers (``gguf_file=``) and by the ``gguf`` reader, against the in
 5. The ``gguf`` reader: every tensor the plan does not edit has the source's bytes; every metadata key
    is the source's.
 
-llama.cpp: whether the edited file also runs there is not checked here (no llama.cpp build on this
-box; see docs/install.md).
+6. With ``llama_cpp`` importable (llama-cpp-python, built from its PyPI source distribution: there
+   is no binary wheel for this box), both files also run in llama.cpp itself: greedy chat
+   completions of the held-out harmful prompts, refusals by the same judge.
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ def answers(model, tokenizer, texts: list[str], new: int) -> tuple[list[str], to
         gen = model.generate(input_ids=ids, max_new_tokens=new, do_sample=False)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
     return out, torch.stack(logits)
+
+
+def llama_cpp_refusals(path: Path, texts: list[str], new: int) -> int | None:
+    """Refusals of the GGUF at `path` in llama.cpp (greedy chat completions); None without llama_cpp."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from obliteratus.evaluate.judges.markers import is_refusal
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    out = [llm.create_chat_completion([{"role": "user", "content": t}], max_tokens=new, temperature=0.0,
+                                      top_k=1)["choices"][0]["message"]["content"] or "" for t in texts]
+    del llm
+    return sum(map(is_refusal, out))
 
 
 def compare(a: tuple[list[str], torch.Tensor], b: tuple[list[str], torch.Tensor]) -> dict:
@@ -115,6 +131,9 @@ def main() -> None:
                          if n in untouched)
         keys = [f for f in a.fields if not f.startswith("GGUF.")]
         same_keys = sum(b.fields[k].contents() == a.fields[k].contents() for k in keys if k in b.fields)
+        del a, b
+        in_llama = {"unedited": llama_cpp_refusals(source, harmful, args.tokens),
+                    "edited GGUF": llama_cpp_refusals(work / "edited.gguf", harmful, args.tokens)}
     diff = compare(edited_mem, got)
     refusals = {name: sum(map(is_refusal, ans[0][:args.n])) for name, ans in
                 (("unedited", base), ("in-memory edit", edited_mem), ("edited GGUF", got))}
@@ -126,6 +145,11 @@ def main() -> None:
     if floor is not None:
         print(f"floor, unedited GGUF vs the demo model (4 prompts): max |Δ logit| {floor['max_logit']:.2e}")
     print(f"refusals on {where}: " + ", ".join(f"{k} {v}/{args.n}" for k, v in refusals.items()))
+    if in_llama["unedited"] is not None:
+        print(f"in llama.cpp, refusals on the same prompts: unedited {in_llama['unedited']}/{args.n}, edited GGUF "
+              f"{in_llama['edited GGUF']}/{args.n}")
+    else:
+        print("llama.cpp: llama_cpp is not importable here; not run")
     print("over-refusals on the last built-in harmless prompts: " + ", ".join(f"{k} {v}/{args.n}" for k, v in over.items()))
     print(f"untouched tensors with the source's bytes: {same_bytes}/{len(untouched)}; metadata keys equal: "
           f"{same_keys}/{len(keys)}; file {sizes[0] / 2**20:.1f} -> {sizes[1] / 2**20:.1f} MiB; "
@@ -138,7 +162,10 @@ def main() -> None:
             f"{over['in-memory edit']}/{args.n} | |",
             f"| edited GGUF, loaded by transformers | {refusals['edited GGUF']}/{args.n} | {over['edited GGUF']}/{args.n} | "
             f"max \\|Δ logit\\| {diff['max_logit']:.3f}, KL max {diff['kl_max']:.1e}, greedy answers "
-            f"{diff['same']}/{diff['n']} identical |"])
+            f"{diff['same']}/{diff['n']} identical |"]
+            + ([f"| unedited GGUF in llama.cpp | {in_llama['unedited']}/{args.n} | | |",
+                f"| edited GGUF in llama.cpp | {in_llama['edited GGUF']}/{args.n} | | |"]
+               if in_llama["unedited"] is not None else []))
         what = (f"The demo's Q4_K_M GGUF with the `basic` edit at layer 16 (64 + 64 train prompts) baked in "
                 f"(`export.gguf.bake_gguf`, {t_bake:.0f} s): {done.summary()}. Held-out: {where} and the last "
                 f"{args.n} built-in harmless prompts, greedy, {args.tokens} tokens, marker judge.")
