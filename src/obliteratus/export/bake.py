@@ -140,9 +140,11 @@ def _copy_range(src, dst: _Writer, start: int, length: int) -> None:
         length -= len(piece)
 
 
-def bake_shard(src: Path, dst: Path, plan: EditPlanFile, edits: dict[str, list[PlannedOp]]) -> list[str]:
-    """Write `src` to `dst` with the tensors named in `edits` edited; returns their names."""
-    raw, header, start = read_header(src)
+def bake_shard(src: Path, dst: Path, plan: EditPlanFile, edits: dict[str, list[PlannedOp]],
+               head: tuple[bytes, dict, int] | None = None) -> list[str]:
+    """Write `src` to `dst` with the tensors named in `edits` edited; returns their names. `head` is
+    ``read_header(src)`` when the caller has read it already."""
+    raw, header, start = head or read_header(src)
     entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
                      key=lambda kv: kv[1]["data_offsets"][0])
     done = []
@@ -201,7 +203,8 @@ def bake(plan: EditPlanFile, source: str | os.PathLike, output: str | os.PathLik
     want = plan.model.get("model_type")
     if want and model_type and want != model_type:
         raise EditError(f"the plan was made on a {want!r} model; {src} is a {model_type!r} checkpoint")
-    headers = {s: read_header(s)[1] for s in shards}
+    heads = {s: read_header(s) for s in shards}
+    headers = {s: head[1] for s, head in heads.items()}
     edits = _matches(plan, headers)
     out = check_output(output, overwrite, source=str(src))
     report = BakeReport(out, shards=len(shards))
@@ -216,7 +219,7 @@ def bake(plan: EditPlanFile, source: str | os.PathLike, output: str | os.PathLik
             target.parent.mkdir(parents=True, exist_ok=True)
             if path in shard_set:
                 names = {n for n in headers[path] if n in edits}
-                report.edited += bake_shard(path, target, plan, {n: edits[n] for n in names})
+                report.edited += bake_shard(path, target, plan, {n: edits[n] for n in names}, heads[path])
             else:
                 shutil.copy2(path, target)
             report.bytes_written += target.stat().st_size

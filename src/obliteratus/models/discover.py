@@ -769,6 +769,10 @@ class _Discoverer:
                 if o.path.startswith(scope.path + ".") and o.path not in keep and not _is_within(path, o.path)
                 and not _is_within(o.path, path) and not _same(o.out, scope.out) and o.n_calls == 1]
 
+    def entry_norms_in(self, path: str) -> list[str]:
+        """The norms found normalising the stream as it enters a scope within `path` (writers_in)."""
+        return [norm for scope, norm in self.entry_norms.items() if _is_within(scope, path)]
+
     def is_norm(self, c: _Call) -> bool:
         """A leaf module of vector parameters only (a gain, a shift) that maps the hidden state to one of
         the same shape and does not pass a change of it on as it is: a LayerNorm / RMSNorm."""
@@ -1047,8 +1051,7 @@ class _Discoverer:
             if not writers:
                 raise UnsupportedArchitectureError(f"layer {i} ({type(layer).__name__}): no residual writer found")
         # the stream is normalised as it enters the layer (RWKV's first block, MiniMax's layers)
-        entry = [p for p in self.entry_norms if _is_within(p, lc.path)]
-        entry = [self.entry_norms[p] for p in entry]
+        entry = self.entry_norms_in(lc.path)
         biases = []
         if stream_norm is not None or entry:
             # the stream norms' shifts are added to the stream: projected like a bias-only writer (their
@@ -1360,8 +1363,7 @@ class _Discoverer:
         kinds = []
         for i in range(len(self.layers)):
             ws, m = self.layer_writers(i)
-            entry = next((n for p, n in self.entry_norms.items() if _is_within(p, f"{self.layers_path}.0")), None) \
-                if i == 0 else None
+            entry = next(iter(self.entry_norms_in(f"{self.layers_path}.0")), None) if i == 0 else None
             if entry is not None:  # the embeddings reach the stream through layer 0's first norm (RWKV)
                 writers = [replace(w, post_norm=w.post_norm or entry) for w in writers]
             writers += ws
