@@ -1,7 +1,8 @@
-"""Issue 24's campaign: bad inputs through the real CLI, each in its own subprocess on tiny models.
+"""Issue 24's campaign: bad inputs through the real CLI, each in its own process on tiny models.
 
-Every row runs ``python -m obliteratus.cli ARGS`` in a fresh working directory holding only the
-row's files, and must end with its exit code (2 unless given), exactly one line starting with
+Every row runs ``python -m obliteratus.cli ARGS`` (forked from a process that has imported it
+already, tests/support/zygote.py: the same process state without the imports' 3-4 s per row) in a
+fresh working directory holding only the row's files, and must end with its exit code (2 unless given), exactly one line starting with
 ``error:`` that contains the row's needle, no traceback, nothing added to or changed in the
 working directory (no output directory, no ``.tmp-`` leftovers, inputs untouched) and every
 source model's files unchanged. Most rows fail before any model loads; the rows run two at a
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +28,7 @@ import pytest
 import torch
 
 from conftest import save_tiny
+from support.zygote import Zygote
 
 FAST = "--n-train 8 --n-val 4 --n-test 6 --max-new-tokens 8 --set evaluate.ppl_window=64"
 TIMEOUT = 180  # s per row; a row that needs a model loads a 3-layer one in about a second
@@ -141,6 +144,7 @@ def a_plan(cwd: Path, fx: dict) -> None:
     EditPlanFile([PlannedOp((name,), shape, "basis.0", None, 1.0, "in_out")],
                  {"basis.0": torch.nn.functional.normalize(torch.ones(1, shape[1]), dim=-1)},
                  {"model_type": "llama"}).save(cwd / "plan.safetensors")
+
 
 
 GOOD_CSV = "prompt,response,label\nhow?,I cannot help with that.,1\nhi,Hello there!,0\n"
@@ -494,7 +498,7 @@ def fixtures(root: Path) -> dict[str, str]:
     return {**fx, "H": str(root / "harmful.txt"), "S": str(root / "harmless.txt"), "FAST": FAST}
 
 
-def run_case(case: Case, root: Path, fx: dict[str, str], hashes: dict[str, str]) -> Result:
+def run_case(case: Case, root: Path, fx: dict[str, str], hashes: dict[str, str], zygotes: Queue | None = None) -> Result:
     cwd = root / case.id
     cwd.mkdir()
     for name, data in case.files.items():
@@ -505,12 +509,21 @@ def run_case(case: Case, root: Path, fx: dict[str, str], hashes: dict[str, str])
     argv = shlex.split(case.argv.format(**fx))
     env = {**os.environ, **ENV, **case.env}
     start = time.monotonic()
-    try:
-        done = subprocess.run([sys.executable, "-m", "obliteratus.cli", *argv], cwd=cwd, env=env, text=True,
-                              capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-        code, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as timeout:
-        code, out, err = None, str(timeout.stdout or ""), f"timed out after {TIMEOUT}s\n{timeout.stderr or ''}"
+    if zygotes is not None:
+        zygote = zygotes.get()
+        try:
+            code, out, err = zygote.run(argv, cwd, env, TIMEOUT)
+        finally:
+            zygotes.put(zygote)
+        if code is None:
+            err = f"timed out after {TIMEOUT}s\n{err}"
+    else:
+        try:
+            done = subprocess.run([sys.executable, "-m", "obliteratus.cli", *argv], cwd=cwd, env=env, text=True,
+                                  capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+            code, out, err = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired as timeout:
+            code, out, err = None, str(timeout.stdout or ""), f"timed out after {TIMEOUT}s\n{timeout.stderr or ''}"
     seconds = time.monotonic() - start
     changed = [name for name, path in fx.items() if name in hashes and tree_hash(Path(path)) != hashes[name]]
     return Result(code, out, err, before, snapshot(cwd), changed, seconds)
@@ -518,7 +531,7 @@ def run_case(case: Case, root: Path, fx: dict[str, str], hashes: dict[str, str])
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory, request) -> dict[str, Result]:
-    """Runs the selected rows (all, or those `-k` keeps), two subprocesses at a time."""
+    """Runs the selected rows (all, or those `-k` keeps), two processes at a time."""
     selected = {item.callspec.params["case"].id for item in request.session.items
                 if item.module is request.module and getattr(item, "callspec", None) is not None
                 and "case" in item.callspec.params}
@@ -528,8 +541,18 @@ def campaign(tmp_path_factory, request) -> dict[str, Result]:
     hashes = {name: tree_hash(Path(fx[name])) for name in ("llama", "gpt2", "qwen2")}
     (root / "cases").mkdir()
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip((c.id for c in cases), pool.map(lambda c: run_case(c, root / "cases", fx, hashes), cases)))
+    zygotes: Queue | None = None
+    if hasattr(os, "fork"):
+        zygotes = Queue()
+        for _ in range(2):
+            zygotes.put(Zygote({**os.environ, **ENV}))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip((c.id for c in cases),
+                               pool.map(lambda c: run_case(c, root / "cases", fx, hashes, zygotes), cases)))
+    finally:
+        while zygotes is not None and not zygotes.empty():
+            zygotes.get().close()
     print(f"\n{len(cases)} bad inputs in {time.monotonic() - start:.0f}s; slowest: " + ", ".join(
         f"{k} {r.seconds:.1f}s" for k, r in sorted(results.items(), key=lambda kv: -kv[1].seconds)[:5]))
     return results
