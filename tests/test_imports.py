@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 
 from conftest import REPO
+from support.zygote import Zygote
 
 SRC = REPO / "src"
 PACKAGE = SRC / "obliteratus"
@@ -184,20 +185,38 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 # The package's __init__.py imports the pipeline, and with it nearly every module: a submodule is imported
 # under an empty stand-in for the package, so that it gets only what it imports itself.
+# what the zygote imports before forking: the heavy third-party libraries, none of the package
+THIRD_PARTY = ("torch", "numpy", "transformers", "safetensors", "accelerate", "pydantic", "typer", "rich")
 BARE_PACKAGE = ("import sys, types; package = types.ModuleType('obliteratus'); package.__path__ = [{path!r}]; "
                 "sys.modules['obliteratus'] = package; import {name}")
 
 
-def test_every_module_imports_alone_in_a_fresh_interpreter():
+def test_every_module_imports_alone_in_a_fresh_interpreter(tmp_path):
+    """Each module in a process of its own that has imported no module of the package: forked from a
+    zygote that imported only the third-party libraries (tests/support/zygote.py), which is a fresh
+    interpreter as far as the package's own imports go, without paying torch's import each time."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(SRC)}
+    zygotes: Queue = Queue()
+    for _ in range(2):
+        zygotes.put(Zygote(env, THIRD_PARTY))
 
     def load(name: str) -> tuple[str, int, str]:
         code = f"import {name}" if name == "obliteratus" else BARE_PACKAGE.format(path=str(PACKAGE), name=name)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-        return name, done.returncode, done.stderr[-2000:]
+        zygote = zygotes.get()
+        try:
+            done, _, err = zygote.exec(code, tmp_path, env, 300)
+        finally:
+            zygotes.put(zygote)
+        return name, done, err[-2000:]
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        failed = [(n, err) for n, code, err in pool.map(load, sorted(modules())) if code != 0]
+    try:
+        planted = load("obliteratus.no_such_module")  # a failing import is seen as one
+        assert planted[1] != 0 and "No module named" in planted[2], planted
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            failed = [(n, err) for n, code, err in pool.map(load, sorted(modules())) if code != 0]
+    finally:
+        while not zygotes.empty():
+            zygotes.get().close()
     assert not failed, failed
 
 

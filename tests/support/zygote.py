@@ -5,13 +5,18 @@ directory, takes the row's environment, sends stdout and stderr to files, runs `
 row's argv as ``python -m obliteratus.cli`` would, and exits with its code: what a fresh subprocess
 does, less the 3-4 s of imports (the campaign's 260 rows went from about 13 to about 4 minutes).
 
-Protocol: one JSON request per line on stdin ``{"argv", "cwd", "env", "out", "err", "timeout"}``,
-one JSON reply per line on stdout ``{"code": int | null}`` (null: killed after `timeout` seconds).
+tests/test_imports.py uses it too, with a zygote that has imported only the third-party libraries
+(``preload``): each child then imports one module of the package as a fresh interpreter would.
+
+Protocol: one JSON request per line on stdin ``{"argv" | "exec", "cwd", "env", "out", "err",
+"timeout"}`` (argv: a CLI command line; exec: Python source run as ``python -c`` would), one JSON
+reply per line on stdout ``{"code": int | null}`` (null: killed after `timeout` seconds).
 Python's own ``os.fork``: POSIX only; elsewhere the campaign runs plain subprocesses.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -34,11 +39,15 @@ def _child(request: dict) -> None:
             handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(handle, fd)
             os.close(handle)
-        sys.argv = ["obliteratus", *request["argv"]]
-        from obliteratus.cli import main
-
         try:
-            main()
+            if "exec" in request:
+                sys.argv = ["-c"]
+                exec(compile(request["exec"], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                sys.argv = ["obliteratus", *request["argv"]]
+                from obliteratus.cli import main
+
+                main()
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -51,9 +60,9 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
-def serve() -> None:
-    import obliteratus.cli  # noqa: F401  (the imports every child shares)
-
+def serve(preload: list[str]) -> None:
+    for name in preload:  # the imports every child shares
+        importlib.import_module(name)
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -78,13 +87,21 @@ def serve() -> None:
 class Zygote:
     """One zygote process; :meth:`run` is one command line (one at a time per zygote)."""
 
-    def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env, text=True)
+    def __init__(self, env: dict[str, str], preload: tuple[str, ...] = ("obliteratus.cli",)):
+        self.proc = subprocess.Popen([sys.executable, __file__, *preload], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, text=True)
 
     def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
-        out, err = cwd.parent / f".{cwd.name}.out", cwd.parent / f".{cwd.name}.err"
-        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out),
+        """`argv` through the CLI in `cwd` with the environment `env`: (exit code, stdout, stderr)."""
+        return self._request({"argv": argv}, cwd, env, timeout)
+
+    def exec(self, code: str, cwd: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+        """Python source `code`, as ``python -c code`` would run it."""
+        return self._request({"exec": code}, cwd, env, timeout)
+
+    def _request(self, what: dict, cwd: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+        out, err = cwd.parent / f".{cwd.name}.{id(what)}.out", cwd.parent / f".{cwd.name}.{id(what)}.err"
+        self.proc.stdin.write(json.dumps({**what, "cwd": str(cwd), "env": env, "out": str(out),
                                           "err": str(err), "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
         reply = self.proc.stdout.readline()
@@ -104,4 +121,4 @@ if __name__ == "__main__":
     src = Path(__file__).resolve().parents[2] / "src"
     if str(src) not in sys.path and (src / "obliteratus").is_dir():
         sys.path.insert(0, str(src))
-    serve()
+    serve(sys.argv[1:])
