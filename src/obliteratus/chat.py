@@ -30,6 +30,7 @@ from .evaluate.judges.reasoning import opens_reasoning
 from .models import ALIASES
 from .models.load import resolve_source, summon
 from .settings import DataSettings, ModelSettings
+from .models.placement import input_device
 
 
 class ChatOptions(BaseModel):
@@ -97,7 +98,7 @@ def stream_reply(model, tokenizer, ids: list[int], on_text: Callable[[str], None
     """Generate after `ids`, calling `on_text` with each newly complete piece of text; returns the new
     token ids (without the stop token)."""
     stop = eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator().manual_seed(options.seed) if options.temperature > 0 else None
     # transformers >= 5.x names the KV cache argument `cache` (older: `past_key_values`)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

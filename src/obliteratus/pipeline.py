@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,8 +29,9 @@ from .select.layers import LayerSelection, refusal_token_ids
 from .errors import ConfigError, PromptError
 from .evaluate import evaluate_model
 from .excise import EditReport, get_excise_variant
-from .excise.dispatch import apply_edit, build_plan
+from .excise.dispatch import apply_edit, build_plan, check_held, weights_held
 from .excise.kernels import KernelOptions
+from .export.bake import shards_of
 from .export.lora import export_lora
 from .optimize.grid import GridResult, kernels as grid_kernels, search as grid_search
 from .optimize.strategy import StudyEdit
@@ -182,6 +184,10 @@ class Edited:
 def export_adapter(loaded: Loaded, settings: Settings, directions: Directions, lora: str, overwrite: bool) -> None:
     """Write the edit about to be applied as a PEFT LoRA adapter (before the weights change)."""
     ex = settings.excise
+    held = weights_held(loaded.adapter)
+    if held is not None:
+        raise ConfigError(f"--lora takes its factors from the unedited weights, and this model's are {held}: export "
+                          "it from a run on the full-precision model")
     if ex.mode == "hooks" or not get_excise_variant(ex.method).low_rank or ex.neurons is not None or ex.passes > 1 or (
             loaded.adapter.moe_layers and (ex.moe.expert_directions or ex.moe.transplant or ex.moe.stabilise_routers)):
         raise ConfigError("--lora exports one low-rank projection edit; this preset adds steps that are not low rank "
@@ -278,10 +284,29 @@ def steering_spec(loaded: Loaded, directions: Directions, settings: Settings) ->
 RunResult = Run  # the name before the study ran through this driver
 
 
+def check_bake(source: str, settings: Settings, bake_from: str | None, output: str | None,
+               overwrite: bool = False) -> None:
+    """Before any work: `bake_from` is a safetensors checkpoint directory (and there is an output to
+    bake into, outside it); a quantized or offloaded run that saves has a local checkpoint to bake
+    (run.Run.bake_source)."""
+    if bake_from is not None:
+        if output is None:
+            raise ConfigError("--bake-from bakes the edit into a copy of that checkpoint at --output: give one")
+        shards_of(Path(bake_from).expanduser())
+        check_output(output, overwrite, source=bake_from)
+        return
+    m = settings.model
+    if output is not None and (m.quantization != "none" or m.max_memory is not None) and \
+            not Path(source).expanduser().is_dir():
+        raise ConfigError(f"model.quantization / model.max_memory: the edit is baked into the full-precision "
+                          f"checkpoint, and {source!r} is not a local checkpoint directory: pass --bake-from DIR "
+                          "(its safetensors copy)")
+
+
 def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None = None, *, overwrite: bool = False,
                reporter: Reporter | None = None, lora: str | None = None, overrides: dict | None = None,
                study: dict | None = None, run_dir: str | None = None, pick: int | None = None, worker: bool = False,
-               **sections: dict) -> Run:
+               bake_from: str | None = None, **sections: dict) -> Run:
     """Run every stage on `model`: an alias, directory, .gguf file or hub id, or a models.load.Loaded
     (used as it is, not reloaded, and edited in place), with `preset` (a name or a .toml file).
 
@@ -294,7 +319,12 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
     (``optimize.enabled``, ``search = "study"``; also whenever `study` is given). The study's own
     options: `study` (``optimize.study`` fields, over the preset's), `run_dir` (where the default SQLite
     study lives; default ``<output>.study`` or ``obliteratus-runs/<study name>``), `pick` (bake this
-    trial number) and `worker` (only run trials, then return: no edit). Returns a :class:`run.Run`."""
+    trial number) and `worker` (only run trials, then return: no edit).
+
+    With `bake_from` (a full-precision safetensors checkpoint of the same model) REBIRTH bakes the edit
+    plan into it instead of saving the model in memory; a run on quantized or offloaded weights
+    (``model.quantization``, ``model.max_memory``) bakes the directory it loaded when it is given none.
+    Returns a :class:`run.Run`."""
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), deep_merge(overrides or {}, sections))
     given = isinstance(model, Loaded)
@@ -312,6 +342,7 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
         for target, other in ((output, lora), (lora, output)):
             if target is not None:
                 check_output(target, overwrite, source=source, others=(other,))  # fail before any work
+    check_bake(source if not given else model.path, settings, bake_from, output, overwrite)
     splits = split_prompt_sets(settings)  # a bad prompt file fails before the model loads
     timings: dict[str, float] = {}
     with ExitStack() as locks:  # the study's SQLite lock, held until the run is saved
@@ -321,6 +352,7 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
         else:
             with _timed(timings, "summon", reporter):
                 loaded = summon(model, settings.model)
+        check_held(loaded.adapter, settings.excise)  # an edit quantized or offloaded weights cannot take fails now
         with _timed(timings, "probe", reporter):
             prompts = prepare_prompts(loaded.tokenizer, settings, max_positions(loaded.model), splits)
             cache = probe(loaded, prompts, settings, reporter)
@@ -329,7 +361,7 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
         pca = choice.pca(cache)
         del cache
         choice.choose(loaded, prompts, reporter, timings)
-        run = Run(preset, choice.settings, loaded, prompts, choice, timings=timings, pca=pca)
+        run = Run(preset, choice.settings, loaded, prompts, choice, timings=timings, pca=pca, bake_from=bake_from)
         if worker:
             return run
         ev, step = settings.evaluate, reporter.task

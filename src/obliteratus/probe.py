@@ -17,6 +17,7 @@ from .errors import ActivationError
 from .hook_points import hooked
 from .models.adapters import ArchitectureAdapter
 from .shared_prefix import can_share_prefix, forward_inputs
+from .models.placement import input_device
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def collect(
     With `share_prefix`, the prompts' common template prefix runs once per batch (its keys and
     values are shared by every row, shared_prefix.py); the positions kept lie after it, and
     their activations are the same as in full left-padded batches up to float rounding."""
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     n, L, d = len(encoded.ids), adapter.n_layers, adapter.d_model
     shortest = min(len(x) for x in encoded.ids)
     if shortest < positions:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import ObliteratusError
+from .errors import ConfigError, ObliteratusError
+from .excise.dispatch import weights_held
+from .export.bake import prepare_bake, source_digests
 from .export.plan import EditPlanFile, plan_of
 from .models.load import describe
 from .record import RunRecord
@@ -71,6 +73,8 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     pca: dict | None = None  # analysis.pca.run_pca: the report's PCA panels
     output: str | None = None
+    bake_from: str | None = None  # the full-precision checkpoint REBIRTH bakes the edit into (bake_source)
+    _plan: EditPlanFile | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.study is not None:
@@ -137,6 +141,8 @@ class Run:
         if self.edit is None:
             raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
         check_output(output, overwrite, source=self.loaded.source)
+        if self.bake_source() is not None:  # the checkpoint REBIRTH reads: never written, never overlapped
+            check_output(output, overwrite, source=self.bake_source())
         with timed(self.timings, "rebirth", reporter or Reporter()):
             start = time.perf_counter()
 
@@ -146,16 +152,54 @@ class Run:
 
             self.output = str(save_run(self.loaded.model, self.loaded.saves_with, output, record,
                                        self.choice.tensors(), overwrite, steering=getattr(self.choice, "steering", None),
-                                       pca=self.pca, plan=self.edit_plan()))
+                                       pca=self.pca, plan=self.edit_plan(), weights=self.baked_weights()))
         return Path(self.output)
+
+    def bake_source(self) -> str | None:
+        """The checkpoint directory REBIRTH bakes the edit plan into instead of saving the model in
+        memory: ``bake_from`` when given, else the loaded directory when the weights in memory are
+        quantized or offloaded (their full-precision values are on disk, not here); None otherwise."""
+        if self.bake_from is not None:
+            return self.bake_from
+        held = weights_held(self.loaded.adapter)
+        if held is None:
+            return None
+        if Path(self.loaded.path).is_dir():
+            return self.loaded.path
+        raise ConfigError(f"the model's weights are {held}, so REBIRTH bakes the edit into the full-precision "
+                          f"checkpoint, and {self.loaded.source!r} is not a local checkpoint directory: pass "
+                          "bake_from (--bake-from DIR)")
+
+    def baked_weights(self):
+        """save_run's weight writer when the edit is baked (:meth:`bake_source`), else None. The plan's
+        tensor hashes are checked when they are the source's own (the run loaded that directory)."""
+        source = self.bake_source()
+        if source is None:
+            return None
+        plan = self.edit_plan()
+        if plan is None and self.edit.variant == "hooks":  # hook mode: the weights unedited, the steering files beside
+            plan = EditPlanFile([], {}, {"model_type": getattr(self.loaded.model.config, "model_type", None)})
+        if plan is None:
+            raise ConfigError(f"the edit is baked into {source}, and it has no plan: "
+                              f"{self.edit.ops_missing or 'no weight edit'}")
+        prepared = prepare_bake(plan, source)
+        same = Path(source).expanduser().resolve() == Path(self.loaded.path).expanduser().resolve()
+        return lambda tmp: prepared.fill(tmp, check_hashes=same)
 
     def edit_plan(self) -> EditPlanFile | None:
         """The edit as a plan to replay on another copy of the model (export/plan.py); None when the
-        edit is not a sequence of tensor ops (``edit.ops_missing`` says why)."""
+        edit is not a sequence of tensor ops (``edit.ops_missing`` says why). When the run loaded a
+        local safetensors checkpoint, the plan holds the sha256 of every edited tensor there."""
         if self.edit is None or not self.edit.ops:
             return None
-        model_type = getattr(getattr(self.loaded.model, "config", None), "model_type", None)
-        return plan_of(self.loaded.model, self.edit.ops, model_type, self.loaded.source)
+        if self._plan is None:
+            model_type = getattr(getattr(self.loaded.model, "config", None), "model_type", None)
+            plan = plan_of(self.loaded.model, self.edit.ops, model_type, self.loaded.source)
+            digests = source_digests(plan, self.loaded.path)
+            if digests:
+                plan.model["sha256"] = digests
+            self._plan = plan
+        return self._plan
 
 
 __all__ = ["Reporter", "Run", "timed"]

@@ -263,16 +263,21 @@ def model_card(meta: dict) -> str:
 
 def save_run(model, tokenizer, out: str | os.PathLike, metadata: Callable[[], RunRecord | dict],
              tensors: dict[str, torch.Tensor], overwrite: bool = False, steering=None, pca: dict | None = None,
-             plan=None) -> Path:
+             plan=None, weights: Callable[[Path], None] | None = None) -> Path:
     """Save the (edited) model, tokenizer, ``obliteratus.json``, ``directions.safetensors`` and README.md.
     `metadata` (the run record, record.RunRecord; a dict is validated into one) is called after the
     weights are written, so it can include the time that took. A ``steering.SteeringSpec`` is written
     beside them (``summon`` attaches it again), and `pca` (:func:`analysis.pca.run_pca`: the report's
     PCA panels) as ``pca.json``, and the edit plan (export/plan.py ``EditPlanFile``) as
-    ``edit_plan.safetensors``."""
+    ``edit_plan.safetensors``. `weights` writes the weights (and config) into the directory instead of
+    ``model.save_pretrained``: the streaming bake of the plan into a full-precision checkpoint
+    (export/bake.py, for a quantized or offloaded run)."""
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            weights(tmp)
         tokenizer.save_pretrained(tmp)
         record = metadata()
         record = record if isinstance(record, RunRecord) else RunRecord.model_validate(record)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .batching import Batch, Encoded
+from .models.placement import input_device
 
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def _model_obstacle(model, encoded: Encoded, tol: float) -> str | None:
     rows = sorted(set(order[:2] + order[-2:]))
     probe = encoded.subset(rows)
     with torch.inference_mode():
-        why = cache_obstacle(_output_cache(model, probe.common_prefix(), next(model.parameters()).device))
+        why = cache_obstacle(_output_cache(model, probe.common_prefix(), input_device(model)))
     if why is not None:
         return why
     plain = torch.log_softmax(last_logits(model, probe, len(rows)).double(), -1)
@@ -231,7 +232,7 @@ def last_logits(model, encoded: Encoded, batch_size: int = 32, share_prefix: boo
     Only the last position goes through the lm_head (``logits_to_keep=1``). With `share_prefix`,
     the prompts' common prefix runs once per batch (shared_prefix.py)."""
     model = text_model(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows: dict[int, torch.Tensor] = {}
     prefix = encoded.common_prefix() if share_prefix else None
     for batch in encoded.batches(batch_size, device, prefix=prefix):

@@ -133,7 +133,7 @@ def run_dir(meta: str | bytes) -> Callable[[Path, dict], None]:
     return setup
 
 
-def a_plan(cwd: Path, fx: dict) -> None:
+def a_plan(cwd: Path, fx: dict, identity: dict | None = None) -> None:
     """An edit plan of the llama fixture: one direction out of its token embeddings."""
     from obliteratus.export.bake import read_header, shards_of
     from obliteratus.export.plan import EditPlanFile, PlannedOp
@@ -143,8 +143,12 @@ def a_plan(cwd: Path, fx: dict) -> None:
                  for h in [read_header(s)[1]] if name in h)
     EditPlanFile([PlannedOp((name,), shape, "basis.0", None, 1.0, "in_out")],
                  {"basis.0": torch.nn.functional.normalize(torch.ones(1, shape[1]), dim=-1)},
-                 {"model_type": "llama"}).save(cwd / "plan.safetensors")
+                 {"model_type": "llama", **(identity or {})}).save(cwd / "plan.safetensors")
 
+
+def another_models_plan(cwd: Path, fx: dict) -> None:
+    """:func:`a_plan` made on another model: the hash it holds for the embeddings is not the fixture's."""
+    a_plan(cwd, fx, {"sha256": {"model.embed_tokens.weight": "0" * 64}})
 
 
 GOOD_CSV = "prompt,response,label\nhow?,I cannot help with that.,1\nhi,Hello there!,0\n"
@@ -409,6 +413,15 @@ CASES: list[Case] = [
          setup=lambda cwd, fx: (a_plan(cwd, fx), existing_output(cwd, fx))),
     Case("bk-output-is-source", "bake plan.safetensors --model {llama} --output {llama} --overwrite", "source",
          setup=a_plan),
+    Case("bk-hash-mismatch", "bake plan.safetensors --model {llama} --output out", "sha256",
+         setup=another_models_plan),
+    Case("ob-bake-from-no-output", OB + " --bake-from {llama}", "--output"),
+    Case("ob-bake-from-missing", OB + " --bake-from nowhere -o out", "no model.safetensors"),
+    Case("ob-quantization-hub-id", "obliterate org/name --quantization nf4 -o out " + FAST,
+         "not a local checkpoint directory"),
+    Case("ob-quantization-bad", OB + " --quantization nf3", "model.quantization"),
+    Case("ob-max-memory-bad", OB + " --set 'model.max_memory={{cpu=\"lots\"}}'", "GiB"),
+    Case("ob-offload-dir-alone", OB + " --set model.offload_dir=off", "max_memory too"),
     Case("bk-gguf-garbage", "bake plan.safetensors --model m.gguf --output o.gguf", "not a readable gguf",
          {"m.gguf": b"garbage" * 10}, setup=a_plan),
     Case("bk-gguf-overwrite", "bake plan.safetensors --model m.gguf --output o.gguf --overwrite", "never replaced",

@@ -27,6 +27,7 @@ from ..select.layers import refusal_log_odds
 from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from ..probe import collect
+from ..models.placement import input_device
 
 
 def hook_name(j: int, n_layers: int) -> str:
@@ -80,7 +81,7 @@ def patch(adapter: ArchitectureAdapter, target: Encoded, source_acts: torch.Tens
     if source_acts.shape[0] != n:
         raise ValueError(f"{n} target prompts but {source_acts.shape[0]} source activations")
     model, L = adapter.model, adapter.n_layers
-    device = next(model.parameters()).device
+    device = input_device(model)
     clean = torch.empty(n, dtype=torch.float64)
     patched = torch.empty((n, len(layers), k), dtype=torch.float64)
 

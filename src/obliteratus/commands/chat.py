@@ -30,7 +30,8 @@ TEMPLATE_KWARG_HELP = ("Chat-template keyword argument key=value (repeatable), a
 
 
 @settings_options("chat.system", "chat.max_new_tokens", "chat.temperature", "chat.top_p", "chat.seed",
-                  "chat.response_prefix", "model.dtype", "model.device", sets=False, into="given")
+                  "chat.response_prefix", "model.dtype", "model.device", "model.quantization", sets=False,
+                  into="given")
 def chat(
     model: str = typer.Argument(..., help="Alias, local directory, .gguf file or hub id."),
     template_kwarg: Annotated[Optional[list[str]], typer.Option("--template-kwarg", help=TEMPLATE_KWARG_HELP)] = None,
@@ -69,7 +70,8 @@ def compare_table(prompts: list[str], name_a: str, a: list[str], va: list[bool],
 
 
 @settings_options("compare.judge", "compare.column", "compare.max_new_tokens", "compare.batch_size",
-                  "compare.response_prefix", "model.dtype", "model.device", sets=False, into="given")
+                  "compare.response_prefix", "model.dtype", "model.device", "model.quantization", sets=False,
+                  into="given")
 def compare(
     model_a: str = typer.Argument(..., help="First model."),
     model_b: str = typer.Argument(..., help="Second model."),

@@ -31,6 +31,9 @@ def obliterate(
     lora: Optional[Path] = typer.Option(None, "--lora", help="Also write the edit as a PEFT LoRA adapter here."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write the edit into a copy of the source GGUF "
                                                              "(MODEL a .gguf file or a GGUF alias) here."),
+    bake_from: Optional[Path] = typer.Option(None, "--bake-from", help="Bake the edit into this full-precision "
+                                             "safetensors checkpoint (written to --output) instead of saving the "
+                                             "model in memory: for a run on a quantized or offloaded copy."),
     overrides: dict | None = None,
 ) -> None:
     """Run all six stages: SUMMON, PROBE, DISTILL, EXCISE, VERIFY, REBIRTH. A preset that searches its
@@ -42,7 +45,8 @@ def obliterate(
         check_output_file(gguf, sources=(model if model.endswith(".gguf") else None,), what="a GGUF this command wrote")
     with RichReporter() as reporter:
         result = run_obliterate(model, method, str(output) if output else None, overwrite=overwrite,
-                                overrides=overrides, reporter=reporter, lora=str(lora) if lora else None)
+                                overrides=overrides, reporter=reporter, lora=str(lora) if lora else None,
+                                bake_from=str(bake_from) if bake_from else None)
     if gguf is not None:
         write_gguf(result, model, gguf)
 

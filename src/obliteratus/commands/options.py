@@ -180,7 +180,7 @@ def parse_option_args(items: list[str] | None, flag: str = "--option") -> dict:
     return options
 
 
-MODEL_OPTIONS = ("model.dtype", "model.device")  # the CLI options of settings, by settings path
+MODEL_OPTIONS = ("model.dtype", "model.device", "model.quantization")  # the CLI options of settings, by settings path
 DATA_OPTIONS = ("data.harmful", "data.harmless", "data.column", "data.n_train", "data.n_val", "data.n_test",
                 "data.seed", "data.chat_template")
 JUDGE_OPTION = Opt("evaluate.judge", ("--judge",))

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from ..models.placement import input_device
 
 
 @dataclass
@@ -83,7 +84,7 @@ def final_logits(adapter, residual: torch.Tensor, batch_size: int = 64) -> torch
     """Logits from final residuals [n, d] (before the final norm): final norm, lm_head, and the
     final logit soft-cap of Gemma 2/3 when the config has one. Float32 on CPU."""
     model = adapter.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     dtype = adapter.lm_head.weight.dtype
     cap = getattr(model.config, "final_logit_softcapping", None)
     out = []

@@ -34,6 +34,7 @@ from .base import Directions, FitContext, get_direction_method, orthonormalize, 
 from .contrast import Contrast, filter_by_refusal, final_logits, split_by_refusal
 from .diff_means import mean_difference
 from .project_harmless import orthogonalize_against
+from ..models.placement import input_device
 
 if TYPE_CHECKING:
     from ..pipeline import PromptSets
@@ -127,7 +128,7 @@ def fit_basis(loaded, contrast: Contrast, selection: LayerSelection, mean_diffs:
                               f"method {method.name!r} does not support it")
         return direction_at(mean_diffs[p], source_index(settings, loaded.adapter.n_layers))[None], {}
     ctx = FitContext(contrast.positive[:, p, layer], contrast.negative[:, p, layer], k, options, layer, p,
-                     mean_diffs[p, layer], device=next(loaded.model.parameters()).device, loaded=loaded,
+                     mean_diffs[p, layer], device=input_device(loaded.model), loaded=loaded,
                      settings=settings, train=train, encode=encode, harmful_texts=harmful_texts, cache=cache, task=task)
     fitted = method.fit_context(ctx)
     return fitted.rows, fitted.fit

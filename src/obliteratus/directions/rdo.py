@@ -50,6 +50,7 @@ from ..errors import ObliteratusError, PromptError
 from ..evaluate.generate import eos_ids, generate
 from ..hook_points import hooked
 from .base import Basis, FitContext, orthonormalize, register_direction_method, shares_prefix
+from ..models.placement import input_device
 
 
 class RdoOptions(BaseModel):
@@ -155,7 +156,7 @@ def rdo_targets(model, adapter, tokenizer, harmful: Encoded, harmless: Encoded, 
     alpha = float(mean_diff.double().norm())
     if not alpha > 0:
         raise ObliteratusError("rdo targets: the difference of means at the source layer is zero")
-    r = mean_diff.detach().float().to(next(model.parameters()).device)
+    r = mean_diff.detach().float().to(input_device(model))
     stop = eos_ids(model, tokenizer) | set(tokenizer.all_special_ids)
     with hooked(adapter, ablation_hooks(adapter.n_layers, r)):
         ablation = generate(model, tokenizer, harmful, max_new_tokens, batch_size, share_prefix=share_prefix)
@@ -205,7 +206,7 @@ class _Problem:
     def __init__(self, model, adapter, harmful, harmless, targets: RdoTargets, layer: int, options: RdoOptions):
         self.model, self.adapter, self.harmful, self.harmless = model, adapter, harmful, harmless
         self.targets, self.layer, self.o = targets, layer, options
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
 
     def run(self, direction: Callable[[], torch.Tensor], idx: list[int], scale: float, backward: bool) -> float:
         """Σ weighted losses of direction() over the prompt pairs idx, times scale / len(idx)."""

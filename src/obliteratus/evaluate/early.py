@@ -44,6 +44,7 @@ from ..shared_prefix import generate_inputs, text_model
 from .judges import markers
 from .judges.reasoning import opens_reasoning, split_reasoning
 from .generate import eos_ids
+from ..models.placement import input_device
 
 _TAIL = 32  # prompt tokens decoded to see whether the prompt ends inside a reasoning block
 
@@ -121,7 +122,7 @@ def judge_batches(model, tokenizer, encoded: Encoded, tokens: int = 32, batch_si
     `share_prefix`, the prompts' common prefix runs once per batch (shared_prefix.py). A wrapper
     whose generate wants pixels generates through its language model (shared_prefix.text_model)."""
     model = text_model(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=sorted(stop) or None)

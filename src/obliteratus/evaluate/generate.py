@@ -10,6 +10,7 @@ from transformers import GenerationConfig
 
 from ..batching import Encoded
 from ..shared_prefix import generate_inputs, text_model
+from ..models.placement import input_device
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -62,7 +63,7 @@ def generate(model, tokenizer, encoded: Encoded, max_new_tokens: int = 64, batch
     ``can_share_prefix`` first); with `record`, the first tokens' log-probs are kept. A multimodal
     wrapper whose generate wants pixels generates through its language model (shared_prefix.text_model)."""
     model = text_model(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     stop = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=sorted(stop) or None)

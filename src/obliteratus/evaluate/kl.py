@@ -15,6 +15,7 @@ import torch
 
 from ..batching import Encoded
 from ..shared_prefix import forward_inputs, text_model
+from ..models.placement import input_device
 
 
 @dataclass
@@ -29,7 +30,7 @@ class KLReference:
 def _teacher_forced_logprobs(model, encoded: Encoded, continuations: list[list[int]], n: int,
                              batch_size: int, share_prefix: bool = False) -> list[torch.Tensor]:
     model = text_model(model)  # a wrapper whose forward wants pixels: its language model
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
     prefix = encoded.common_prefix() if share_prefix else None
     for batch in encoded.batches(batch_size, device, suffix=continuations, prefix=prefix):

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
+from ..models.placement import input_device
 
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, window: int = 256, batch_size: int = 8) -> float:
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
     chunks = [c for c in chunks if len(c) > 1]

@@ -7,6 +7,7 @@ optional lm_head input side) — see plan.py for the math.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -14,6 +15,7 @@ import torch
 
 from ..errors import EditError
 from ..models.adapters import ArchitectureAdapter
+from ..models.quantized import float_weight, logical_shape, store_weight
 from .base import register_excise_variant
 from .plan import EditPlan, WriterEdit, lm_head_edit, resolve, writer_layer
 from .projection import Layout, edit_tensor
@@ -34,6 +36,10 @@ class TensorOp:
     lam: float = 1.0
     layout: Layout | Literal["vector"] = "out_in"
     norm_preserve: bool = False
+    # the tensor's state-dict names and logical shape, taken when the op is made (accelerate replaces an
+    # offloaded parameter's object at every forward, so identity names it only until then)
+    names: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         return edit_tensor(weight, self.write, self.read, self.lam, self.layout, self.norm_preserve)
@@ -58,10 +64,13 @@ class EditReport:
     # the JSON record: export/plan.py saves them as the run's edit plan
     ops: list[TensorOp] | None = field(default=None, repr=False, compare=False)
     ops_missing: str | None = None  # why ops is None
+    # offloaded weights: the edit attached as hooks (excise/dispatch.py), removed by closing this
+    hooks: ExitStack | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        out = asdict(replace(self, ops=None))
+        out = asdict(replace(self, ops=None, hooks=None))
         out.pop("ops")
+        out.pop("hooks")
         return out
 
 
@@ -85,12 +94,15 @@ def resolve_biases(adapter: ArchitectureAdapter, q: torch.Tensor | None, lam: fl
 
 @torch.no_grad()
 def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: ExciseSettings,
-           plan: EditPlan | None = None) -> EditReport:
+           plan: EditPlan | None = None, *, write: bool = True) -> EditReport:
     """W' = W − λ·s·Uᵀ(R W) on the residual side of each writer (b' = b − λ·s·Uᵀ(R b)); with no
     plan, U = R = q and s = 1, i.e. W' = W − λ·QᵀQ·W. ``report.ops`` records it as TensorOps.
 
     Each new weight is computed in float32 on a copy, checked to be finite, then written back in
-    the stored dtype. Nothing is written if any edit would be non-finite."""
+    the stored dtype. Nothing is written if any edit would be non-finite. A bitsandbytes-packed
+    weight is dequantized, edited and quantized again with its own settings (models/quantized.py).
+    With ``write=False`` nothing is read or written: the report names the edit and holds its ops
+    (offloaded weights: the pipeline applies them as hooks and bakes them into the source)."""
     given = plan
     plan = plan or EditPlan()
     q = None if q is None else q.detach().float()
@@ -105,26 +117,49 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
                         post_writer_norm=adapter.post_writer_norm, skipped=skipped,
                         plan=None if given is None else plan.describe())
 
+    names: dict[int, list[str]] = {}
+    for name, p in adapter.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+
+    def op(param, write, read, lam, layout, preserve=False):
+        return TensorOp(param, write, read, lam, layout, preserve, tuple(names.get(id(param), ())),
+                        logical_shape(param))
+
     def ops_of(e):  # the TensorOps of one writer
         weight = e.writer.weight
         if e.writer.bias_only:  # a bias-only writer: the vector itself, projected as a bias
-            yield TensorOp(weight, e.write, e.read, e.lam, "vector")
+            yield op(weight, e.write, e.read, e.lam, "vector")
             return
-        yield TensorOp(weight, e.write, e.read, e.lam, e.writer.layout, norm_preserve)
+        yield op(weight, e.write, e.read, e.lam, e.writer.layout, norm_preserve)
         if settings.biases and e.writer.bias is not None:
-            yield TensorOp(e.writer.bias, e.write, e.read, e.lam, "vector")
+            yield op(e.writer.bias, e.write, e.read, e.lam, "vector")
 
     def new_params(e):  # (param, new value in the stored dtype) for one writer
         for op in ops_of(e):
-            yield op.param, op.apply(op.param.detach())
+            yield op.param, op.apply(float_weight(op.param))
 
     def head_op():  # lm_head input side: W_U' = W_U − λ·(W_U Uᵀ) R (the in_out form with U, R swapped)
         write, read, lam = head
-        return TensorOp(adapter.lm_head.weight, write if read is None else read, write, lam, "in_out")
+        return op(adapter.lm_head.weight, write if read is None else read, write, lam, "in_out")
 
     def head_param():
         op = head_op()
-        return op.param, op.apply(op.param.detach())
+        return op.param, op.apply(float_weight(op.param))
+
+    if not write:
+        report.ops = [op for e in [*edits, *biases] for op in ops_of(e)] + ([head_op()] if head is not None else [])
+        for e in edits:  # named as the writes below name them
+            report.writer_weights[e.writer.name] = e.strength
+            report.edited += [f"{e.writer.name}.{'weight' if op.param is e.writer.weight else 'bias'}"
+                              for op in ops_of(e)]
+        for e in biases:
+            report.writer_weights[e.writer.name] = e.strength
+            report.edited += [f"{e.writer.name}.{e.writer.param}" for _ in ops_of(e)]
+        if head is not None:
+            report.edited.append("lm_head.weight")
+            report.lm_head_input_edited = True
+        report.tied_lm_head_edited = adapter.tied_lm_head and any(e.writer.module is adapter.embeddings[0] for e in edits)
+        return report
 
     # Pass 1 checks every edit (in the stored dtype, where fp16 can overflow) without keeping it, so
     # a failure leaves the model untouched and memory stays at one matrix; pass 2 writes.
@@ -140,21 +175,21 @@ def excise(adapter: ArchitectureAdapter, q: torch.Tensor | None, settings: Excis
     for e in edits:
         writer = e.writer
         for param, new in new_params(e):
-            param.copy_(new)
+            store_weight(param, new)
             report.edited.append(f"{writer.name}.{'weight' if param is writer.weight else 'bias'}")
         report.writer_weights[writer.name] = e.strength
-        weight = writer.weight.detach().float()
+        weight = float_weight(writer.weight).float()
         r = (e.write if e.read is None else e.read).to(weight.device)
         along = (r @ weight) if writer.layout == "out_in" else (weight @ r.T)
         report.max_residual = max(report.max_residual, float(along.abs().max() / weight.abs().max().clamp_min(1e-12)))
     for e in biases:
         for param, new in new_params(e):
-            param.copy_(new)
+            store_weight(param, new)
             report.edited.append(f"{e.writer.name}.{e.writer.param}")
         report.writer_weights[e.writer.name] = e.strength
     if head is not None:
         param, new = head_param()
-        param.copy_(new)
+        store_weight(param, new)
         report.edited.append("lm_head.weight")
         report.lm_head_input_edited = True
     report.tied_lm_head_edited = adapter.tied_lm_head and any(

@@ -50,6 +50,7 @@ from ..errors import EditError
 from ..hook_points import hooked, module_hooks
 from ..models.adapters import ArchitectureAdapter, Layout, Writer
 from .projection import norm_preserving_project, project_out
+from ..models.placement import input_device
 
 # ---------------------------------------------------------------------------- pure math (torch only)
 
@@ -196,7 +197,7 @@ def collect_routing(adapter: ArchitectureAdapter, encoded: Encoded, positions: i
             buf[("p", i)] = torch.softmax(logits.float(), dim=-1)
         return fn
 
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     names = [(f"layers.{i}.resid_post", keep_h(i)) for i in layers]
     routers = [(adapter.router(i), keep_p(i)) for i in layers]
     with torch.inference_mode(), hooked(adapter, names), module_hooks(routers):
@@ -286,7 +287,7 @@ def router_inputs(adapter: ArchitectureAdapter, encoded: Encoded, batch_size: in
             buf[i] = args[0]  # [b·t, d] (or [b, t, d])
         return fn
 
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     with torch.inference_mode(), module_hooks([(adapter.router(i), keep(i)) for i in adapter.moe_layers], pre=True):
         for batch in encoded.batches(batch_size, device):
             adapter.body(**batch.inputs(), use_cache=False)

@@ -20,6 +20,7 @@ conversions: per-expert MoE tensors fused at load) is refused with the names it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -141,9 +142,10 @@ def _copy_range(src, dst: _Writer, start: int, length: int) -> None:
 
 
 def bake_shard(src: Path, dst: Path, plan: EditPlanFile, edits: dict[str, list[PlannedOp]],
-               head: tuple[bytes, dict, int] | None = None) -> list[str]:
+               head: tuple[bytes, dict, int] | None = None, digests: dict[str, str] | None = None) -> list[str]:
     """Write `src` to `dst` with the tensors named in `edits` edited; returns their names. `head` is
-    ``read_header(src)`` when the caller has read it already."""
+    ``read_header(src)`` when the caller has read it already; `digests` (name -> sha256 of the stored
+    bytes, the plan's :attr:`~EditPlanFile.digests`) are checked on each edited tensor as it is read."""
     raw, header, start = head or read_header(src)
     entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
                      key=lambda kv: kv[1]["data_offsets"][0])
@@ -151,14 +153,14 @@ def bake_shard(src: Path, dst: Path, plan: EditPlanFile, edits: dict[str, list[P
     with open(src, "rb") as f, open(dst, "wb") as file:
         out = _Writer(file)
         try:
-            _bake_entries(f, out, raw, start, entries, plan, edits, src, done)
+            _bake_entries(f, out, raw, start, entries, plan, edits, src, done, digests or {})
         finally:
             out.close()
     return done
 
 
 def _bake_entries(f, out: _Writer, raw: bytes, start: int, entries, plan: EditPlanFile,
-                  edits: dict[str, list[PlannedOp]], src: Path, done: list[str]) -> None:
+                  edits: dict[str, list[PlannedOp]], src: Path, done: list[str], digests: dict[str, str]) -> None:
     out.write(raw)
     pos = 0
     for name, info in entries:
@@ -175,6 +177,10 @@ def _bake_entries(f, out: _Writer, raw: bytes, start: int, entries, plan: EditPl
             f.seek(start + begin)
             if raw_w.nbytes != end - begin or f.readinto(memoryview(raw_w)) != raw_w.nbytes:
                 raise ObliteratusError(f"{src}: {name} is cut short")
+            if name in digests and hashlib.sha256(memoryview(raw_w)).hexdigest() != digests[name]:
+                raise EditError(f"{src}: {name} is not the tensor the plan was made on (its sha256 differs): another "
+                                "model or revision; pass --skip-hash-check only if it is the same model stored "
+                                "differently")
             for op in edits[name]:
                 w = plan.apply_op(op, w)
             if not all_finite(w):
@@ -189,28 +195,34 @@ def _bake_entries(f, out: _Writer, raw: bytes, start: int, entries, plan: EditPl
 
 
 def bake(plan: EditPlanFile, source: str | os.PathLike, output: str | os.PathLike,
-         overwrite: bool = False) -> BakeReport:
+         overwrite: bool = False, check_hashes: bool = True) -> BakeReport:
     """Apply `plan` to the safetensors checkpoint in directory `source`, writing the edited checkpoint
-    (with every other file of the directory) to `output`, atomically. The source is only read."""
-    t0 = time.perf_counter()
-    src = Path(source).expanduser().resolve()
-    if not src.is_dir():
-        raise ModelNotFoundError(f"{src} is not a checkpoint directory" + (
-            " (a GGUF file: the GGUF bake is not written yet)" if src.suffix == ".gguf" else ""))
-    shards = shards_of(src)
-    config = src / "config.json"
-    model_type = json.loads(config.read_text("utf-8")).get("model_type") if config.is_file() else None
-    want = plan.model.get("model_type")
-    if want and model_type and want != model_type:
-        raise EditError(f"the plan was made on a {want!r} model; {src} is a {model_type!r} checkpoint")
-    heads = {s: read_header(s) for s in shards}
-    headers = {s: head[1] for s, head in heads.items()}
-    edits = _matches(plan, headers)
-    out = check_output(output, overwrite, source=str(src))
-    report = BakeReport(out, shards=len(shards))
+    (with every other file of the directory) to `output`, atomically. The source is only read. With
+    `check_hashes`, every edited tensor whose sha256 the plan holds must have it."""
+    prepared = prepare_bake(plan, source)
+    out = check_output(output, overwrite, source=str(prepared.source))
+    write_atomically(out, overwrite, lambda tmp: prepared.fill(tmp, check_hashes))
+    prepared.report.output = out
+    return prepared.report
 
-    def fill(tmp: Path) -> None:
-        shard_set = set(shards)
+
+@dataclass
+class PreparedBake:
+    """A bake whose checks passed (:func:`prepare_bake`); :meth:`fill` writes it into a directory."""
+
+    plan: EditPlanFile
+    source: Path
+    shards: list[Path]
+    heads: dict[Path, tuple[bytes, dict, int]]
+    edits: dict[str, list[PlannedOp]]
+    report: BakeReport
+
+    def fill(self, tmp: Path, check_hashes: bool = True) -> None:
+        """Write the edited checkpoint and every other file of the source directory into `tmp`."""
+        t0 = time.perf_counter()
+        src, report, edits = self.source, self.report, self.edits
+        digests = self.plan.digests if check_hashes else {}
+        shard_set = set(self.shards)
         for path in sorted(src.rglob("*")):
             rel = path.relative_to(src)
             if path.name in (MARKER, OWNER) or path.is_dir():
@@ -218,16 +230,67 @@ def bake(plan: EditPlanFile, source: str | os.PathLike, output: str | os.PathLik
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if path in shard_set:
-                names = {n for n in headers[path] if n in edits}
-                report.edited += bake_shard(path, target, plan, {n: edits[n] for n in names}, heads[path])
+                names = {n for n in self.heads[path][1] if n in edits}
+                report.edited += bake_shard(path, target, self.plan, {n: edits[n] for n in names}, self.heads[path],
+                                            digests)
             else:
                 shutil.copy2(path, target)
             report.bytes_written += target.stat().st_size
         (tmp / "obliteratus_bake.json").write_text(json.dumps({
-            "source": str(src), "plan_model": plan.model, "edited": sorted(report.edited),
-            "ops": len(plan.ops)}, indent=2) + "\n", "utf-8")
+            "source": str(src), "plan_model": self.plan.model, "edited": sorted(report.edited),
+            "ops": len(self.plan.ops), "hashes_checked": bool(digests)}, indent=2) + "\n", "utf-8")
+        report.edited.sort()
+        report.seconds += time.perf_counter() - t0
 
-    write_atomically(out, overwrite, fill)
-    report.edited.sort()
-    report.seconds = time.perf_counter() - t0
-    return report
+
+def prepare_bake(plan: EditPlanFile, source: str | os.PathLike) -> PreparedBake:
+    """Check that `plan` applies to the checkpoint in directory `source` (names, shapes, dtypes, model
+    type) without writing anything."""
+    t0 = time.perf_counter()
+    src = Path(source).expanduser().resolve()
+    if not src.is_dir():
+        raise ModelNotFoundError(f"{src} is not a checkpoint directory" + (
+            " (a GGUF file: export/gguf.py bakes those)" if src.suffix == ".gguf" else ""))
+    shards = shards_of(src)
+    config = src / "config.json"
+    config = json.loads(config.read_text("utf-8")) if config.is_file() else {}
+    model_type = config.get("model_type")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise EditError(f"{src} is a {method} checkpoint: its weights are stored quantized; bake the plan into the "
+                        "full-precision checkpoint it was made from")
+    want = plan.model.get("model_type")
+    if want and model_type and want != model_type:
+        raise EditError(f"the plan was made on a {want!r} model; {src} is a {model_type!r} checkpoint")
+    heads = {s: read_header(s) for s in shards}
+    edits = _matches(plan, {s: head[1] for s, head in heads.items()})
+    return PreparedBake(plan, src, shards, heads, edits, BakeReport(src, shards=len(shards),
+                                                                    seconds=time.perf_counter() - t0))
+
+
+def source_digests(plan: EditPlanFile, source: str | os.PathLike) -> dict[str, str]:
+    """sha256 of the stored bytes of every tensor `plan` edits in the safetensors checkpoint `source`
+    (the plan's identity check, :attr:`EditPlanFile.digests`); {} when `source` is not one."""
+    src = Path(source).expanduser()
+    try:
+        shards = shards_of(src) if src.is_dir() else []
+    except ModelNotFoundError:
+        return {}
+    wanted = {name for op in plan.ops for name in op.names}
+    out = {}
+    for shard in shards:
+        _, header, start = read_header(shard)
+        with open(shard, "rb") as f:
+            for name, info in header.items():
+                if name in wanted and name != "__metadata__":
+                    begin, end = info["data_offsets"]
+                    f.seek(start + begin)
+                    digest, left = hashlib.sha256(), end - begin
+                    while left:
+                        piece = f.read(min(PIECE, left))
+                        if not piece:
+                            raise ObliteratusError(f"{shard}: {name} is cut short")
+                        digest.update(piece)
+                        left -= len(piece)
+                    out[name] = digest.hexdigest()
+    return out

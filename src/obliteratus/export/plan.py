@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import EditError, ObliteratusError
 from ..excise.apply import TensorOp
 from ..excise.projection import all_finite, edit_tensor
+from ..models.quantized import float_weight, logical_shape, store_weight
 
 PLAN_FILE = "edit_plan.safetensors"
 FORMAT = "obliteratus-edit-plan/1"
@@ -63,6 +64,12 @@ class EditPlanFile:
     def apply_op(self, op: PlannedOp, weight: torch.Tensor) -> torch.Tensor:
         read = None if op.read is None else self.bases[op.read]
         return edit_tensor(weight, self.bases[op.write], read, op.lam, op.layout, op.norm_preserve)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Tensor name -> sha256 of its stored bytes in the checkpoint the plan was made on (when that
+        was a local safetensors checkpoint): the bake checks each edited tensor against it."""
+        return dict(self.model.get("sha256") or {})
 
     def by_name(self) -> dict[str, list[PlannedOp]]:
         """Every name of an edited tensor -> its ops in order."""
@@ -101,10 +108,10 @@ def plan_of(model: nn.Module, ops: list[TensorOp], model_type: str, source: str 
 
     planned = []
     for op in ops:
-        found = names.get(id(op.param))
+        found = op.names or names.get(id(op.param))
         if not found:
             raise EditError(f"an edited tensor of shape {tuple(op.param.shape)} is not a parameter of the model")
-        planned.append(PlannedOp(tuple(found), tuple(op.param.shape), key(op.write),
+        planned.append(PlannedOp(tuple(found), op.shape or logical_shape(op.param), key(op.write),
                                  None if op.read is None else key(op.read), float(op.lam), op.layout,
                                  bool(op.norm_preserve)))
     return EditPlanFile(planned, bases, {"model_type": model_type, "source": source,
@@ -153,16 +160,16 @@ def apply_plan(model: nn.Module, plan: EditPlanFile) -> list[str]:
         if name is None:
             raise EditError(f"the model has no parameter {' / '.join(op.names)}: the plan was made on another "
                             "architecture")
-        if tuple(params[name].shape) != op.shape:
+        if logical_shape(params[name]) != op.shape:
             raise EditError(f"{name}: the plan edits a {list(op.shape)} tensor, the model's is "
-                            f"{list(params[name].shape)}: another model size")
+                            f"{list(logical_shape(params[name]))}: another model size")
         todo.append((name, op))
     chains: dict[str, list[PlannedOp]] = {}  # a tensor's ops only read that tensor: replay them per tensor
     for name, op in todo:
         chains.setdefault(name, []).append(op)
 
     def edited(name: str) -> torch.Tensor:
-        w = params[name].detach()
+        w = float_weight(params[name])
         for op in chains[name]:
             w = plan.apply_op(op, w)
         return w
@@ -171,5 +178,5 @@ def apply_plan(model: nn.Module, plan: EditPlanFile) -> list[str]:
         if not all_finite(edited(name)):
             raise EditError(f"the plan's edit of {name} is not finite; nothing was changed")
     for name in chains:
-        params[name].copy_(edited(name))
+        store_weight(params[name], edited(name))
     return sorted(chains)

@@ -16,14 +16,16 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
                                                     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
                                                     MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-from ..errors import IntegrityError, ModelNotFoundError, UnsupportedArchitectureError
+from ..errors import ConfigError, IntegrityError, ModelNotFoundError, UnsupportedArchitectureError
 from ..steering import attach_steering, has_steering, load_steering
 from .adapters import ArchitectureAdapter
 from .aliases import ALIASES, prepare, strip_gguf_quantizer
 from .options import ModelSettings
 from .packed import pack_linears
+from .quantized import quantization_config, track_modules
 from .trust import (check_finite, check_gguf, check_loading_info, check_local_dir, check_tokenizer,
                     corrupt_safetensors, explain_load_error)
+from .placement import input_device
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class Loaded:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
 
 def resolve_source(source: str) -> tuple[str, str | None]:
@@ -148,6 +150,36 @@ def load_processor(where: str, auto: type, trust_remote_code: bool):
                                  f"saved with the edited model): {str(err).splitlines()[0]}") from None
 
 
+def placement(settings: ModelSettings, device: str, dtype: torch.dtype, gguf_file: str | None,
+              where: str | None = None) -> dict:
+    """from_pretrained's device map, memory limits and quantization for `settings` (models/quantized.py):
+    one device by default, accelerate's ``auto`` map over several GPUs or with ``max_memory``, and
+    bitsandbytes for ``quantization`` (on the CPU too: bitsandbytes >= 0.45 has a CPU backend)."""
+    out: dict = {}
+    if settings.quantization != "none":
+        if gguf_file:
+            raise ConfigError(f"model.quantization = {settings.quantization!r}: a GGUF file is dequantized by "
+                              "transformers; quantize a safetensors checkpoint instead")
+        out["quantization_config"] = quantization_config(settings.quantization, dtype)
+        out["device_map"] = device  # bitsandbytes quantizes while loading onto the device
+    if settings.max_memory is not None:
+        out["device_map"] = "auto"
+        out["max_memory"] = settings.device_max_memory()
+        if settings.offload_dir is not None:
+            folder = Path(settings.offload_dir).expanduser().resolve()
+            model_dir = Path(where).resolve() if where is not None and Path(where).is_dir() else None
+            if model_dir is not None and (folder == model_dir or model_dir in folder.parents
+                                          or folder in model_dir.parents):
+                raise ConfigError(f"model.offload_dir {folder} overlaps the model's directory {where}: offloaded "
+                                  "weights are written there; give a scratch directory outside it")
+            out["offload_folder"] = str(folder)
+    elif settings.offload_dir is not None:
+        raise ConfigError("model.offload_dir is where model.max_memory offloads to: set max_memory too")
+    elif device == "cuda" and torch.cuda.device_count() > 1:
+        out["device_map"] = "auto"
+    return out
+
+
 def summon(source: str, settings: ModelSettings | None = None, *, steering: bool = True) -> Loaded:
     """Load `source` for inference (eval mode, no grad) with its architecture adapter.
 
@@ -170,8 +202,7 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
                         ignore_mismatched_sizes=True, use_safetensors=None if settings.allow_pickle else True)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        kwargs["device_map"] = "auto"
+    kwargs.update(placement(settings, device, dtype, gguf_file, where))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as err:  # no tokenizer files, or ones it cannot build
@@ -198,8 +229,9 @@ def summon(source: str, settings: ModelSettings | None = None, *, steering: bool
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    track_modules(model)  # bitsandbytes 8-bit weights: their scales move into the module at the first forward
     check_finite(model, source, dtype)  # before packing: the packed copies are made from these weights
-    if device == "cpu" and settings.cpu_pack == "auto":
+    if device == "cpu" and settings.cpu_pack == "auto" and "device_map" not in kwargs:
         pack_linears(model)
     processor = None if gguf_file else load_processor(where, auto, settings.trust_remote_code)
     check_tokenizer(tokenizer, source)  # pad = eos when it has no pad token; the chat template renders

@@ -3,9 +3,12 @@ the judges that load a model of their own can build one, and settings.py mounts 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)$", re.IGNORECASE)
 
 
 class ModelSettings(BaseModel):
@@ -30,6 +33,41 @@ class ModelSettings(BaseModel):
                             "when that copy would not fit); off: plain GEMM (timings: "
                             "docs/journal/option-measurements.md)."
     )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Load the weights in 4-bit (nf4, double-quantized) or 8-bit (int8) with bitsandbytes "
+                            "(the quant extra) for PROBE, DISTILL, VERIFY and the optimizer's trials; the edit is "
+                            "made on the dequantized weights and quantized again, and REBIRTH bakes the edit plan "
+                            "into the full-precision source (docs/big-models.md)."
+    )
+    max_memory: dict[str, str] | None = Field(
+        None, description="Memory per device for accelerate's device map, e.g. {0 = \"20GiB\", cpu = \"64GiB\"}: "
+                          "what does not fit is offloaded to the CPU, then to model.offload_dir. An offloaded run "
+                          "scores its edit with hooks and bakes it into the source checkpoint."
+    )
+    offload_dir: str | None = Field(
+        None, description="Directory for the weights offloaded to disk (with model.max_memory); scratch space, "
+                          "never the model's own directory."
+    )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty table: leave max_memory unset to load everything on one device")
+        for device, size in value.items():
+            if not (device.isdigit() or device in ("cpu", "mps", "disk")):
+                raise ValueError(f"device {device!r}: a GPU index (0, 1, ...), cpu or disk")
+            if not _SIZE.match(str(size).strip()):
+                raise ValueError(f"{device} = {size!r}: a size such as \"20GiB\" or \"512MB\"")
+        return value
+
+    def device_max_memory(self) -> dict | None:
+        """max_memory as accelerate takes it: GPU indices as ints."""
+        if self.max_memory is None:
+            return None
+        return {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
 
 
 __all__ = ["ModelSettings"]

@@ -21,6 +21,7 @@ from ..directions.base import get_direction_method
 from ..directions.driver import distill
 from ..errors import ConfigError
 from ..excise.apply import excise
+from ..excise.dispatch import edit_held
 from ..models import ALIASES
 from ..models.load import resolve_source
 from ..run import timed
@@ -135,7 +136,7 @@ class StudyEdit:
         chosen = result.chosen
         self.q, self.plan = scaled_plan(chosen.params, self.mean_diffs, loaded.adapter.n_layers, ex.lam,
                                         result.strength, self.basis)
-        edit = excise(loaded.adapter, self.q, ex, plan=self.plan)
+        edit = edit_held(loaded.adapter, self.q, ex, self.plan) or excise(loaded.adapter, self.q, ex, plan=self.plan)
         edit.details.update(trial=chosen.number, strength=result.strength)
         return edit
 

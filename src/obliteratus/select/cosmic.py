@@ -45,6 +45,7 @@ from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from .base import SelectContext, register_layer_selector
 from .layers import Candidate, LayerSelection, candidate_basis, candidate_layers, window_plan
+from ..models.placement import input_device
 
 if TYPE_CHECKING:  # config validates layers.method against this package's registry
     from ..settings import ExciseSettings, LayerSettings
@@ -121,7 +122,7 @@ def last_position_acts(adapter: ArchitectureAdapter, encoded: Encoded, axes: lis
     """``[n, len(axes), d]`` float32 CPU: the last-position residual at each layer axis, in input
     order, with the hooks of `edit()` active. Only the decoder body runs. With `share_prefix`, the
     prompts' common prefix runs once per batch, under the same hooks (shared_prefix.py)."""
-    device = next(adapter.model.parameters()).device
+    device = input_device(adapter.model)
     prefix = encoded.common_prefix() if share_prefix else None
     out = torch.empty((len(encoded.ids), len(axes), adapter.d_model), dtype=torch.float32)
     buf: dict[int, torch.Tensor] = {}
@@ -175,7 +176,7 @@ def select_cosmic(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
     toggles = dict(attention=excise.attention, mlp=excise.mlp, experts=excise.experts, embeddings=excise.embeddings,
                    biases=excise.biases)
     allowed = set(candidate_layers(adapter.n_layers, settings)) - {adapter.n_layers}  # axis L cannot be steered
-    device = next(model.parameters()).device
+    device = input_device(model)
     candidates: list[CosmicCandidate] = []
     for p in range(n_pos):
         for layer in range(n_axes):

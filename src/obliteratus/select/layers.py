@@ -37,6 +37,7 @@ from ..hook_points import hooked
 from ..models.adapters import ArchitectureAdapter
 from ..directions.project_harmless import orthogonalize_against
 from .base import SelectContext, register_layer_selector
+from ..models.placement import input_device
 
 if TYPE_CHECKING:  # config validates layers.method against this package's registry
     from ..settings import ExciseSettings, LayerSettings
@@ -201,7 +202,7 @@ def select_arditi(model, adapter: ArchitectureAdapter, mean_diffs: torch.Tensor,
                 c.kl = float(kl_rows(base_harmless, now).mean())
             if settings.induce_threshold is not None and layer < adapter.n_layers and not (
                     settings.kl_threshold is not None and c.kl > settings.kl_threshold):  # already out: skip
-                vec = r.to(next(model.parameters()).device)
+                vec = r.to(input_device(model))
                 with hooked(adapter, {f"layers.{layer}.resid_pre": lambda h, v=vec: h + v.to(h.dtype)}):
                     c.induce = float(refusal_log_odds(logits(val_harmless), tokens).mean())
             if on_candidate:
