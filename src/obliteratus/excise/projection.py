@@ -129,14 +129,34 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % ALIGN == 0 else t.contiguous().clone()
 
 
+def _project_in_place(weight: torch.Tensor, write: torch.Tensor, read: torch.Tensor | None = None,
+                      lam: float = 1.0, layout: Layout = "out_in") -> torch.Tensor:
+    """:func:`oblique_project` of a matrix as one GEMM into its float32 copy: out_in
+    W' = W − λ·Uᵀ(R W) is ``addmm_(Uᵀ, R W, alpha=−λ)``, in_out W' = W − λ·(W Rᵀ) U is
+    ``addmm_(W Rᵀ, U, alpha=−λ)``. The same formula with one temporary the size of W instead of four
+    (about 2× faster on the bake's matrices); the result can differ from :func:`oblique_project` in
+    the last bit where λ ≠ 1 and k > 1 (λ·t is not rounded on its own). Fused [E, ·, ·] tensors go
+    through :func:`oblique_project`."""
+    if weight.ndim != 2:
+        return oblique_project(weight, write, read, lam, layout)
+    w = weight.float()
+    if w.data_ptr() == weight.data_ptr():
+        w = w.clone()  # a float32 weight: edit a copy
+    u = write.to(device=w.device, dtype=torch.float32)
+    r = u if read is None else read.to(device=w.device, dtype=torch.float32)
+    if layout == "out_in":
+        return w.addmm_(u.T, r @ w, alpha=-lam)  # [d, in] − λ·[d, k] @ [k, in]
+    return w.addmm_(w @ r.T, u, alpha=-lam)  # [n, d] − λ·[n, k] @ [k, d]
+
+
 def edit_tensor(weight: torch.Tensor, write: torch.Tensor, read: torch.Tensor | None, lam: float,
                 layout: Layout | Literal["vector"], norm_preserve: bool = False) -> torch.Tensor:
-    """The edited copy of `weight` in its own dtype: :func:`oblique_project` (or
-    :func:`norm_preserving_oblique`) on a matrix or fused [E, ·, ·] tensor, :func:`oblique_project_vector`
+    """The edited copy of `weight` in its own dtype: the projection (:func:`_project_in_place`) or
+    :func:`norm_preserving_oblique` on a matrix or fused [E, ·, ·] tensor, :func:`oblique_project_vector`
     on a vector (layout "vector"), computed on an aligned buffer."""
     if layout == "vector":
         return oblique_project_vector(_aligned(weight), write, read, lam).to(weight.dtype)
-    edit = norm_preserving_oblique if norm_preserve else oblique_project
+    edit = norm_preserving_oblique if norm_preserve else _project_in_place
     limit = ROW_CHUNK if layout == "in_out" else COLUMN_CHUNK
     if weight.numel() <= limit:
         return edit(_aligned(weight), write, read, lam, layout).to(weight.dtype)
