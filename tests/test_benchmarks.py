@@ -199,3 +199,16 @@ def test_the_methods_table_writes_its_section_in_the_sections_columns(results_md
 def test_printed_lines_become_bullets_and_tables_stay_tables(results_md):
     assert results_md.paragraphs(["", "a", "b", "", "| x |", "|---|", "| 1 |", "", "", "c"]) == [
         "- a\n- b", "| x |\n|---|\n| 1 |", "- c"]
+
+
+def test_the_big_model_gpu_script_runs_every_load_at_a_tiny_scale(tmp_path, capsys, monkeypatch):
+    """benchmarks/big_model_gpu.py (for a lent GPU) on the CPU at 3 % of the 8B width, 2 layers: the
+    bf16, nf4 and split (half the layers offloaded) loads each run PROBE, generation and one trial."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(sys, "argv", ["big_model_gpu.py", "--dir", str(tmp_path / "w"), "--scale", "0.03",
+                                      "--layers", "2", "--device", "cpu", "--n", "4", "--tokens", "2"])
+    runpy.run_path(str(BENCHMARKS / "big_model_gpu.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["bf16", "nf4", "split"], rows
+    assert "disk" in rows[3] and not any("failed" in r for r in rows)
+    assert not (tmp_path / "w").exists()
