@@ -16,7 +16,7 @@ and encoder-only types (the type also has a masked-LM head) are skipped with the
 
 Prints one row per type: model type, mapping, instantiated?, in today's table (models/adapters.py)?,
 discovered?, exactness bound, the layer kinds discovery saw, and why not (one line); then the counts.
-Nothing is downloaded. ``tests/test_coverage.py`` imports ``tiny_config``, ``encoder_only`` and ``reinit``
+Nothing is downloaded. ``tests/support/decoder_types.py`` imports ``tiny_config``, ``encoder_only`` and ``reinit``
 from here and runs every type through ``ArchitectureAdapter`` (which falls back to discovery for the
 types its table lacks) and the edit.
 """

@@ -1,7 +1,7 @@
 """The full pipeline on every decoder of the installed transformers (issue 26): for each model type in
 ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` and ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, the tiny
-random model of tests/test_coverage.py (``tiny``) goes through ``obliterate(loaded, "basic")`` on
-8/2/2 prompts, generating 2 tokens (``RUN``: test_coverage.py's ``SMALL``, and 2 tokens to judge the
+random model of tests/support/decoder_types.py (``tiny``) goes through ``obliterate(loaded, "basic")`` on
+8/2/2 prompts, generating 2 tokens (``RUN``: support/decoder_types.py's ``SMALL``, and 2 tokens to judge the
 train prompts by), with the defaults otherwise: shared-prefix batching on, so
 ``shared_prefix.can_share_prefix`` answers for every type (no for Mamba / linear-attention caches and
 3-D multimodal positions, from those properties) instead of failing. Then:
@@ -11,7 +11,7 @@ train prompts by), with the defaults otherwise: shared-prefix batching on, so
 * the exact property of the edit, as in test_coverage.py: the component of every decoder layer's
   output along the excised direction is <= 1e-4 of its norm (< 0.2 with a post-writer norm).
 
-The types test_coverage.py finds unsupported (its ``UNSUPPORTED``, through its ``_types``) are xfails
+The types tests/support/decoder_types.py marks unsupported (its ``UNSUPPORTED``, through its ``_types``) are xfails
 that do not run here (the per-type test holds them to their reason), what it skips is skipped, and so
 are encoder-decoder and encoder-only types; the types whose tiny model cannot run the pipeline though
 the per-type test passes are strict xfails with the reason (``PIPELINE_XFAIL``).
@@ -27,7 +27,7 @@ from obliteratus.models.adapters import ArchitectureAdapter
 from obliteratus.models.discover import along_ratio
 from obliteratus.models.load import Loaded
 from obliteratus.shared_prefix import sharing_obstacle
-from test_coverage import EXACT, POST_NORM_BOUND, SMALL, _inputs, _layer_outputs, _types, tiny
+from support.decoder_types import EXACT, POST_NORM_BOUND, SMALL, _inputs, _layer_outputs, _types, tiny
 
 # (mapping, model type) -> why the pipeline fails on the tiny model, where the per-type edit test passes
 PIPELINE_XFAIL: dict[tuple[str, str], str] = {}
@@ -51,7 +51,7 @@ def _cases() -> list:
         marks = []
         for mark in (getattr(m, "mark", m) for m in param.marks):
             if mark.name == "xfail":
-                marks.append(pytest.mark.xfail(reason=f"unsupported (test_coverage.py): {mark.kwargs['reason']}",
+                marks.append(pytest.mark.xfail(reason=f"unsupported (support/decoder_types.py): {mark.kwargs['reason']}",
                                                run=False))
             else:
                 marks.append(getattr(pytest.mark, mark.name)(*mark.args, **mark.kwargs))

@@ -141,7 +141,7 @@ def test_a_hybrid_family_on_cuda_removes_the_direction_from_every_layer(model_ty
     from obliteratus.models.load import Loaded
 
     from conftest import tiny_tokenizer
-    from test_coverage import SMALL as COVERAGE_SMALL, _inputs, _layer_outputs, tiny
+    from support.decoder_types import SMALL as COVERAGE_SMALL, _inputs, _layer_outputs, tiny
 
     model = tiny("causal-lm", model_type).cuda()
     loaded = Loaded(model, tiny_tokenizer(), ArchitectureAdapter(model), f"tiny-{model_type}", str(tmp_path))

@@ -243,7 +243,7 @@ def test_models_that_cannot_share_a_prefix_say_no_once(case, why, forwards, capl
     model with 3-D multimodal positions (generation reads back the offsets of the model's previous
     call) get False, not an exception; the answer and its reason are kept per model, and logged once."""
     from obliteratus.shared_prefix import can_share_prefix, sharing_obstacle
-    from test_coverage import tiny
+    from support.decoder_types import tiny
 
     tok, enc = templated()
     model = tiny(*case.split("/"))
@@ -288,7 +288,7 @@ def test_a_wrapper_that_wants_pixels_runs_text_through_its_language_model():
     through the causal LM inside it (shared_prefix.text_model), and give what that LM gives."""
     from obliteratus.evaluate.generate import generate
     from obliteratus.shared_prefix import can_share_prefix, text_model
-    from test_coverage import tiny
+    from support.decoder_types import tiny
 
     tok, enc = templated()
     model = tiny("image-text-to-text", "blip-2")
