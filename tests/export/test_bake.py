@@ -22,6 +22,7 @@ from obliteratus.export.bake import bake, read_header, shards_of
 from obliteratus.export.plan import PLAN_FILE, apply_plan, load_plan, plan_of
 from obliteratus.models import ArchitectureAdapter
 from obliteratus.settings import ExciseSettings
+from support.checkpoints import checkpoint_tensors
 from support.cli import FAST, assert_one_error, run_cli, tree_hash as digest
 
 
@@ -30,14 +31,6 @@ def _checkpoint(family: str, path: Path, dtype=torch.float32) -> Path:
     tiny_model(family).to(dtype).save_pretrained(path, max_shard_size="40KB")
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in shards_of(path):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -82,7 +75,7 @@ def test_the_streamed_bake_is_the_in_memory_edit(case, tmp_path):
 
     result = bake(loaded, src, tmp_path / "out")
     assert digest(src) == before  # the source is only read
-    edited, source, baked = model.state_dict(), _tensors(src), _tensors(tmp_path / "out")
+    edited, source, baked = model.state_dict(), checkpoint_tensors(src), checkpoint_tensors(tmp_path / "out")
     assert set(baked) == set(source)
     names = {n for op in loaded.ops for n in op.names} & set(source)
     assert set(result.edited) == names and names

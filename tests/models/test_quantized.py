@@ -30,6 +30,7 @@ from obliteratus.models import ArchitectureAdapter
 from obliteratus.models.quantized import (bitsandbytes, float_weight, is_packed, logical_shape, store_weight,
                                           track_modules)
 from obliteratus.settings import ExciseSettings
+from support.checkpoints import checkpoint_tensors
 from support.cli import tree_hash
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quant extra) is not installed")
@@ -128,16 +129,6 @@ def _full_precision_edit(source: Path, plan_dir: Path) -> dict[str, torch.Tensor
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _saved(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for shard in shards_of(path):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 @pytest.mark.parametrize("model_settings,norm_preserve", [
     ({"quantization": "nf4"}, False),
     ({"quantization": "nf4"}, True),  # no hook form: made on the weights through dequantize -> quantize
@@ -156,7 +147,7 @@ def test_a_run_on_a_quantized_or_offloaded_load_bakes_the_full_precision_source(
     plan = load_plan(tmp_path / "out" / PLAN_FILE)
     assert set(plan.digests) == {n for op in plan.ops for n in op.names}, "every edited tensor has its hash"
     # the output is the full-precision checkpoint with the plan applied, bit for bit
-    want, got = _full_precision_edit(source, tmp_path / "out"), _saved(tmp_path / "out")
+    want, got = _full_precision_edit(source, tmp_path / "out"), checkpoint_tensors(tmp_path / "out")
     assert set(got) >= {n for op in plan.ops for n in op.names}
     for name, value in got.items():
         assert torch.equal(value, want[name]), name
@@ -237,7 +228,7 @@ def test_hook_mode_on_a_quantized_load_saves_the_source_weights_and_the_hooks(so
     obliterate(str(source), "basic", str(tmp_path / "out"),
                **merge(SMALL, {"model": {"quantization": "nf4"}, "excise": {"mode": "hooks"}}))
     assert (tmp_path / "out" / "steering.json").is_file()
-    src, out = _saved(source), _saved(tmp_path / "out")
+    src, out = checkpoint_tensors(source), checkpoint_tensors(tmp_path / "out")
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
 
 
@@ -257,7 +248,7 @@ def test_the_optimizer_study_runs_its_trials_on_a_4bit_load_and_bakes_the_pick(s
     run = obliterate(str(source), "optimized", str(tmp_path / "out"), overrides=sizes, study=study,
                      run_dir=str(tmp_path / "st"))
     assert run.study is not None and run.edit.details["applied_as"].startswith("hooks (quantized (nf4)")
-    want, got = _full_precision_edit(source, tmp_path / "out"), _saved(tmp_path / "out")
+    want, got = _full_precision_edit(source, tmp_path / "out"), checkpoint_tensors(tmp_path / "out")
     assert all(torch.equal(value, want[name]) for name, value in got.items())
 
 
