@@ -137,6 +137,22 @@ def test_what_does_not_fit_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out2").exists() and (tmp_path / "out" / "mine.txt").read_text() == "keep"
 
 
+def test_a_non_finite_edit_stops_the_bake_with_no_output(tmp_path):
+    """An edit that overflows float16 is found while the shard streams (reader thread ahead, writer
+    behind): one clear error, both threads stopped, no output, the source unchanged."""
+    from dataclasses import replace
+
+    src = _checkpoint("llama", tmp_path / "src", torch.float16)
+    before = digest(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    plan = plan_of(model, excise(ArchitectureAdapter(model), _unit(32, 0), ExciseSettings()).ops, "llama", str(src))
+    last = plan.ops[-1]
+    plan.ops[-1] = replace(last, lam=1e30)  # (load_plan refuses a non-finite lam; this one is finite, its edit not)
+    with pytest.raises(EditError, match="not finite"):
+        bake(plan, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")) and digest(src) == before
+
+
 def test_a_run_writes_its_plan_and_bake_reproduces_it(tmp_path, capsys, monkeypatch):
     """obliterate --output writes edit_plan.safetensors; `obliteratus bake` of the run's plan into the
     source checkpoint gives the saved model's tensors."""
