@@ -266,3 +266,21 @@ def test_outputs_and_offload_folders_never_overlap_the_checkpoints_read(source, 
         obliterate(str(copy), "basic", str(tmp_path / "out"),
                    **merge(SMALL, {"model": {"max_memory": {"cpu": "100KB"}, "offload_dir": str(copy / "off")}}))
     assert tree_hash(copy) == before and not (tmp_path / "out").exists()
+
+
+def test_inputs_go_where_the_input_embedding_runs():
+    from obliteratus.models.placement import input_device
+
+    model = _llama()
+    assert input_device(model) == torch.device("cpu")
+    assert input_device(torch.nn.Linear(2, 2)) == torch.device("cpu")  # no get_input_embeddings: first parameter
+
+    class Custom(torch.nn.Module):  # custom code whose get_input_embeddings is not implemented
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    assert input_device(Custom()) == torch.device("cpu")

@@ -11,7 +11,10 @@ from torch import nn
 def input_device(model: nn.Module) -> torch.device:
     """The device of the input embedding's execution (accelerate's hook says where an offloaded one
     runs), else the first parameter's device that is not ``meta``."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embed = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a plain module, or custom code without the method
+        embed = None
     if embed is not None:
         hook = getattr(embed, "_hf_hook", None)
         execution = getattr(hook, "execution_device", None)
