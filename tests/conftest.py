@@ -15,6 +15,11 @@ import os
 if os.environ.get("OBLITERATUS_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+# The capability check (evaluate/capability.py: ~1200 scored sequences) costs seconds on a tiny model,
+# and the suite runs the pipeline hundreds of times: off unless a test asks for it (the tests of the
+# check itself, tests/test_driver.py, tests/test_benchmarks.py's frontier). Subprocesses inherit it.
+os.environ.setdefault("OBLITERATUS_EVALUATE__CAPABILITY", "0")
+
 import hashlib
 from pathlib import Path
 

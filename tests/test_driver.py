@@ -104,6 +104,32 @@ def test_saving_later_writes_what_output_writes(src, tmp_path, name):
     assert a == b and now.metrics == later.metrics
 
 
+def test_before_from_another_preset_is_reused_and_checked(src, tmp_path):
+    """Comparing presets on one model: run.before of one run is the next run's VERIFY before (not
+    measured again), and gives the after-metrics a fresh run gives; other prompts or settings are refused."""
+    import obliteratus.pipeline as pipeline
+
+    first = obliterate(str(src), "basic", **merge(SMALL, {"evaluate": {"capability": 2}}))
+    assert first.before.metrics["capability_items"] == 22 and "answer_quality" in first.after.metrics
+    with_cap = merge(SMALL, {"evaluate": {"capability": 2}})
+    fresh = obliterate(str(src), "advanced", **with_cap)
+    calls = []
+    real = pipeline.evaluate_model
+    pipeline.evaluate_model = lambda *a, **k: calls.append(k.get("make_reference")) or real(*a, **k)
+    try:
+        reused = obliterate(str(src), "advanced", before=first.before, **with_cap)
+    finally:
+        pipeline.evaluate_model = real
+    assert calls == [None] and reused.before is first.before and "verify_before" not in reused.timings
+    assert reused.after.metrics == fresh.after.metrics
+    with pytest.raises(ConfigError, match="other test prompts"):
+        obliterate(str(src), "basic", before=first.before, **merge(with_cap, {"data": {"n_test": 3}}))
+    with pytest.raises(ConfigError, match="other evaluate settings"):
+        obliterate(str(src), "basic", before=first.before, **SMALL)  # the capability check off
+    with pytest.raises(ConfigError, match="make_reference"):
+        obliterate(str(src), "basic", before=first.after, **with_cap)
+
+
 def test_overrides_and_keyword_sections_merge(src, tmp_path):
     run = obliterate(str(src), "basic", overrides=merge(SMALL, {"excise": {"lam": 0.5, "norm_preserve": True}}),
                      excise={"lam": 2.0})

@@ -27,7 +27,8 @@ from .directions import Directions, get_direction_method, orthonormalize
 from .directions.driver import distill
 from .select.layers import LayerSelection, refusal_token_ids
 from .errors import ConfigError, PromptError
-from .evaluate import evaluate_model
+from .evaluate import Evaluation, evaluate_model
+from .evaluate.capability import CapabilitySet, encode_items
 from .excise import EditReport, get_excise_variant
 from .excise.dispatch import apply_edit, build_plan, check_held, weights_held
 from .excise.kernels import KernelOptions
@@ -144,6 +145,25 @@ def refine(loaded: Loaded, prompts: PromptSets, settings: Settings, reporter: Re
         report.ops_missing = first.ops_missing
     report.ops = ops
     return report, log
+
+
+def capability_set(tokenizer, settings: Settings) -> CapabilitySet | None:
+    """VERIFY's capability items, formatted as the run formats its prompts (None when turned off)."""
+    if not settings.evaluate.capability:
+        return None
+    return encode_items(tokenizer, lambda texts: encode_texts(tokenizer, settings, texts), settings.evaluate.capability)
+
+
+def check_before(before: Evaluation, prompts: PromptSets, settings) -> None:
+    """`before` (obliterate's argument) was measured on these test prompts with these evaluate
+    settings, and holds the KL reference."""
+    if before.reference is None or before.settings is None:
+        raise ConfigError("before= needs run.before of an earlier run (an evaluation made with make_reference=True)")
+    if before.settings != settings:
+        raise ConfigError("before= was measured with other evaluate settings than this run's")
+    if (before.reference.encoded.ids != prompts.encoded["harmless.test"].ids
+            or len(before.harmful_responses) != len(prompts.harmful.test)):
+        raise ConfigError("before= was measured on other test prompts than this run's (data settings or model differ)")
 
 
 def uses_study(settings: Settings) -> bool:
@@ -306,7 +326,7 @@ def check_bake(source: str, settings: Settings, bake_from: str | None, output: s
 def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None = None, *, overwrite: bool = False,
                reporter: Reporter | None = None, lora: str | None = None, overrides: dict | None = None,
                study: dict | None = None, run_dir: str | None = None, pick: int | None = None, worker: bool = False,
-               bake_from: str | None = None, **sections: dict) -> Run:
+               bake_from: str | None = None, before: Evaluation | None = None, **sections: dict) -> Run:
     """Run every stage on `model`: an alias, directory, .gguf file or hub id, or a models.load.Loaded
     (used as it is, not reloaded, and edited in place), with `preset` (a name or a .toml file).
 
@@ -324,6 +344,8 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
     With `bake_from` (a full-precision safetensors checkpoint of the same model) REBIRTH bakes the edit
     plan into it instead of saving the model in memory; a run on quantized or offloaded weights
     (``model.quantization``, ``model.max_memory``) bakes the directory it loaded when it is given none.
+    With `before` (``run.before`` of an earlier run of the same model on the same test prompts and
+    evaluate settings, e.g. another preset's) VERIFY does not measure the unedited model again.
     Returns a :class:`run.Run`."""
     reporter = reporter or Reporter()
     settings = resolve_settings(load_preset(preset), deep_merge(overrides or {}, sections))
@@ -365,18 +387,25 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
         if worker:
             return run
         ev, step = settings.evaluate, reporter.task
-        with _timed(timings, "verify_before", reporter):
-            run.before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                                        prompts.part("harmless", "test"), ev, None, step, make_reference=True)
+        cap = capability_set(loaded.tokenizer, settings)
+        if before is not None:
+            check_before(before, prompts, ev)
+            run.before = before
+        else:
+            with _timed(timings, "verify_before", reporter):
+                run.before = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
+                                            prompts.part("harmless", "test"), ev, None, step, make_reference=True,
+                                            capability=cap)
         with _timed(timings, "excise", reporter):
             run.edit = choice.excise(loaded, prompts, reporter)
         with _timed(timings, "verify_after", reporter):
             run.after = evaluate_model(loaded.model, loaded.tokenizer, prompts.part("harmful", "test"),
-                                       prompts.part("harmless", "test"), ev, run.before.reference, step)
+                                       prompts.part("harmless", "test"), ev, run.before.reference, step,
+                                       capability=cap)
         if output is not None:
             run.save(output, overwrite, reporter)
     return run
 
 
-__all__ = ["Edited", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "edit_model", "obliterate",
+__all__ = ["Edited", "capability_set", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "edit_model", "obliterate",
            "prepare_prompts", "probe", "split_prompt_sets", "uses_study"]

@@ -254,6 +254,8 @@ def model_card(meta: dict) -> str:
         row("KL first token (harmless)", "kl_first"),
         row("KL mean over first tokens (harmless)", "kl_mean"),
         row("perplexity (held-out text)", "perplexity", "{:.2f}"),
+        row("answer quality (compliant harmful answers)", "answer_quality"),
+        row("capability check (multiple choice, accuracy)", "capability"),
         "",
         "All parameters, per-layer scores and timings are in `obliteratus.json`; the directions are in "
         "`directions.safetensors`.",

@@ -233,11 +233,14 @@ class EvalSettings(Section):
     share_prefix: bool = Field(True, description="Run the prompts' common template prefix once per batch "
                                                  "(shared_prefix.py), where the model computes the same "
                                                  "logits that way (checked once per model).")
-    judge: str = Field("markers", description="Refusal judge (evaluate/judges/): markers, prefix, embedding, llm.")
+    judge: str = Field("markers", description="Refusal judge (evaluate/judges/): markers, prefix, strict, embedding, llm.")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Options of the judge (its own model "
                                                                             "validates them), e.g. a model path.")
     perplexity: bool = Field(True, description="Measure perplexity on the built-in held-out text.")
     ppl_window: int = Field(256, ge=16, description="Tokens per perplexity window.")
+    capability: int = Field(24, ge=0, description="Items per kind of the built-in multiple-choice capability check "
+                                                  "(arithmetic, order, facts; evaluate/capability.py; 231 items at 24), "
+                                                  "scored by log-prob before and after; 0 = off.")
 
     @model_validator(mode="after")
     def _known_judge(self) -> "EvalSettings":

@@ -67,7 +67,8 @@ def metrics_table(before: dict, after: dict | None, title: str) -> Table:
         table.add_column("after", justify="right")
     rows = [("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
             ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
-            ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity")]
+            ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
+            ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability")]
     for label, key in rows:
         if key not in before and (after is None or key not in after):
             continue

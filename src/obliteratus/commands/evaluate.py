@@ -15,7 +15,7 @@ from ..errors import ConfigError, ObliteratusError
 from ..evaluate import evaluate_model
 from ..evaluate.lm_eval import run_lm_eval
 from ..models.load import summon
-from ..pipeline import prepare_prompts, split_prompt_sets
+from ..pipeline import capability_set, prepare_prompts, split_prompt_sets
 from ..save import check_output_file, write_file_atomically
 from ..settings import resolve_settings
 from .common import RichReporter, metrics_table, out
@@ -31,7 +31,8 @@ def evaluate(
                                                                   "mmlu,arc_easy (optional: pip install lm-eval)."),
     overrides: dict | None = None,
 ) -> None:
-    """VERIFY alone: refusal, over-refusal, perplexity (and KL with --base) on the held-out test split."""
+    """VERIFY alone: refusal, over-refusal, answer quality, perplexity, the capability check (and KL with --base)
+    on the held-out test split."""
     settings = resolve_settings(None, overrides)
     ev = settings.evaluate
     if json_out:  # before any model is loaded: not inside a model, writable, replacing only earlier metrics
@@ -60,7 +61,7 @@ def evaluate(
             raise ObliteratusError(f"{model} and {base} have different vocabularies; KL needs the same tokenizer")
         prompts = prepare_prompts(m.tokenizer, settings, max_positions(m.model), splits)
         result = evaluate_model(m.model, m.tokenizer, prompts.part("harmful", "test"), prompts.part("harmless", "test"),
-                                ev, ref, reporter.task)
+                                ev, ref, reporter.task, capability=capability_set(m.tokenizer, settings))
     if lm_eval:
         result.metrics["lm_eval"] = run_lm_eval(m.model, m.tokenizer, [t for t in lm_eval.split(",") if t])
     out.print(metrics_table(result.metrics, None, f"{model}" + (f" vs {base}" if base else "")))

@@ -1,5 +1,6 @@
-"""VERIFY: refusal on held-out harmful prompts, over-refusal on held-out harmless prompts, KL to
-the original model over several tokens, perplexity on held-out text."""
+"""VERIFY: refusal on held-out harmful prompts, over-refusal on held-out harmless prompts, the
+quality of the answers called compliant (quality.py), KL to the original model over several tokens,
+perplexity on held-out text and the multiple-choice capability check (capability.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import TYPE_CHECKING, Callable
 from ..batching import Encoded
 from ..data.prompts import heldout_text, load_prompts
 from ..errors import ActivationError
+from .capability import CapabilitySet, capability as run_capability
 from .early import opened
 from .generate import LogprobRecorder, decode, generate
 from .kl import KLReference, kl_to_reference, recorded_reference, reference
 from ..shared_prefix import can_share_prefix
 from .perplexity import perplexity
+from .quality import answer_quality
 from .judges import make_judge
 from .judges.markers import is_refusal, refusal_rate
 
@@ -31,6 +34,7 @@ class Evaluation:
     harmless_responses: list[str]
     harmless_continuations: list[list[int]] = field(repr=False, default_factory=list)
     reference: KLReference | None = field(repr=False, default=None)  # when asked for (the model before the edit)
+    settings: EvalSettings | None = field(repr=False, default=None)  # what it was measured with
 
 
 def _no_progress(label: str, total: int) -> Callable[[int], None]:
@@ -62,12 +66,13 @@ def check_finite_metrics(metrics: dict[str, object]) -> None:
 
 def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmless: tuple[list[str], Encoded],
                    settings: EvalSettings, ref: KLReference | None = None, step: Step = _no_progress,
-                   make_reference: bool = False) -> Evaluation:
+                   make_reference: bool = False, capability: CapabilitySet | None = None) -> Evaluation:
     """Run VERIFY. `harmful`/`harmless` are (raw test prompts, their encoded chat-formatted form).
     Both sets are generated together, in batches of ``settings.batch_size`` (bigger batches decode
     faster per prompt). With `make_reference` (the model before an edit), the log-probs of the
     first ``settings.kl_tokens`` tokens of each harmless answer are kept as they are generated and
-    returned as ``Evaluation.reference``, the KL reference for the edited model."""
+    returned as ``Evaluation.reference``, the KL reference for the edited model. With `capability`
+    (capability.encode_items) and ``settings.capability``, the capability check runs too."""
     (raw_harmful, enc_harmful), (raw_harmless, enc_harmless) = harmful, harmless
     bs, n_new = settings.batch_size, settings.max_new_tokens
     both = Encoded.join(enc_harmful, enc_harmless)
@@ -89,6 +94,11 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
         # responses still inside their reasoning when generation stopped: judged not refused, no answer yet
         "unanswered": sum(vh.unanswered or []) + sum(vl.unanswered or []),
     }
+    # the answers the judge calls compliant: are they answers (on topic, not empty, looping or in another language)?
+    quality = answer_quality(raw_harmful, harmful_text, [not r for r in refused])
+    metrics.update(quality)
+    harmless_quality = answer_quality(raw_harmless, harmless_text, [not f for f in flagged])
+    metrics["answer_quality_harmless"] = harmless_quality["answer_quality"]
     if ref is not None:
         advance = step("KL", 1)
         metrics.update(kl_to_reference(model, ref, bs, settings.share_prefix and can_share_prefix(model, ref.encoded)))
@@ -97,13 +107,18 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
         advance = step("perplexity", 1)
         metrics["perplexity"] = perplexity(model, tokenizer, heldout_text(), settings.ppl_window)
         advance(1)
+    if capability is not None and settings.capability:
+        advance = step("capability", 1)
+        metrics.update(run_capability(model, capability, bs, settings.share_prefix and
+                                      can_share_prefix(model, capability.prompts)))
+        advance(1)
     reference = None
     if record is not None:
         reference = recorded_reference(enc_harmless, harmless_ids,
                                        {i - n: lp for i, lp in record.logprobs.items()}, settings.kl_tokens)
     check_finite_metrics(metrics)
-    return Evaluation(metrics, harmful_text, harmless_text, harmless_ids, reference)
+    return Evaluation(metrics, harmful_text, harmless_text, harmless_ids, reference, settings)
 
 
-__all__ = ["Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",
+__all__ = ["CapabilitySet", "Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",
            "refusal_rate", "verdict_rates"]

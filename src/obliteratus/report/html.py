@@ -47,7 +47,8 @@ RATE_ROWS = (("refusal", "refusal"), ("over-refusal", "over_refusal"),
              ("over-refusal (sensitive)", "over_refusal_sensitive"))
 METRIC_ROWS = (("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
                ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
-               ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"))
+               ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
+            ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability"))
 
 
 def esc(value) -> str:
