@@ -6,7 +6,7 @@ PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test test-fast docs demo bench clean
+.PHONY: venv test test-fast docs demo ui bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/obliteratus obliterate demo --method basic --output out/demo --overwrite
+
+# The web app on the demo model, at http://127.0.0.1:7860 (runs are written under out/ui-runs).
+ui: $(STAMP)
+	$(PY) -m obliteratus.cli models --prepare demo
+	$(VENV)/bin/obliteratus ui demo --output-root out/ui-runs
 
 bench: $(STAMP)
 	$(PY) benchmarks/probe_speed.py

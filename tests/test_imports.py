@@ -21,7 +21,7 @@ PACKAGE = SRC / "obliteratus"
 # The optional extras (pyproject.toml's optional-dependencies and what they bring): a function may import
 # one of them, so that the package works without it. Every other import is at module level.
 OPTIONAL = frozenset({"optuna", "sqlalchemy", "matplotlib", "peft", "lm_eval", "sentence_transformers", "gguf",
-                      "datasets", "yaml", "jinja2", "huggingface_hub", "psycopg"})
+                      "datasets", "yaml", "jinja2", "huggingface_hub", "psycopg", "gradio"})
 
 # The package's layers, lowest first. A module imports at module level only from its own layer or a
 # lower one (``if TYPE_CHECKING:`` imports, for annotations only, may point anywhere). A module's layer
@@ -51,6 +51,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimize", ("optimize",)),
     ("pipeline", ("pipeline",)),
     ("on the pipeline", ("analysis", "studies", "chat")),
+    # the web app: the public API behind a page
+    ("ui", ("ui",)),
     ("commands", ("commands", "cli", "__init__")),
 )
 

@@ -25,6 +25,7 @@ from .commands.presets import presets
 from .commands.probe import probe
 from .commands.report import report
 from .commands.study import study
+from .commands.ui import ui
 from .errors import ObliteratusError
 
 try:
@@ -36,7 +37,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Find, study and remove refusal directions in transformer language models.")
 
 VERBS = (obliterate, evaluate, probe, models, presets, config, analyze, optimize, judge, study, report, chat, compare,
-         bake)
+         bake, ui)
 for _verb in VERBS:  # in this order in --help
     app.command()(_verb)
 

@@ -466,6 +466,10 @@ CASES: list[Case] = [
     Case("co-missing-second-model", "compare {llama} --prompts {H}", "missing argument"),
     # The second model is missing: found out before the first one is loaded and run.
     Case("co-second-model-missing", "compare {llama} nope-dir --prompts {H} --max-new-tokens 4", "not found"),
+    # ui: the login and the port are checked before Gradio starts a server
+    Case("ui-auth-no-colon", "ui {llama} --auth admin", "USER:PASSWORD"),
+    Case("ui-auth-no-password", "ui {llama} --auth admin:", "USER:PASSWORD"),
+    Case("ui-port-out-of-range", "ui {llama} --port 70000", "port"),
 ]
 
 

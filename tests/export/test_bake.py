@@ -110,6 +110,27 @@ def test_apply_plan_replays_the_edit_in_memory(tmp_path):
         assert torch.equal(t, model.state_dict()[name]), name
 
 
+def test_apply_plan_at_a_strength_from_an_unedited_source(tmp_path):
+    """strength scales every op's λ·s: the plan at strength 0.5 is excise at lam 0.5; read from an
+    unedited source, the same copy can be set to any strength again (nothing compounds)."""
+    src = _checkpoint("llama", tmp_path / "src")
+    original = AutoModelForCausalLM.from_pretrained(src)
+    q = _unit(32, 0)
+    full = AutoModelForCausalLM.from_pretrained(src)
+    plan = plan_of(full, excise(ArchitectureAdapter(full), q, ExciseSettings()).ops, "llama", str(src))
+    half = AutoModelForCausalLM.from_pretrained(src)
+    excise(ArchitectureAdapter(half), q, ExciseSettings(lam=0.5))
+    preview = AutoModelForCausalLM.from_pretrained(src)
+    for strength, want in ((0.5, half), (1.0, full), (0.0, original), (0.5, half)):
+        apply_plan(preview, plan, strength, source=original)
+        for name, t in preview.state_dict().items():
+            torch.testing.assert_close(t, want.state_dict()[name], rtol=0, atol=1e-6, msg=f"{strength} {name}")
+    for name, t in original.state_dict().items():  # the source is only read
+        assert torch.equal(t, AutoModelForCausalLM.from_pretrained(src).state_dict()[name]), name
+    with pytest.raises(EditError, match="not a finite number"):
+        apply_plan(preview, plan, float("nan"), source=original)
+
+
 def test_what_does_not_fit_is_refused_before_writing(tmp_path):
     src = _checkpoint("llama", tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(src)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -150,26 +150,36 @@ def load_plan(path: str | os.PathLike) -> EditPlanFile:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: EditPlanFile) -> list[str]:
+def apply_plan(model: nn.Module, plan: EditPlanFile, strength: float = 1.0,
+               source: nn.Module | None = None) -> list[str]:
     """Replay `plan` on `model` in place (another copy of the model it was made on); returns the
-    edited parameter names. Every name and shape is checked first: on a mismatch nothing changes."""
+    edited parameter names. Every name and shape is checked first: on a mismatch nothing changes.
+    With `strength`, every op's λ·s is scaled by it (0: the tensors as they were; the edit "at
+    strength λ" a user can try before saving). With `source` (an unedited copy of the same model),
+    each edited tensor is computed from source's and written into `model`, so the same copy can be
+    edited again at another strength."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    origin = params if source is None else dict(source.named_parameters(remove_duplicate=False))
+    if not math.isfinite(strength):
+        raise EditError(f"strength {strength} is not a finite number")
     todo = []
     for op in plan.ops:
         name = next((n for n in op.names if n in params), None)
         if name is None:
             raise EditError(f"the model has no parameter {' / '.join(op.names)}: the plan was made on another "
                             "architecture")
-        if logical_shape(params[name]) != op.shape:
-            raise EditError(f"{name}: the plan edits a {list(op.shape)} tensor, the model's is "
-                            f"{list(logical_shape(params[name]))}: another model size")
-        todo.append((name, op))
+        for which, table in (("model", params), ("source", origin)):
+            if name not in table or logical_shape(table[name]) != op.shape:
+                raise EditError(f"{name}: the plan edits a {list(op.shape)} tensor, the {which}'s is "
+                                f"{list(logical_shape(table[name])) if name in table else 'missing'}: another "
+                                "model size")
+        todo.append((name, op if strength == 1.0 else replace(op, lam=op.lam * strength)))
     chains: dict[str, list[PlannedOp]] = {}  # a tensor's ops only read that tensor: replay them per tensor
     for name, op in todo:
         chains.setdefault(name, []).append(op)
 
     def edited(name: str) -> torch.Tensor:
-        w = float_weight(params[name])
+        w = float_weight(origin[name])
         for op in chains[name]:
             w = plan.apply_op(op, w)
         return w

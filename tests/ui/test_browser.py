@@ -1,0 +1,157 @@
+"""The web app in a real browser: Playwright driving headless Chromium (Debian's chromium-headless-shell,
+installed by .ci/run) against ``obliteratus ui`` served on a tiny random model. Skipped where Gradio,
+Playwright or Chromium is missing.
+
+Screenshots of each tab are written to $OBLITERATUS_UI_SHOTS (docs/img to refresh the docs' pictures)
+or the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import chromium, save_tiny
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+# sizes for a tiny random model (tests/support/presets.py SMALL), given as the environment so the app's
+# own settings (preset < environment < the form's options) use them
+SMALL_ENV = {"OBLITERATUS_DATA__N_TRAIN": "24", "OBLITERATUS_DATA__N_VAL": "4", "OBLITERATUS_DATA__N_TEST": "4",
+             "OBLITERATUS_EVALUATE__MAX_NEW_TOKENS": "3", "OBLITERATUS_EVALUATE__KL_TOKENS": "2",
+             "OBLITERATUS_EVALUATE__PERPLEXITY": "false", "OBLITERATUS_LAYERS__KL_THRESHOLD": "1e9",
+             "OBLITERATUS_LAYERS__INDUCE_THRESHOLD": "-1e9"}
+RUN_S = 240_000  # ms: a tiny run takes seconds; the bound is for a loaded CI box
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, output root, tiny model dir, the app) for the module's tests, served in this process."""
+    if chromium() is None:
+        pytest.skip("no Chromium installed (.ci/run installs chromium-headless-shell)")
+    from obliteratus.ui.app import launch
+
+    mp = pytest.MonkeyPatch()
+    for key, value in SMALL_ENV.items():
+        mp.setenv(key, value)
+    base = tmp_path_factory.mktemp("ui")
+    model = save_tiny(base / "tiny", "llama")
+    root = base / "runs"
+    port = free_port()
+    app = launch(str(model), root, port=port, block=False)
+    yield f"http://127.0.0.1:{port}", root, model, app
+    app.close()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def browser(served):
+    import shutil
+
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which(chromium()), headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served[0])
+    yield page
+    page.close()
+
+
+def shots() -> Path:
+    where = Path(os.environ.get("OBLITERATUS_UI_SHOTS") or "out/ui-shots")
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def number(page, elem_id: str):
+    return page.locator(f"#{elem_id} input[type=number]").first
+
+
+def start(page, model: str, name: str) -> None:
+    field(page, "model").fill(model)
+    field(page, "output-name").fill(name)
+    page.locator("#start").click()
+
+
+def test_a_bad_model_path_shows_the_clis_error(page, served, tmp_path):
+    from obliteratus import obliterate
+    from obliteratus.errors import ObliteratusError
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ObliteratusError) as err:
+        obliterate(missing, "basic")
+    start(page, missing, "bad")
+    sync_api.expect(page.locator("#status")).to_contain_text(f"error: {err.value}", timeout=RUN_S)
+    assert not (served[1] / "bad").exists()
+
+
+def test_obliterate_then_chat_and_the_slider_changes_the_answer(page, served):
+    url, root, model, app = served
+    start(page, str(model), "run-1")
+    sync_api.expect(page.locator("#status")).to_contain_text("done:", timeout=RUN_S)
+    table = page.locator("#metrics")
+    sync_api.expect(table).to_contain_text("refusal rate, harmful test")
+    sync_api.expect(table).to_contain_text("KL first token")
+    assert (root / "run-1" / "obliteratus.json").is_file()
+    page.screenshot(path=str(shots() / "ui-obliterate.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    field(page, "prompt").fill("Tell me a story about a cat")
+    number(page, "max-new-tokens").fill("8")
+    number(page, "max-new-tokens").press("Enter")
+
+    def ask(strength: str) -> tuple[str, str]:
+        number(page, "strength").fill(strength)
+        number(page, "strength").press("Enter")
+        page.locator("#ask").click()
+        sync_api.expect(page.locator("#chat-status")).to_have_text(f"answered at strength {strength}", timeout=RUN_S)
+        return field(page, "original-answer").input_value(), field(page, "edited-answer").input_value()
+
+    original, edited = ask("1")
+    assert original and edited
+    page.screenshot(path=str(shots() / "ui-chat.png"), full_page=True)
+    at_zero = ask("0")
+    assert at_zero[1] == at_zero[0] == original  # strength 0 is the original model
+    at_two = ask("2")
+    assert at_two[0] == original and at_two[1] != at_zero[1]  # the slider changes the edited answer only
+
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#refresh").click()
+    sync_api.expect(page.locator("#runs-table")).to_contain_text("run-1")
+    page.screenshot(path=str(shots() / "ui-runs.png"), full_page=True)
+    page.get_by_role("tab", name="Compare").click()
+    sync_api.expect(page.locator("#compare-table")).to_contain_text("run-1", timeout=30_000)
+    page.screenshot(path=str(shots() / "ui-compare.png"), full_page=True)
+
+
+def test_cancel_leaves_no_output_and_a_second_tab_cannot_start_another_run(page, browser, served):
+    url, root, model, app = served
+    start(page, str(model), "run-cancel")
+    sync_api.expect(page.locator("#status")).not_to_have_text("", timeout=RUN_S)
+    other = browser.new_page()
+    other.goto(url)
+    start(other, str(model), "run-other")
+    sync_api.expect(other.locator("#status")).to_contain_text("error: a run is in progress", timeout=RUN_S)
+    other.close()
+    page.locator("#cancel").click()
+    sync_api.expect(page.locator("#status")).to_contain_text("cancelled", timeout=RUN_S)
+    assert not (root / "run-cancel").exists() and not (root / "run-other").exists()
