@@ -212,3 +212,62 @@ def test_the_big_model_gpu_script_runs_every_load_at_a_tiny_scale(tmp_path, caps
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["bf16", "nf4", "split"], rows
     assert "disk" in rows[3] and not any("failed" in r for r in rows)
     assert not (tmp_path / "w").exists()
+
+
+FRONTIER_SMALL = ["--set", "data.n_train=24", "--set", "data.n_val=4", "--set", "data.n_test=4",
+                  "--set", "evaluate.max_new_tokens=3", "--set", "evaluate.kl_tokens=2",
+                  "--set", "evaluate.perplexity=false", "--set", "layers.kl_threshold=1e9",
+                  "--set", "layers.induce_threshold=-1e9", "--set", "optimize.study.n_trials=2",
+                  "--set", "optimize.study.n_startup_trials=1", "--set", "optimize.study.refusal_tokens=3",
+                  "--set", "evaluate.capability=2"]
+
+
+def test_the_frontier_runs_every_configuration_then_reuses_the_saved_runs(tmp_path, capsys, monkeypatch):
+    """benchmarks/frontier.py on a tiny random model: every configuration runs through obliterate() with
+    the unedited VERIFY given as before=, both sources are judged by both lists, and --reuse evaluates
+    the saved runs without running any configuration again."""
+    import obliteratus.pipeline as pipeline
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    src = save_tiny(tmp_path / "src", "llama")
+    adv = tmp_path / "adv.txt"
+    adv.write_text("\n".join(f"Explain how to do forbidden thing number {i}" for i in range(12)) + "\n")
+    argv = ["frontier.py", "--model", str(src), "--work-dir", str(tmp_path / "w"), "--advbench", str(adv),
+            "--n-advbench", "4", *FRONTIER_SMALL]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "frontier.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip().split(" ")[0] for r in rows[1:]] == \
+        ["unedited", "plain", "`basic`", "`advanced`", "`optimized`", "Heretic's", "**target"], rows
+    assert "`basic` (a default):" in printed and "`optimized` (a default):" in printed
+    saved = json.loads((tmp_path / "w" / "frontier.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["arditi", "basic", "advanced", "optimized", "heretic"]
+    assert saved["unedited"]["advbench"]["n"] == 4 and saved["unedited"]["test"]["n"] == 4
+    assert saved["unedited"]["capability"] is not None and saved["rows"][0]["capability"] is not None
+    first = saved["rows"]
+
+    def no_run(model, /, preset="basic", *args, **kwargs):
+        raise AssertionError("--reuse evaluates the saved runs")
+
+    monkeypatch.setattr(pipeline, "obliterate", no_run)
+    monkeypatch.setattr(sys, "argv", [*argv, "--reuse"])
+    (tmp_path / "w" / "frontier.json").unlink()  # no rows to keep: each saved model is evaluated
+    runpy.run_path(str(BENCHMARKS / "frontier.py"), run_name="__main__")
+    again = json.loads((tmp_path / "w" / "frontier.json").read_text())["rows"]
+    for a, b in zip(first, again):  # the saved model scores as the run scored it
+        assert (a["test"], a["advbench"], a["kl_first"], a["capability"]) == \
+            (b["test"], b["advbench"], b["kl_first"], b["capability"]), a["name"]
+    assert capsys.readouterr().out.count("evaluating the saved run") == 5
+    runpy.run_path(str(BENCHMARKS / "frontier.py"), run_name="__main__")  # the rows of unchanged runs are kept
+    assert capsys.readouterr().out.count("(unchanged)") == 5
+    assert json.loads((tmp_path / "w" / "frontier.json").read_text())["rows"] == again
+
+
+def test_the_frontier_refuses_a_partial_write(results_md, monkeypatch):
+    before = results_md.RESULTS.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--configs", "basic", "--write-results"])
+    with pytest.raises(SystemExit, match="covers only part") as refused:
+        runpy.run_path(str(BENCHMARKS / "frontier.py"), run_name="__main__")
+    assert "--configs leaves out advanced, arditi, heretic, optimized" in str(refused.value)
+    assert results_md.RESULTS.read_bytes() == before
