@@ -143,12 +143,17 @@ def test_obliterate_then_chat_and_the_slider_changes_the_answer(page, served):
     page.screenshot(path=str(shots() / "ui-compare.png"), full_page=True)
 
 
-def test_cancel_leaves_no_output_and_a_second_tab_cannot_start_another_run(page, browser, served):
+def test_cancel_leaves_no_output_and_a_second_tab_cannot_start_another_run(page, browser, served, monkeypatch):
+    """A long run (the optimizer study, 500 trials) cancelled mid-way: no output directory. The second
+    tab is loaded before the run starts, so its refusal does not race the run's end."""
     url, root, model, app = served
-    start(page, str(model), "run-cancel")
-    sync_api.expect(page.locator("#status")).not_to_have_text("", timeout=RUN_S)
+    monkeypatch.setenv("OBLITERATUS_OPTIMIZE__STUDY__N_TRIALS", "500")
     other = browser.new_page()
     other.goto(url)
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="optimized", exact=True).click()
+    start(page, str(model), "run-cancel")
+    sync_api.expect(page.locator("#status")).to_contain_text("STUDY", timeout=RUN_S)
     start(other, str(model), "run-other")
     sync_api.expect(other.locator("#status")).to_contain_text("error: a run is in progress", timeout=RUN_S)
     other.close()
