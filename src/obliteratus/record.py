@@ -103,6 +103,15 @@ class StudyRecord(Closed):
     pareto: list[dict[str, Any]]
 
 
+# How the metrics of ``metrics_before`` / ``metrics_after`` are labelled wherever a run's before/after
+# table is shown: the CLI (commands/common.py), report.html (report/html.py), the web app (ui/app.py).
+METRIC_ROWS: tuple[tuple[str, str], ...] = (
+    ("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
+    ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
+    ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
+    ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability"))
+
+
 class RunRecord(Closed):
     """``obliteratus.json``."""
 
@@ -141,5 +150,5 @@ class RunRecord(Closed):
             raise ObliteratusError(f"{path}: not an obliteratus run record:\n{err}") from None
 
 
-__all__ = ["DirectionsRecord", "EditRecord", "GridRecord", "ModelRecord", "RunRecord", "SelectionRecord",
+__all__ = ["METRIC_ROWS", "DirectionsRecord", "EditRecord", "GridRecord", "ModelRecord", "RunRecord", "SelectionRecord",
            "StudyRecord"]

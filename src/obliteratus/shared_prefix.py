@@ -98,11 +98,15 @@ def cache_obstacle(cache) -> str | None:
     return None
 
 
-def _output_cache(model, prefix: list[int], device):
-    """The cache `model` returns for the one-row input `prefix` (None when it returns none)."""
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+def returned_cache(out):
+    """The KV cache a forward pass with ``use_cache=True`` returned in `out` (None when it returned none)."""
     cache = getattr(out, "cache", None)  # transformers >= 5.x; reading past_key_values there only warns
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _output_cache(model, prefix: list[int], device):
+    """The cache `model` returns for the one-row input `prefix` (None when it returns none)."""
+    return returned_cache(model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1))
 
 
 def prefix_cache(model, batch: Batch):

@@ -21,7 +21,7 @@ PUBLIC = {
     "obliteratus.export.plan": {"apply_plan"},
     "obliteratus.models.load": {"summon"},
     "obliteratus.presets": {"preset_names"},
-    "obliteratus.record": {"RunRecord"},
+    "obliteratus.record": {"METRIC_ROWS", "RunRecord"},
     "obliteratus.run": {"Reporter"},
 }
 THIRD_PARTY = {"gradio", "__future__", "json", "os", "queue", "threading", "time", "traceback", "dataclasses", "typing",

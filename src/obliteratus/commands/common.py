@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..record import METRIC_ROWS
 from ..settings import deep_merge, nest, parse_value
 
 console = Console(stderr=True)
@@ -65,11 +66,7 @@ def metrics_table(before: dict, after: dict | None, title: str) -> Table:
     table.add_column("before" if after is not None else "value", justify="right")
     if after is not None:
         table.add_column("after", justify="right")
-    rows = [("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
-            ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
-            ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
-            ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability")]
-    for label, key in rows:
+    for label, key in METRIC_ROWS:
         if key not in before and (after is None or key not in after):
             continue
         cells = [_fmt(before.get(key))] + ([_fmt(after.get(key))] if after is not None else [])

@@ -26,7 +26,7 @@ import torch
 
 from ..batching import Encoded
 from ..models.placement import input_device
-from ..shared_prefix import cache_keyword, forward_inputs, text_model
+from ..shared_prefix import cache_keyword, forward_inputs, returned_cache, text_model
 
 INSTRUCTION = "Reply with the answer only."
 
@@ -147,10 +147,10 @@ class CapabilitySet:
     choices: list[list[list[int]]]  # per item, per choice: the answer's token ids
 
 
-def encode_items(tokenizer, encode, items: list[Item] | int | None = None) -> CapabilitySet:
+def encode_items(tokenizer, encode, items: list[Item] | int = 24) -> CapabilitySet:
     """`encode(texts) -> Encoded` formats and tokenizes questions as the run does its prompts
     (data.prompts.encode_texts with the run's settings); `items` are the items or build_items' per_kind."""
-    items = build_items(items or 24) if items is None or isinstance(items, int) else items
+    items = build_items(items) if isinstance(items, int) else items
     prompts = encode([f"{item.question} {INSTRUCTION}" for item in items])
     choices = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices] for item in items]
     if any(not ids for per_item in choices for ids in per_item):
@@ -200,7 +200,7 @@ def _cached(model, cap: CapabilitySet, batch_size: int, device) -> list[list[flo
             width = max(map(len, choices)) - 1  # tokens after the first are fed; the last predicts nothing
             later = None
             if width > 0:
-                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                cache = returned_cache(out)
                 cache.batch_repeat_interleave(n)
                 ids = torch.full((len(choices), width), cap.prompts.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(choices), width), dtype=torch.long)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from ..analysis.cross_layer import cosine_matrix
 from ..data.prompts import read_text
 from ..errors import ObliteratusError
+from ..record import METRIC_ROWS
 from . import plots
 
 CSS = """
@@ -45,10 +46,6 @@ pre{background:#f7f7f7;padding:.7rem;overflow:auto;font-size:.8rem}
 
 RATE_ROWS = (("refusal", "refusal"), ("over-refusal", "over_refusal"),
              ("over-refusal (sensitive)", "over_refusal_sensitive"))
-METRIC_ROWS = (("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
-               ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
-               ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
-            ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability"))
 
 
 def esc(value) -> str:

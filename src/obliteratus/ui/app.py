@@ -22,7 +22,6 @@ unless asked; Gradio's analytics off.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -35,14 +34,11 @@ from ..export.plan import apply_plan
 from ..models.load import summon
 from ..pipeline import obliterate
 from ..presets import preset_names
-from ..record import RunRecord
+from ..record import METRIC_ROWS, RunRecord
 from .jobs import Workspace
 
 POLL_S = 0.3
-METRICS = (("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
-           ("KL first token", "kl_first"), ("KL mean, first tokens", "kl_mean"),
-           ("perplexity, held-out text", "perplexity"), ("answer quality", "answer_quality"),
-           ("capability check", "capability"))
+UNREADABLE = (ObliteratusError, OSError, ValueError)  # RunRecord.load: a record from another version, a broken file
 
 
 def fmt(value) -> str:
@@ -52,7 +48,7 @@ def fmt(value) -> str:
 
 
 def metrics_table(before: dict, after: dict) -> list[list[str]]:
-    return [[label, fmt(before.get(key)), fmt(after.get(key))] for label, key in METRICS
+    return [[label, fmt(before.get(key)), fmt(after.get(key))] for label, key in METRIC_ROWS
             if key in before or key in after]
 
 
@@ -69,7 +65,7 @@ def runs_rows(runs: list[Path]) -> list[list[str]]:
     for path in runs:
         try:
             record = RunRecord.load(path)
-        except (ObliteratusError, OSError, ValueError) as err:  # a record from another version, a broken file
+        except UNREADABLE as err:
             rows.append([path.name, "unreadable", str(err)[:80], "", "", "", "", ""])
             continue
         b, a = record.metrics_before, record.metrics_after
@@ -185,9 +181,13 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
             return gr.update(value=None, visible=False), ""
         path = root / name
         report = path / "report.html"
-        meta = json.loads((path / "obliteratus.json").read_text("utf-8"))
-        table = "\n".join(f"- {label}: {fmt(meta['metrics_before'].get(k))} → {fmt(meta['metrics_after'].get(k))}"
-                          for label, k in METRICS if k in meta["metrics_after"])
+        try:
+            record = RunRecord.load(path)
+        except UNREADABLE as err:
+            return gr.update(value=None, visible=False), f"error: {err}"
+        before, after = record.metrics_before, record.metrics_after
+        table = "\n".join(f"- {label}: {fmt(before.get(k))} → {fmt(after.get(k))}" for label, k in METRIC_ROWS
+                          if k in after)
         return gr.update(value=str(report) if report.is_file() else None, visible=report.is_file()), table
 
     def compare(names):
