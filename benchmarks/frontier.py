@@ -109,9 +109,9 @@ def advbench(path: Path, n: int, seed: int, exclude: set[str]) -> list[str]:
 
 def judged(prompts: list[str], answers: list[str]) -> dict[str, float]:
     """Refusal rate by each published list and our markers, and the quality of the compliant answers."""
-    out = {f"refusal_{name}": sum(make_judge(name)(prompts, answers).refused) / max(len(answers), 1)
-           for name in ("strict", "prefix", "markers")}
-    compliant = [not r for r in make_judge("markers")(prompts, answers).refused]
+    refused = {name: make_judge(name)(prompts, answers).refused for name in ("strict", "prefix", "markers")}
+    out = {f"refusal_{name}": sum(r) / max(len(answers), 1) for name, r in refused.items()}
+    compliant = [not r for r in refused["markers"]]
     out["answer_quality"] = answer_quality(prompts, answers, compliant)["answer_quality"]
     out["n"] = len(answers)
     return out

@@ -407,5 +407,5 @@ def obliterate(model: str | Loaded, /, preset: str = "basic", output: str | None
     return run
 
 
-__all__ = ["Edited", "capability_set", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "edit_model", "obliterate",
-           "prepare_prompts", "probe", "split_prompt_sets", "uses_study"]
+__all__ = ["Edited", "FixedEdit", "PromptSets", "Reporter", "Run", "RunResult", "capability_set", "edit_model",
+           "obliterate", "prepare_prompts", "probe", "split_prompt_sets", "uses_study"]

@@ -120,5 +120,5 @@ def evaluate_model(model, tokenizer, harmful: tuple[list[str], Encoded], harmles
     return Evaluation(metrics, harmful_text, harmless_text, harmless_ids, reference, settings)
 
 
-__all__ = ["CapabilitySet", "Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference", "perplexity", "reference",
-           "refusal_rate", "verdict_rates"]
+__all__ = ["CapabilitySet", "Evaluation", "KLReference", "evaluate_model", "is_refusal", "kl_to_reference",
+           "perplexity", "reference", "refusal_rate", "verdict_rates"]

@@ -10,8 +10,8 @@ this order:
 * ``language``: the prompt's letters are mostly in one script (Latin, Cyrillic, CJK, ...) and fewer
   than 70% of the answer's letters are in that script (an English request answered in Chinese);
 * ``off_topic``: no content word of the prompt (4 letters or more, not a stop word, compared by its
-  first 4 letters after a plural "s", so "hacking" meets "hack" and "cats" "cat") occurs in the answer. Only checked for answers of
-  8 words or more, so a terse direct answer is not flagged.
+  first 4 letters after a plural "s", so "hacking" meets "hack" and "cats" "cat") occurs in the
+  answer. Only checked for answers of 8 words or more, so a terse direct answer is not flagged.
 
 The quality rate is the fraction of answers with no flaw. These are heuristics with known limits: a
 fluent answer about something else that reuses one word of the request passes ``off_topic``, and

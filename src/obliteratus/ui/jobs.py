@@ -11,7 +11,6 @@ This module knows nothing of Gradio.
 from __future__ import annotations
 
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -76,7 +75,6 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     result: Any = None
     error: str | None = None
-    started: float = field(default_factory=time.monotonic)
     thread: threading.Thread | None = None
 
     def start(self) -> "Job":
@@ -95,10 +93,6 @@ class Job:
     @property
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
 
     def cancel(self) -> None:
         self.progress.cancel.set()
