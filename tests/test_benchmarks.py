@@ -133,6 +133,7 @@ PARTIAL_RUNS = {  # script: (arguments of a run that covers only part of its sec
     "optimizer_cost": ("optimizer_cost.py", ["--device", "cpu", "--scope", "per_layer"], "--scope per_layer"),
     "optimizer_cost-gpu": ("optimizer_cost.py", ["--device", "cuda"], "optimizer-cost-gpu"),
     "vs_heretic": ("vs_heretic.py", ["--model", "/tmp/tiny", "--work-dir", "/nonexistent/vs"], "demo model's"),
+    "capability_speed": ("capability_speed.py", ["--model", "/tmp/tiny"], "the section is the demo model's"),
 }
 
 
