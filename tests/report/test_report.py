@@ -68,6 +68,18 @@ def test_report_embeds_every_plot_as_a_valid_png_and_has_no_url(run_dir):
     assert all(len(row["harmful"]) == 8 and len(row["harmless"]) == 8 for row in pca["layers"])
     meta = json.loads((run_dir / "obliteratus.json").read_text())
     assert f"{meta['metrics_after']['kl_mean']:.4g}" in html  # the metrics table shows the run's numbers
+    from obliteratus.report import figures
+    from obliteratus.report.html import panels
+
+    # the web app's figures: every panel's PNG, in the page's order
+    assert [p.stem for p, _ in figures(run_dir)] == [stem for stem, *_ in panels(meta, run_dir)]
+
+
+def test_pareto_plot_with_every_trial():
+    from obliteratus.report import plots
+
+    rows = [{"number": i, "refusal": r, "kl": k} for i, (r, k) in enumerate([(0.5, 0.01), (0.0, 0.3), (0.5, 0.2)])]
+    assert _valid_png(plots.pareto_front(rows[:2], 1, 0.05, trials=rows))[0] > 100
 
 
 def test_pca_panel_from_analysis_json_and_cosine_skipped_without_mean_diffs(run_dir, tmp_path):

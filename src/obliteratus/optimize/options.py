@@ -44,7 +44,7 @@ class StudyOptions(BaseModel):
                                                   "postgresql://user:pw@host/db lets several workers share the study "
                                                   "(its password is never written to a file or a log).",
                                 json_schema_extra={"secret": "url"})
-    study_name: str | None = Field(None, description="None = 'obliteratus-<model directory name>'.")
+    study_name: str | None = Field(None, description="None = 'obliteratus-<model directory name>-<preset>'.")
     direction_scopes: list[Literal["global", "per_layer"]] = Field(
         ["global", "per_layer"], min_length=1,
         description="global: one direction at a fractional layer index for every writer; per_layer: layer i's "

@@ -32,6 +32,11 @@ from .base import (OptimizeResult, _quiet_interrupts, check_storage, mean_differ
 from .trial import Confirmation, Objective, Scorer, scaled_plan, window_params
 
 
+def default_study_name(source: str, preset: str) -> str:
+    """The study's name when optimize.study.study_name is not set: one per model directory and preset."""
+    return f"obliteratus-{Path(source).name}-{Path(preset).stem}"
+
+
 class StudyEdit:
     """One run's study: built (options validated, storage URL checked) before any work, then called by
     the driver stage by stage."""
@@ -40,7 +45,7 @@ class StudyEdit:
                  run_dir: str | None, pick: int | None, worker: bool):
         self.settings, self.pick_index, self.worker = settings, pick, worker
         self.options = options = study_options(settings, study)
-        self.name = options.study_name or f"obliteratus-{Path(source).name}-{Path(preset).stem}"
+        self.name = options.study_name or default_study_name(source, preset)
         self.run_dir = Path(run_dir) if run_dir else (Path(output).with_name(Path(output).name + ".study") if output
                                                       else Path("obliteratus-runs") / self.name)
         if options.storage:
@@ -67,7 +72,7 @@ class StudyEdit:
                                   f"gives {cap} (set directions.method, e.g. svd)")
         if not given and source not in ALIASES:
             resolve_source(source)  # a missing model fails before the study folder is made
-        self.url = st.storage_url(options, self.run_dir)
+        self.url = st.storage_url(options.storage, self.run_dir)
         locks.enter_context(st.study_lock(self.url, self.name))  # before any model is loaded
 
     def distill(self, loaded, cache, prompts, reporter) -> None:
@@ -109,9 +114,10 @@ class StudyEdit:
             confirm_set = encode_texts(loaded.tokenizer, settings, prompts.harmful.spare[:options.confirm_prompts])
             confirm = Confirmation(adapter, scorer, confirm_set, ev.max_new_tokens, self.mean_diffs, ex,
                                    options.confirm_bar, self.basis)
-        objective = Objective(adapter, scorer, self.mean_diffs, options, ex, self.basis,
-                              reporter.task("trials", options.n_trials), confirm if options.confirm_during else None)
-        with timed(timings, "study", reporter):
+        with timed(timings, "study", reporter):  # the trials' task inside the stage, so its count shows under it
+            trials = reporter.task("trials", options.n_trials)
+            objective = Objective(adapter, scorer, self.mean_diffs, options, ex, self.basis, trials,
+                                  confirm if options.confirm_during else None)
             st.run_study(self.study, options.n_trials, objective, url)
         result = self.result = OptimizeResult(settings, options, name, st.redact(url), st.pareto_front(self.study),
                                               timings=timings, n_harmful_val=len(prompts.harmful.val))
@@ -173,4 +179,4 @@ class StudyEdit:
         return {"mean_diffs": self.mean_diffs, "basis": basis}
 
 
-__all__ = ["StudyEdit"]
+__all__ = ["StudyEdit", "default_study_name"]

@@ -42,11 +42,13 @@ class Surplus(Exception):
     """A trial asked for after the study already had n_trials live trials (a race between workers)."""
 
 
-def storage_url(options: StudyOptions, run_dir: str | os.PathLike) -> str:
-    if options.storage:
-        return options.storage
+def storage_url(storage: str | None, run_dir: str | os.PathLike, make: bool = True) -> str:
+    """`storage` (optimize.study.storage) when set, else an SQLite file in `run_dir` (made if `make`)."""
+    if storage:
+        return storage
     run = Path(run_dir).expanduser().resolve()
-    run.mkdir(parents=True, exist_ok=True)
+    if make:
+        run.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{run / 'study.db'}"
 
 
@@ -222,16 +224,83 @@ def completed(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def pareto_front(study) -> list[FrontRow]:
-    """Completed trials no other completed trial beats on both objectives, by refusal then KL."""
-    rows = [FrontRow(t.number, t.values[0], t.values[1], dict(t.params)) for t in completed(study)]
-    rows.sort(key=lambda r: (r.refusal, r.kl, r.number))
+def rows_of(trials) -> list[FrontRow]:
+    return [FrontRow(t.number, t.values[0], t.values[1], dict(t.params)) for t in trials]
+
+
+def front_of(rows: list[FrontRow]) -> list[FrontRow]:
+    """The rows no other row beats on both objectives (refusal, KL), by refusal then KL."""
     front, best_kl = [], float("inf")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r.refusal, r.kl, r.number)):
         if r.kl < best_kl:
             front.append(r)
             best_kl = r.kl
     return front
+
+
+def pareto_front(study) -> list[FrontRow]:
+    """Completed trials no other completed trial beats on both objectives, by refusal then KL."""
+    return front_of(rows_of(completed(study)))
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """What a study holds at one moment: its completed trials by number, and a count per trial state."""
+
+    trials: list[FrontRow]
+    states: dict[str, int]
+
+    @property
+    def front(self) -> list[FrontRow]:
+        return front_of(self.trials)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.states.get(s, 0) for s in FINISHED)
+
+
+class StudyReader:
+    """Reads a study while a run (this process or another worker) adds trials to it: the web app's
+    live view. A study or SQLite file that does not exist yet reads as empty (and is not created)."""
+
+    def __init__(self, url: str, study_name: str):
+        import optuna  # noqa: F401  imported here, not in the polling thread beside a run that imports them too
+        import sqlalchemy.engine  # noqa: F401
+        import sqlalchemy.exc  # noqa: F401
+
+        self.url, self.study_name, self._study = url, study_name, None
+
+    def read(self) -> StudyState:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            study = self._study or self._open()
+        except SQLAlchemyError:  # the run is creating the storage's tables this instant: read it next time
+            study = None
+        if study is None:
+            return StudyState([], {})
+        trials = study.get_trials(deepcopy=False)
+        states: dict[str, int] = {}
+        for t in trials:
+            states[t.state.name] = states.get(t.state.name, 0) + 1
+        return StudyState(rows_of(t for t in trials if t.state.name == "COMPLETE"), states)
+
+    def _open(self):
+        import optuna
+        from sqlalchemy.engine import make_url
+
+        if is_sqlite(self.url):
+            database = make_url(self.url).database
+            if not database or not Path(database).expanduser().is_file():
+                return None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}}) \
+            if is_sqlite(self.url) else optuna.storages.RDBStorage(self.url)
+        try:
+            self._study = optuna.load_study(study_name=self.study_name, storage=storage)
+        except KeyError:  # no study of that name yet
+            return None
+        return self._study
 
 
 def front_table(front: list[FrontRow], chosen: int | None = None, n_harmful: int | None = None):

@@ -146,6 +146,19 @@ def panels(meta: dict, run_dir: Path) -> list[tuple[str, str, Callable[[], bytes
     return out
 
 
+FIGURE_TITLES = {"layer_norms": "direction norm per layer", "selection": "layer selection / Pareto front",
+                 "cosine": "cosine between layer directions", "refusal": "refusal before and after",
+                 "kl_per_position": "KL per generated position", "pca": "PCA of the activations"}
+
+
+def figures(run_dir: str | Path) -> list[tuple[Path, str]]:
+    """The figures :func:`build_report` wrote under ``plots/`` (page order), each with a short title:
+    what the web app shows inline. A run saved without matplotlib has none."""
+    plots_dir = Path(run_dir) / "plots"
+    return [(plots_dir / f"{stem}.png", title) for stem, title in FIGURE_TITLES.items()
+            if (plots_dir / f"{stem}.png").is_file()]
+
+
 def read_json(path: Path):
     """A run file's JSON, or an ObliteratusError naming the file and what is wrong with it."""
     try:

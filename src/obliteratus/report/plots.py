@@ -4,6 +4,7 @@ matplotlib is an optional extra, imported lazily with the Agg backend (no displa
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 
@@ -15,6 +16,15 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def ready() -> bool:
+    """Import matplotlib now if it is installed (False if not): a long-running app (obliteratus ui) does
+    it once at start, so that two threads never import it at the same time."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    _plt()
+    return True
 
 
 def _png(fig) -> bytes:
@@ -40,12 +50,16 @@ def layer_norms(norms: list[float], chosen: int | None = None) -> bytes:
     return _png(fig)
 
 
-def pareto_front(front: list[dict], picked: int | None = None, target: float | None = None) -> bytes:
+def pareto_front(front: list[dict], picked: int | None = None, target: float | None = None,
+                 trials: list[dict] | None = None) -> bytes:
     """The optimizer's Pareto front: validation refusal rate against first-token KL of each front
     trial (``optimize.pareto`` rows: number, refusal, kl), the picked trial circled, the refusal
-    target dashed."""
+    target dashed; with `trials` (rows of the same shape) every completed trial as a grey dot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3))
+    if trials:
+        ax.plot([r["kl"] for r in trials], [r["refusal"] for r in trials], "o", color="#bbbbbb", ms=3,
+                label=f"completed trials ({len(trials)})")
     rows = sorted(front, key=lambda r: r["kl"])
     ax.plot([r["kl"] for r in rows], [r["refusal"] for r in rows], "o-", color="#1f77b4", ms=4, label="Pareto front")
     for r in rows:
