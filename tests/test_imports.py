@@ -21,7 +21,8 @@ PACKAGE = SRC / "obliteratus"
 # The optional extras (pyproject.toml's optional-dependencies and what they bring): a function may import
 # one of them, so that the package works without it. Every other import is at module level.
 OPTIONAL = frozenset({"optuna", "sqlalchemy", "matplotlib", "peft", "lm_eval", "sentence_transformers", "gguf",
-                      "datasets", "yaml", "jinja2", "huggingface_hub", "psycopg", "gradio"})
+                      "datasets", "yaml", "jinja2", "huggingface_hub", "psycopg", "gradio",
+                      "PIL"})  # Pillow: the web app's (Gradio's) and matplotlib's
 
 # The package's layers, lowest first. A module imports at module level only from its own layer or a
 # lower one (``if TYPE_CHECKING:`` imports, for annotations only, may point anywhere). A module's layer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("gradio")
@@ -34,3 +36,64 @@ def test_output_name_is_one_folder(tmp_path, name):
     with pytest.raises(ConfigError, match="one folder name"):
         output_dir(tmp_path, name)
     assert output_dir(tmp_path, " run-2 ") == tmp_path / "run-2"
+
+
+def test_the_optimize_tab_keeps_the_study_where_the_cli_does(tmp_path):
+    """study_place gives the CLI's defaults for the same output (``optimize -o OUT``): the study name
+    and ``<OUT>.study/study.db``, so either resumes the other's study; nothing is made on disk."""
+    from obliteratus.optimize.strategy import StudyEdit
+    from obliteratus.presets import load_preset
+    from obliteratus.settings import resolve_settings
+    from obliteratus.ui.app import study_place
+
+    out, where, url = study_place(tmp_path, "/models/tiny ", "optimized", "study-1", "")
+    cli = StudyEdit(resolve_settings(load_preset("optimized"), {}), "/models/tiny", "optimized", str(out), {}, None,
+                    None, False)
+    assert where["study"]["study_name"] == cli.name and Path(where["run_dir"]) == cli.run_dir
+    assert url == f"sqlite:///{(tmp_path / 'study-1.study' / 'study.db').resolve()}"
+    assert not any(tmp_path.iterdir())
+    _, where, url = study_place(tmp_path, "m", "heretic", "s", " postgresql://u:p@h/db ")
+    assert url == "postgresql://u:p@h/db" and where["run_dir"] is None and where["study"]["storage"] == url
+
+
+def test_the_study_reader_sees_trials_as_they_are_added(tmp_path):
+    """What the Optimize tab streams: the reader reads nothing (and makes no file) before the study
+    exists, then the completed trials of each run, the front among them; picking from them and baking
+    gives the picked trial."""
+    pytest.importorskip("optuna")
+    from obliteratus.optimize.study import StudyReader, front_of
+    from obliteratus.ui.app import pick_choices, study_place, trial_rows
+
+    src = save_tiny(tmp_path / "src", "llama")
+    out, where, url = study_place(tmp_path / "runs", str(src), "optimized", "s", "")
+    reader = StudyReader(url, where["study"]["study_name"])
+    assert reader.read().trials == [] and not (tmp_path / "runs").exists()
+    seen = []
+    for n in (2, 4):
+        obliterate(str(src), "optimized", study={**where["study"], "n_trials": n}, run_dir=where["run_dir"],
+                   worker=True, **SMALL)
+        state = reader.read()
+        seen.append(state.finished)
+        assert {r.number for r in state.trials} <= set(range(n)) and state.front == front_of(state.trials)
+    assert seen == [2, 4]
+    rows = trial_rows(state)
+    assert [int(r[0]) for r in rows] == sorted((r.number for r in state.trials), reverse=True)
+    choices = pick_choices(state)
+    assert choices[0][1] == "default" and {int(v) for _, v in choices[1:]} == {r.number for r in state.trials}
+    picked = state.trials[-1].number
+    run = obliterate(str(src), "optimized", str(out), study={**where["study"], "n_trials": state.finished},
+                     run_dir=where["run_dir"], pick=picked, **SMALL)
+    assert run.study.chosen.number == picked and reader.read().finished == 4  # baking ran no trial
+
+
+def test_figures_are_the_reports_pngs_in_page_order(tmp_path):
+    pytest.importorskip("matplotlib")
+    from obliteratus.report import figures
+    from obliteratus.ui.app import gallery
+
+    src = save_tiny(tmp_path / "src", "llama")
+    obliterate(str(src), "basic", str(tmp_path / "runs" / "a"), **merge(SMALL, {}))
+    found = figures(tmp_path / "runs" / "a")
+    assert [p.name for p, _ in found][:2] == ["layer_norms.png", "selection.png"] and all(p.is_file() for p, _ in found)
+    assert gallery([tmp_path / "runs" / "a"], named=True)[0][1] == "a: direction norm per layer"
+    assert figures(tmp_path / "nowhere") == []

@@ -20,12 +20,16 @@ PUBLIC = {
     "obliteratus.errors": {"ConfigError", "ObliteratusError"},
     "obliteratus.export.plan": {"apply_plan"},
     "obliteratus.models.load": {"summon"},
+    "obliteratus.optimize.strategy": {"default_study_name"},
+    "obliteratus.optimize.study": {"StudyReader", "storage_url"},
+    "obliteratus.report": {"figures"},
+    "obliteratus.report.plots": {"pareto_front", "ready"},
     "obliteratus.presets": {"preset_names"},
     "obliteratus.record": {"METRIC_ROWS", "RunRecord"},
     "obliteratus.run": {"Reporter"},
 }
-THIRD_PARTY = {"gradio", "__future__", "json", "os", "queue", "threading", "time", "traceback", "dataclasses", "typing",
-               "pathlib"}
+THIRD_PARTY = {"gradio", "PIL", "__future__", "html", "io", "json", "os", "queue", "threading", "time",
+               "traceback", "dataclasses", "typing", "pathlib"}
 
 
 def imports(path: Path) -> list[tuple[str, str | None]]:

@@ -102,10 +102,16 @@ class Workspace:
     """The app's state shared by every tab: the job in progress and the last finished run."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the job and the last run
+        self.chat_lock = threading.Lock()  # one chat answer at a time (the slider rewrites the edited weights)
         self.job: Job | None = None
         self.run = None  # the last finished run.Run
-        self.original = None  # the unedited model of that run, loaded for the chat (models.load.Loaded)
+        self.original = None  # (run, models.load.Loaded): the unedited model of a run, loaded for the chat
+
+    def finished(self, run) -> None:
+        """`run` becomes the one the chat talks to."""
+        with self.lock:
+            self.run = run
 
     def start(self, fn: Callable[[Progress], Any]) -> Job:
         with self.lock:
