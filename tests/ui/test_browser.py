@@ -114,8 +114,13 @@ def test_a_bad_model_path_shows_the_clis_error(page, served, tmp_path):
 
 def test_obliterate_then_chat_and_the_slider_changes_the_answer(page, served):
     url, root, model, app = served
+    number(page, "layer").fill("2")  # as --layer 2
     start(page, str(model), "run-1")
     sync_api.expect(page.locator("#status")).to_contain_text("done:", timeout=RUN_S)
+    from obliteratus import RunRecord
+
+    selection = RunRecord.load(root / "run-1").selection
+    assert (selection.layer, selection.method) == (2, "fixed")
     table = page.locator("#metrics")
     sync_api.expect(table).to_contain_text("refusal rate, harmful test")
     sync_api.expect(table).to_contain_text("KL first token")

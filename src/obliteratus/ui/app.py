@@ -186,13 +186,15 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
                 gr.update(value=str(report) if report.is_file() else None, visible=report.is_file()),
                 gallery([Path(run.output)]))
 
-    def start_run(model_id, preset, name, lam, harmful, harmless, dtype, device, quantization, overwrite):
+    def start_run(model_id, preset, name, lam, layer, harmful, harmless, dtype, device, quantization, overwrite):
         try:
             out = output_dir(root, name)
             sections = model_sections(lam, dtype, device, quantization)
-            data = {"harmful": harmful.strip(), "harmless": harmless.strip()}
+            sections["data"] = {"harmful": harmful.strip(), "harmless": harmless.strip()}
+            if layer not in (None, ""):  # as --layer on the command line: that source layer, fixed
+                sections["layers"] = {"layer": int(layer), "method": "fixed"}
             job = ws.start(lambda progress: obliterate(model_id.strip(), preset, str(out), overwrite=bool(overwrite),
-                                                       reporter=progress, data=data, **sections))
+                                                       reporter=progress, **sections))
         except ObliteratusError as err:  # Busy, a bad output name
             yield status_html(f"error: {err}"), "", [], hidden, []
             return
@@ -385,6 +387,8 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
                 name_box = gr.Textbox("run-1", label="output name", elem_id="output-name")
             with gr.Row():
                 lam_box = gr.Number(1.0, label="strength (excise.lam)", elem_id="lam")
+                layer_box = gr.Number(None, label="source layer (empty: the preset's selection)", precision=0,
+                                      minimum=0, elem_id="layer")
                 harmful_box = gr.Textbox("builtin:harmful", label="harmful prompts")
                 harmless_box = gr.Textbox("builtin:harmless", label="harmless prompts")
             with gr.Row():
@@ -400,8 +404,8 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
             table = gr.Dataframe(headers=["metric", "before", "after"], label="held-out test split", elem_id="metrics")
             report_file = gr.File(label="report.html", visible=False, elem_id="report")
             run_figures = figure_gallery("the report's figures", "figures")
-            start.click(start_run, [model_box, preset_box, name_box, lam_box, harmful_box, harmless_box, dtype_box,
-                                    device_box, quant_box, overwrite_box],
+            start.click(start_run, [model_box, preset_box, name_box, lam_box, layer_box, harmful_box, harmless_box,
+                                    dtype_box, device_box, quant_box, overwrite_box],
                         [status, log, table, report_file, run_figures])
             stop.click(cancel_run, None, status)
         with gr.Tab("Optimize", id="optimize"):
