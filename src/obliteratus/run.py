@@ -141,8 +141,9 @@ class Run:
         if self.edit is None:
             raise ObliteratusError("a --worker run only ran trials: it has no edit to record or save")
         check_output(output, overwrite, source=self.loaded.source)
-        if self.bake_source() is not None:  # the checkpoint REBIRTH reads: never written, never overlapped
-            check_output(output, overwrite, source=self.bake_source())
+        bake = self.bake_source()
+        if bake is not None:  # the checkpoint REBIRTH reads: never written, never overlapped
+            check_output(output, overwrite, source=bake)
         with timed(self.timings, "rebirth", reporter or Reporter()):
             start = time.perf_counter()
 
@@ -152,7 +153,7 @@ class Run:
 
             self.output = str(save_run(self.loaded.model, self.loaded.saves_with, output, record,
                                        self.choice.tensors(), overwrite, steering=getattr(self.choice, "steering", None),
-                                       pca=self.pca, plan=self.edit_plan(), weights=self.baked_weights()))
+                                       pca=self.pca, plan=self.edit_plan(), weights=self.baked_weights(bake)))
         return Path(self.output)
 
     def bake_source(self) -> str | None:
@@ -170,10 +171,9 @@ class Run:
                           f"checkpoint, and {self.loaded.source!r} is not a local checkpoint directory: pass "
                           "bake_from (--bake-from DIR)")
 
-    def baked_weights(self):
-        """save_run's weight writer when the edit is baked (:meth:`bake_source`), else None. The plan's
-        tensor hashes are checked when they are the source's own (the run loaded that directory)."""
-        source = self.bake_source()
+    def baked_weights(self, source: str | None):
+        """save_run's weight writer when the edit is baked into `source` (:meth:`bake_source`), else None.
+        The plan's tensor hashes are checked when they are the source's own (the run loaded that directory)."""
         if source is None:
             return None
         plan = self.edit_plan()
