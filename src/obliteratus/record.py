@@ -109,7 +109,8 @@ METRIC_ROWS: tuple[tuple[str, str], ...] = (
     ("refusal rate, harmful test", "refusal"), ("over-refusal, harmless test", "over_refusal"),
     ("over-refusal, benign-sensitive", "over_refusal_sensitive"), ("KL first token", "kl_first"),
     ("KL mean, first tokens", "kl_mean"), ("perplexity, held-out text", "perplexity"),
-    ("answer quality, compliant harmful answers", "answer_quality"), ("capability check accuracy", "capability"))
+    ("answer quality, compliant harmful answers", "answer_quality"),
+    ("answer quality, harmless answers", "answer_quality_harmless"), ("capability check accuracy", "capability"))
 
 
 class RunRecord(Closed):
