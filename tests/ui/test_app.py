@@ -97,3 +97,24 @@ def test_figures_are_the_reports_pngs_in_page_order(tmp_path):
     assert [p.name for p, _ in found][:2] == ["layer_norms.png", "selection.png"] and all(p.is_file() for p, _ in found)
     assert gallery([tmp_path / "runs" / "a"], named=True)[0][1] == "a: direction norm per layer"
     assert figures(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize("value", [None, "", "many"])
+def test_an_empty_number_field_is_one_error_line(value):
+    from obliteratus.ui.app import given
+
+    with pytest.raises(ConfigError, match="^trials: give a number$"):
+        given(value, "trials", int)
+    assert given(3.0, "trials", int) == 3 and given("0.5", "strength") == 0.5
+
+
+def test_the_study_reader_names_a_storage_it_cannot_reach():
+    """A database server that is not there: one error naming the storage without its password (the
+    Optimize tab shows it), not an empty study."""
+    pytest.importorskip("optuna")
+    pytest.importorskip("psycopg2")
+    from obliteratus.optimize.study import StudyReader
+
+    with pytest.raises(ConfigError, match="^cannot read the study storage postgresql://") as err:
+        StudyReader("postgresql://me:secret@127.0.0.1:1/db", "s").read()
+    assert "secret" not in str(err.value)

@@ -261,7 +261,8 @@ class StudyState:
 
 class StudyReader:
     """Reads a study while a run (this process or another worker) adds trials to it: the web app's
-    live view. A study or SQLite file that does not exist yet reads as empty (and is not created)."""
+    live view. A study or SQLite file that does not exist yet reads as empty (and is not created); a
+    database server that cannot be reached is a ConfigError."""
 
     def __init__(self, url: str, study_name: str):
         import optuna  # noqa: F401  imported here, not in the polling thread beside a run that imports them too
@@ -275,8 +276,11 @@ class StudyReader:
 
         try:
             study = self._study or self._open()
-        except SQLAlchemyError:  # the run is creating the storage's tables this instant: read it next time
-            study = None
+        except SQLAlchemyError as err:
+            if not is_sqlite(self.url):
+                raise ConfigError(f"cannot read the study storage {redact(self.url)}: "
+                                  f"{str(getattr(err, 'orig', None) or err).splitlines()[0]}") from None
+            study = None  # the run is creating the SQLite file's tables this instant: read it next time
         if study is None:
             return StudyState([], {})
         trials = study.get_trials(deepcopy=False)

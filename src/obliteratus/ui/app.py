@@ -66,6 +66,14 @@ def metrics_table(before: dict, after: dict) -> list[list[str]]:
             if key in before or key in after]
 
 
+def given(value, label: str, kind=float):
+    """A number field's value as `kind`, or the one-line error an empty or non-numeric field deserves."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label}: give a number") from None
+
+
 def status_html(text: str, done: int = 0, total: int = 0) -> str:
     """The status line, with a progress bar while a task with a known count runs."""
     bar = f'<progress value="{done}" max="{total}"></progress>' if total else ""
@@ -174,7 +182,7 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
     hidden = gr.update(value=None, visible=False)
 
     def model_sections(lam, dtype, device, quantization) -> dict:
-        return {"excise": {"lam": float(lam)},
+        return {"excise": {"lam": given(lam, "strength (excise.lam)")},
                 "model": {"dtype": dtype, "device": device, "quantization": quantization}}
 
     def finished_run(run, picked_by: str = ""):
@@ -192,7 +200,7 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
             sections = model_sections(lam, dtype, device, quantization)
             sections["data"] = {"harmful": harmful.strip(), "harmless": harmless.strip()}
             if layer not in (None, ""):  # as --layer on the command line: that source layer, fixed
-                sections["layers"] = {"layer": int(layer), "method": "fixed"}
+                sections["layers"] = {"layer": given(layer, "source layer", int), "method": "fixed"}
             job = ws.start(lambda progress: obliterate(model_id.strip(), preset, str(out), overwrite=bool(overwrite),
                                                        reporter=progress, **sections))
         except ObliteratusError as err:  # Busy, a bad output name
@@ -222,7 +230,7 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
         no_pick = gr.update(choices=[], value=None)
         try:
             _, where, url = study_place(root, model_id, preset, name, storage)
-            study, study_name = {**where["study"], "n_trials": int(trials)}, where["study"]["study_name"]
+            study, study_name = {**where["study"], "n_trials": given(trials, "trials", int)}, where["study"]["study_name"]
             sections = model_sections(lam, dtype, device, quantization)
             reader = StudyReader(url, study_name)
             job = ws.start(lambda progress: obliterate(model_id.strip(), preset, reporter=progress, study=study,
@@ -233,12 +241,21 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
         seen, image, rows = -1, None, []
         state = None
         while job.running:
-            state = reader.read()
+            try:
+                state = reader.read()
+            except ObliteratusError as err:  # the storage cannot be read (the run will say why too)
+                yield job_status(job), f"error: {err}", image, rows, no_pick
+                time.sleep(STUDY_POLL_S)
+                continue
             if len(state.trials) != seen:  # redraw only when a trial completed
                 seen, image, rows = len(state.trials), draw(state), trial_rows(state)
             yield job_status(job), study_summary(state, study_name, url), image, rows, no_pick
             time.sleep(STUDY_POLL_S)
-        state = reader.read()
+        try:
+            state = reader.read()
+        except ObliteratusError as err:
+            yield status_html(job.error or f"error: {err}"), f"error: {err}", image, rows, no_pick
+            return
         summary = study_summary(state, study_name, url)
         choices = gr.update(choices=pick_choices(state), value=DEFAULT_PICK)
         if job.error:
