@@ -147,7 +147,7 @@ def pick_choices(state) -> list[tuple[str, str]]:
     front = state.front
     on_front = {r.number for r in front}
     rest = sorted((r for r in state.trials if r.number not in on_front), key=lambda r: (r.refusal, r.kl))
-    return [("default: the study's confirmed pick", DEFAULT_PICK)] + [
+    return [("default: the study's own pick (confirmed where the preset says so)", DEFAULT_PICK)] + [
         (f"trial {r.number} · refusal {r.refusal:.3f} · KL {r.kl:.4f}{' · front' if r.number in on_front else ''}",
          str(r.number)) for r in front + rest]
 
@@ -177,9 +177,10 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
     ws = Workspace()
     has_plots = ready()  # matplotlib imported now, not by two threads at once
 
+    hidden = gr.update(value=None, visible=False)
+
     def draw(state, picked: int | None = None):
         return pareto_image(state, picked) if has_plots else None
-    hidden = gr.update(value=None, visible=False)
 
     def model_sections(lam, dtype, device, quantization) -> dict:
         return {"excise": {"lam": given(lam, "strength (excise.lam)")},
@@ -230,7 +231,8 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
         no_pick = gr.update(choices=[], value=None)
         try:
             _, where, url = study_place(root, model_id, preset, name, storage)
-            study, study_name = {**where["study"], "n_trials": given(trials, "trials", int)}, where["study"]["study_name"]
+            n_trials = None if trials in (None, "") else given(trials, "trials", int)  # None: the preset's
+            study, study_name = {**where["study"], "n_trials": n_trials}, where["study"]["study_name"]
             sections = model_sections(lam, dtype, device, quantization)
             reader = StudyReader(url, study_name)
             job = ws.start(lambda progress: obliterate(model_id.strip(), preset, reporter=progress, study=study,
@@ -432,7 +434,8 @@ def build(model: str = "demo", output_root: str | os.PathLike = "obliteratus-run
                 s_model = gr.Textbox(model, label="model", elem_id="study-model")
                 s_preset = gr.Dropdown(preset_names(), value="optimized", label="preset", elem_id="study-preset")
                 s_name = gr.Textbox("study-1", label="output name", elem_id="study-name")
-                s_trials = gr.Number(40, label="trials", precision=0, minimum=1, elem_id="trials")
+                s_trials = gr.Number(None, label="trials (empty: the preset's)", precision=0, minimum=1,
+                                     elem_id="trials")
             with gr.Row():
                 s_storage = gr.Textbox("", label="storage URL (empty: SQLite next to the output)")
                 s_lam = gr.Number(1.0, label="strength (excise.lam)")
