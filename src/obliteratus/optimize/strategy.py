@@ -29,6 +29,7 @@ from ..settings_file import saved_settings
 from . import study as st
 from .base import (OptimizeResult, _quiet_interrupts, check_storage, mean_differences, study_options,
                    train_contrast)
+from .interrupts import GATE
 from .trial import Confirmation, Objective, Scorer, scaled_plan, window_params
 
 
@@ -90,7 +91,12 @@ class StudyEdit:
         return run_pca(cache.harmful[:, -1], cache.harmless[:, -1])  # the report's panels
 
     def choose(self, loaded, prompts, reporter, timings: dict[str, float]) -> None:
-        """Run the study (resumed from its storage) and, unless a worker, pick the trial to bake."""
+        """Run the study (resumed from its storage) and, unless a worker, pick the trial to bake. Ctrl-C
+        is held while a storage call runs (optimize/interrupts.py)."""
+        with GATE.installed():
+            self._choose(loaded, prompts, reporter, timings)
+
+    def _choose(self, loaded, prompts, reporter, timings: dict[str, float]) -> None:
         from sqlalchemy.exc import SQLAlchemyError  # optional extra (optuna's storage)
 
         settings, options, url, name = self.settings, self.options, self.url, self.name

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..settings_file import redact_url
+from .interrupts import gated
 from .options import StudyOptions
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -73,12 +74,12 @@ def _storage(options: StudyOptions, url: str, attempts: int = 5):
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    storage = gated(optuna.storages.RDBStorage)  # Ctrl-C waits for a storage call to end (interrupts.py)
     for attempt in range(attempts):
         try:
             if is_sqlite(url):
-                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-            return optuna.storages.RDBStorage(url, heartbeat_interval=options.heartbeat_interval,
-                                              grace_period=options.grace_period)
+                return storage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            return storage(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
