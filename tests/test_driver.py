@@ -147,6 +147,25 @@ def test_study_only_options_and_a_worker(src, tmp_path):
         run.save(tmp_path / "out")
 
 
+def test_a_resumed_studys_trial_count_starts_at_its_finished_trials(src, tmp_path):
+    """The trials task of a resumed study (total n_trials) is advanced by the trials it already has
+    first, so a progress bar shows the study's count, not this run's."""
+    from obliteratus.run import Reporter
+
+    class Counts(Reporter):
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def task(self, label, total):
+            return self.steps.append if label == "trials" else (lambda n: None)
+
+    first, again = Counts(), Counts()
+    where = dict(worker=True, run_dir=str(tmp_path / "st"), **SMALL)
+    obliterate(str(src), "optimized", study={"n_trials": 2}, reporter=first, **where)
+    obliterate(str(src), "optimized", study={"n_trials": 3}, reporter=again, **where)
+    assert first.steps == [1, 1] and again.steps == [2, 1]
+
+
 def test_the_record_refuses_what_obliteratus_does_not_write(tmp_path):
     good = {"preset": "basic", "settings": {}, "model": {"source": "m", "path": "m", "family": "llama",
                                                         "model_type": "llama", "n_layers": 3, "d_model": 32,

@@ -122,6 +122,9 @@ class StudyEdit:
                                    options.confirm_bar, self.basis)
         with timed(timings, "study", reporter):  # the trials' task inside the stage, so its count shows under it
             trials = reporter.task("trials", options.n_trials)
+            resumed = min(st.finished_count(self.study), options.n_trials)
+            if resumed:  # a resumed study: the bar starts at the trials it already has
+                trials(resumed)
             objective = Objective(adapter, scorer, self.mean_diffs, options, ex, self.basis, trials,
                                   confirm if options.confirm_during else None)
             st.run_study(self.study, options.n_trials, objective, url)

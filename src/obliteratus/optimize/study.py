@@ -177,6 +177,11 @@ def constrain_confirmation(trial, excess: float) -> None:
         trial.set_constraint("confirm", excess)
 
 
+def finished_count(study) -> int:
+    """The study's finished (complete or pruned) trials: what n_trials counts."""
+    return _count(study, FINISHED)
+
+
 def _count(study, states: tuple[str, ...], below: int | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     return sum(t.state.name in states and (below is None or t.number < below) for t in trials)
