@@ -10,6 +10,15 @@ import pytest
 from obliteratus.optimize.interrupts import GATE, InterruptGate, gated
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Python's own SIGINT handler for each test (an app served in this process, e.g. Gradio's in
+    tests/ui, installs its own)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_inside_a_closed_block_waits_for_its_end():
     gate = InterruptGate()
     reached = []

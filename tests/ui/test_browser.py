@@ -9,6 +9,7 @@ or the test's temporary folder.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -49,7 +50,10 @@ def served(tmp_path_factory):
     model = save_tiny(base / "tiny", "llama")
     root = base / "runs"
     port = free_port()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     app = launch(str(model), root, port=port, block=False)
+    for s, handler in handlers.items():  # Gradio's handlers call sys.exit(0): not for the rest of the suite
+        signal.signal(s, handler)
     yield f"http://127.0.0.1:{port}", root, model, app
     app.close()
     mp.undo()
