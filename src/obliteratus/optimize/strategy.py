@@ -109,8 +109,7 @@ class StudyEdit:
         try:
             self.study = st.open_study(options, url, name, fingerprint)
         except SQLAlchemyError as err:  # e.g. a PostgreSQL server that is not there
-            raise ConfigError(f"cannot open the study storage {st.redact(url)}: "
-                              f"{str(getattr(err, 'orig', None) or err).splitlines()[0]}") from None
+            raise st.storage_error("cannot open", url, err) from None
         _quiet_interrupts()
         st.seed(self.study, [window_params(f, n_layers, options) for f in options.seed_windows])
         scorer = Scorer.build(loaded.model, loaded.tokenizer, prompts.encoded["harmful.val"],

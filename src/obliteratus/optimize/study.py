@@ -58,6 +58,12 @@ def redact(url: str) -> str:
     return redact_url(url)
 
 
+def storage_error(what: str, url: str, err: Exception) -> ConfigError:
+    """'<what> the study storage URL (password removed): the driver's first line'."""
+    return ConfigError(f"{what} the study storage {redact(url)}: "
+                       f"{str(getattr(err, 'orig', None) or err).splitlines()[0]}")
+
+
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite:")
 
@@ -68,18 +74,21 @@ def worker_seed(seed: int, url: str) -> int:
     return (seed + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())) % 2**32
 
 
-def _storage(options: StudyOptions, url: str, attempts: int = 5):
-    """Optuna's RDB storage. Workers that start together on an empty PostgreSQL database race to
-    create its tables (CREATE TYPE / CREATE TABLE collide); the loser waits and loads them."""
+def _storage(url: str, options: StudyOptions | None = None, attempts: int = 5):
+    """Optuna's RDB storage (with `options`, a shared one's heartbeat). Workers that start together on
+    an empty PostgreSQL database race to create its tables (CREATE TYPE / CREATE TABLE collide); the
+    loser waits and loads them."""
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     storage = gated(optuna.storages.RDBStorage)  # Ctrl-C waits for a storage call to end (interrupts.py)
+    shared = {} if options is None else {"heartbeat_interval": options.heartbeat_interval,
+                                         "grace_period": options.grace_period}
     for attempt in range(attempts):
         try:
             if is_sqlite(url):
                 return storage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-            return storage(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+            return storage(url, **shared)
         except (IntegrityError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
@@ -128,7 +137,7 @@ def open_study(options: StudyOptions, url: str, study_name: str, fingerprint: di
     from optuna.samplers import TPESampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(options, url)
+    storage = _storage(url, options)
     legacy = {}  # Optuna < 5 has no Trial.set_constraint: the sampler reads the excess from a user attr
     if options.constrain and not hasattr(optuna.trial.Trial, "set_constraint"):
         legacy["constraints_func"] = lambda t: (t.user_attrs.get(EXCESS, 0.0),)
@@ -284,8 +293,7 @@ class StudyReader:
             study = self._study or self._open()
         except SQLAlchemyError as err:
             if not is_sqlite(self.url):
-                raise ConfigError(f"cannot read the study storage {redact(self.url)}: "
-                                  f"{str(getattr(err, 'orig', None) or err).splitlines()[0]}") from None
+                raise storage_error("cannot read", self.url, err) from None
             study = None  # the run is creating the SQLite file's tables this instant: read it next time
         if study is None:
             return StudyState([], {})
@@ -304,10 +312,8 @@ class StudyReader:
             if not database or not Path(database).expanduser().is_file():
                 return None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = optuna.storages.RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}}) \
-            if is_sqlite(self.url) else optuna.storages.RDBStorage(self.url)
         try:
-            self._study = optuna.load_study(study_name=self.study_name, storage=storage)
+            self._study = optuna.load_study(study_name=self.study_name, storage=_storage(self.url))
         except KeyError:  # no study of that name yet
             return None
         return self._study
